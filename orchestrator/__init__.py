@@ -1,0 +1,58 @@
+"""vram-orchestrator: share one GPU between several heavy models, safely and fast.
+
+``import orchestrator`` stays light: it never imports torch (the real backends import their
+heavy dependencies lazily, when a config uses them).
+"""
+
+from __future__ import annotations
+
+from orchestrator.compat import ModelManager
+from orchestrator.config import Config, ModelSpec, load_config, parse_config
+from orchestrator.core import Lease, Orchestrator, Statistics
+from orchestrator.errors import (
+    AcquireTimeout,
+    BackendError,
+    BackendOutOfMemory,
+    ConfigError,
+    IllegalTransition,
+    InsufficientVRAM,
+    LeaseDeadlock,
+    LoadFailed,
+    NotRunning,
+    OrchestratorError,
+    UnknownModel,
+    UnloadFailed,
+    VRAMNotReleased,
+)
+from orchestrator.events import Event
+from states import Ledger, State, Tier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcquireTimeout",
+    "BackendError",
+    "BackendOutOfMemory",
+    "Config",
+    "ConfigError",
+    "Event",
+    "IllegalTransition",
+    "InsufficientVRAM",
+    "Lease",
+    "LeaseDeadlock",
+    "Ledger",
+    "LoadFailed",
+    "ModelManager",
+    "ModelSpec",
+    "NotRunning",
+    "Orchestrator",
+    "OrchestratorError",
+    "State",
+    "Statistics",
+    "Tier",
+    "UnknownModel",
+    "UnloadFailed",
+    "VRAMNotReleased",
+    "load_config",
+    "parse_config",
+]

@@ -1,0 +1,81 @@
+"""The backend protocol: sync predicates, async actions (httpcore's interfaces split).
+
+The orchestrator's executor is the only caller of the actions, one at a time per backend,
+under the switch lock. The contract each backend keeps:
+
+- ``load()`` brings the model from disk onto the GPU and returns the live handle that leases
+  hand out (``lease.handle``). If it raises or is cancelled, the executor calls ``unload()``
+  (shielded, with a deadline) to release whatever was partly allocated.
+- ``unload()`` drops the model from every tier. It is idempotent: unloading an unloaded
+  model does nothing. It returns once the backend has let go; the executor then waits for
+  the device to show the memory released.
+- ``offload(Tier.HOST)`` frees the GPU copy and keeps a host copy (only when
+  ``supports_host_tier``); ``offload(Tier.DISK)`` drops the host copy.
+- ``restore()`` brings a host copy back onto the GPU and returns the handle.
+- Blocking work (torch, diffusers) runs in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from states.ledger import Tier
+
+
+class Backend(abc.ABC):
+    """One model's loader. Subclasses implement the four actions."""
+
+    #: the device's owner tag for this model's memory (``Device.held_by(owner)``)
+    owner: str
+
+    def __init__(self, name: str, kind: str, estimate_bytes: int) -> None:
+        self.name = name
+        self.kind = kind
+        self.estimate_bytes = estimate_bytes
+        self.owner = name
+        self._handle: Any = None
+        self._tier = Tier.DISK
+
+    # -- sync predicates -------------------------------------------------------------------
+
+    @property
+    def supports_host_tier(self) -> bool:
+        return False
+
+    @property
+    def tier(self) -> Tier:
+        return self._tier
+
+    def is_loaded(self) -> bool:
+        return self._tier is Tier.GPU
+
+    @property
+    def handle(self) -> Any:
+        """The live object a lease hands out; None unless loaded."""
+        return self._handle if self._tier is Tier.GPU else None
+
+    def measured_bytes(self) -> int | None:
+        """What the model really holds on the device now, if the backend can tell."""
+        return None
+
+    # -- async actions ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def load(self) -> Any: ...
+
+    @abc.abstractmethod
+    async def unload(self) -> None: ...
+
+    async def offload(self, tier: Tier) -> None:
+        if tier is Tier.DISK:
+            await self.unload()
+            return
+        raise TypeError(f"{type(self).__name__} keeps no host copy; unload() it instead")
+
+    async def restore(self) -> Any:
+        return await self.load()
+
+    async def aclose(self) -> None:
+        """Release everything for good (the orchestrator is shutting down)."""
+        await self.unload()

@@ -1,0 +1,129 @@
+"""Simulated backends: real timing and real (virtual) allocations, no model.
+
+Latencies come from the config (defaults from FIELD-NOTES) times the config's time scale,
+so tests run the same sequences in milliseconds. ``Faults`` injects failures: a load that
+raises, an out-of-memory, a load that hangs, an unload that raises, a release that is slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from orchestrator.backends.base import Backend
+from orchestrator.config import ModelSpec, SimSpec
+from orchestrator.device.simulated import SimulatedDevice
+from states.ledger import Tier
+
+
+class SimulatedLoadError(RuntimeError):
+    """The injected load failure."""
+
+
+@dataclass
+class Faults:
+    """Failures to inject into the next operations. Counters count down as they fire."""
+
+    fail_loads: int = 0  # the next N loads/restores raise SimulatedLoadError midway
+    hang_loads: int = 0  # the next N loads/restores never finish (until cancelled)
+    fail_unloads: int = 0  # the next N unloads/offloads raise before freeing anything
+    slow_release_s: float = 0.0  # memory is freed this long after unload returns (scaled)
+
+
+@dataclass
+class SimulatedModel:
+    """The handle of a simulated model: it "runs" for a scaled time and says what it did."""
+
+    name: str
+    kind: str
+    time_scale: float
+    calls: int = 0
+
+    async def run(self, prompt: str, work_s: float = 1.0) -> str:
+        await anyio.sleep(work_s * self.time_scale)
+        self.calls += 1
+        return f"[{self.name} (simulated {self.kind})] {prompt}"
+
+
+class SimulatedBackend(Backend):
+    def __init__(self, spec: ModelSpec, device: SimulatedDevice, time_scale: float) -> None:
+        super().__init__(spec.name, spec.kind, spec.vram_bytes)
+        self.spec = spec
+        self.sim: SimSpec = spec.sim or SimSpec(0, 0, 0, 0, spec.vram_bytes)
+        self.device = device
+        self.time_scale = time_scale
+        self.faults = Faults()
+        self.loads = 0
+        self.restores = 0
+        self.unloads = 0
+
+    @property
+    def supports_host_tier(self) -> bool:
+        return self.spec.offload
+
+    def measured_bytes(self) -> int | None:
+        return self.device.held_by(self.owner)
+
+    async def _sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds * self.time_scale)
+
+    async def _bring_in(self, seconds: float) -> Any:
+        # Allocate first, then spend the time: a load cancelled or failing midway leaves
+        # memory behind, as a real one does, and the executor's cleanup must free it.
+        self.device.allocate(self.owner, self.sim.true_vram_bytes)
+        self._tier = Tier.GPU
+        self._handle = None
+        if self.faults.hang_loads > 0:
+            self.faults.hang_loads -= 1
+            await anyio.sleep_forever()
+        await self._sleep(seconds / 2)
+        if self.faults.fail_loads > 0:
+            self.faults.fail_loads -= 1
+            raise SimulatedLoadError(f"injected load failure in {self.name!r}")
+        await self._sleep(seconds / 2)
+        self._handle = SimulatedModel(self.name, self.kind, self.time_scale)
+        return self._handle
+
+    async def load(self) -> Any:
+        if self._tier is Tier.GPU and self._handle is not None:
+            return self._handle
+        handle = await self._bring_in(self.sim.load_s)
+        self.loads += 1
+        return handle
+
+    async def restore(self) -> Any:
+        if self._tier is not Tier.HOST:
+            return await self.load()
+        handle = await self._bring_in(self.sim.restore_s)
+        self.restores += 1
+        return handle
+
+    def _take_unload_fault(self) -> None:
+        if self.faults.fail_unloads > 0:
+            self.faults.fail_unloads -= 1
+            raise RuntimeError(f"injected unload failure in {self.name!r}")
+
+    async def unload(self) -> None:
+        if self._tier is Tier.DISK and not self.device.held_by(self.owner):
+            return
+        self._take_unload_fault()
+        if self._tier is Tier.GPU:
+            await self._sleep(self.sim.unload_s)
+        self._free()
+        self._tier = Tier.DISK
+        self.unloads += 1
+
+    async def offload(self, tier: Tier) -> None:
+        if tier is Tier.DISK or not self.supports_host_tier:
+            await self.unload()
+            return
+        self._take_unload_fault()
+        await self._sleep(self.sim.offload_s)
+        self._free()
+        self._tier = Tier.HOST
+
+    def _free(self) -> None:
+        self._handle = None
+        self.device.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)

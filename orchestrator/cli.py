@@ -1,0 +1,234 @@
+"""The command line: ``vram-orchestrator`` (also ``python -m orchestrator``).
+
+Errors print one line (what, where, what to do) and exit non-zero; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.config import Config, load_config
+from orchestrator.errors import OrchestratorError
+from states.units import format_gib
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _machine_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def plan_problems(config: Config) -> list[str]:
+    """What is wrong with a config that parsed (parse errors are raised, not listed)."""
+    problems = []
+    ram = _machine_ram_bytes()
+    if config.host_budget_bytes and ram is not None and config.host_budget_bytes > ram * 0.8:
+        problems.append(
+            f"switching.host_ram_budget_gb: {format_gib(config.host_budget_bytes)} is more than 80% of this "
+            f"machine's RAM ({format_gib(ram)}); lower it"
+        )
+    for kind in sorted(config.exclusive_kinds | config.light_kinds):
+        if not any(s.kind == kind for s in config.models.values()):
+            continue
+        if kind not in config.defaults:
+            names = sorted(n for n, s in config.models.items() if s.kind == kind)
+            problems.append(
+                f"defaults.{kind}: several models of kind {kind!r} ({', '.join(names)}) and no default; "
+                f"acquire({kind!r}) cannot choose: add `{kind}: {names[0]}` under defaults"
+            )
+    lights = [s for s in config.models.values() if s.kind in config.light_kinds]
+    heavies = [s for s in config.models.values() if s.kind in config.exclusive_kinds]
+    if (
+        lights
+        and heavies
+        and not any(h.vram_bytes + min(x.vram_bytes for x in lights) <= config.budget_bytes for h in heavies)
+    ):
+        problems.append(
+            "switching.light_models: no light model fits beside any heavy one, so every light request "
+            "evicts the heavy model; list the light kinds under heavy_models to say so, or raise the budget"
+        )
+    return problems
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    rows = []
+    for name, spec in sorted(config.models.items(), key=lambda kv: (kv[1].kind, kv[0])):
+        heavy = spec.kind in config.exclusive_kinds
+        default = "default" if config.defaults.get(spec.kind) == name else ""
+        spare = config.budget_bytes - spec.vram_bytes
+        rows.append(
+            (
+                name,
+                spec.kind,
+                "heavy" if heavy else "light",
+                format_gib(spec.vram_bytes),
+                format_gib(spare),
+                "host RAM" if spec.offload else "-",
+                default,
+            )
+        )
+    head = ("model", "kind", "class", "VRAM", "spare", "on evict", "")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    print(f"{config.source}: {config.gpu_name}, {config.device} device")
+    print(
+        f"budget {format_gib(config.budget_bytes)} of {format_gib(config.total_bytes)}; host-RAM tier "
+        f"{format_gib(config.host_budget_bytes) if config.host_budget_bytes else 'off'}; "
+        f"scheduling {config.mode.value} (fairness {config.fairness_s:g} s, max wait {config.max_wait_s:g} s)"
+    )
+    for r in [head, *rows]:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    problems = plan_problems(config)
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    if problems:
+        return EXIT_ERROR
+    print("ok: every model fits the budget alone; defaults and groups are consistent")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import anyio
+
+    from orchestrator.core import Orchestrator
+    from orchestrator.demo import run_demo
+
+    config = load_config(args.config)
+    if args.time_scale is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, time_scale=args.time_scale)
+    out_dir = Path(args.out) if args.out else Path(f"vram-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    orch = Orchestrator(config)
+    summary = anyio.run(lambda: run_demo(orch, agents=args.agents, out_dir=out_dir, seed=args.seed))
+    return EXIT_OK if summary["peak_vram_bytes"] <= summary["budget_bytes"] else EXIT_ERROR
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        from hypothesis import HealthCheck, settings
+        from hypothesis.stateful import run_state_machine_as_test
+    except ImportError:
+        raise OrchestratorError("`check` needs hypothesis: pip install 'vram-orchestrator[dev]'") from None
+    from orchestrator.testing import machine_for
+
+    config = load_config(args.config)
+    machine = machine_for(config, footprint_factor=args.footprint_factor)
+    print(
+        f"exploring {config.source} on the simulated device: {args.examples} random sequences of up to "
+        f"{args.steps} steps (acquires, cancellations, timeouts, faults, foreign memory"
+        + (
+            f", true footprints {args.footprint_factor:g}x the estimates"
+            if args.footprint_factor != 1
+            else ""
+        )
+        + ")"
+    )
+    t0 = time.monotonic()
+    try:
+        run_state_machine_as_test(
+            machine,
+            settings=settings(
+                max_examples=args.examples,
+                stateful_step_count=args.steps,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
+    except Exception as exc:
+        found = _find_violation(exc)
+        print(f"FAILED: {found if found is not None else f'{type(exc).__name__}: {exc}'}")
+        for note in getattr(found or exc, "__notes__", []):
+            print(note)
+        return EXIT_ERROR
+    print(
+        f"ok: no sequence passed the budget ({format_gib(config.budget_bytes)}), lost a lease or "
+        f"starved a model ({time.monotonic() - t0:.1f} s)"
+    )
+    return EXIT_OK
+
+
+def _find_violation(exc: BaseException) -> BaseException | None:
+    """The invariant violation inside what hypothesis raised (it may wrap it in groups)."""
+    from orchestrator.testing import InvariantViolation
+
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InvariantViolation):
+            return e
+        todo.extend(getattr(e, "exceptions", ()))
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vram-orchestrator",
+        description="Share one GPU between several heavy models: switch them safely and fast.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run the design document's agent workflow through the orchestrator")
+    d.add_argument("--config", help="YAML config (default: the embedded simulated 16 GiB GPU)")
+    d.add_argument("--agents", type=int, default=3, help="agents running the workflow at once (default 3)")
+    d.add_argument("--out", help="output folder (default: ./vram-demo-<time>)")
+    d.add_argument("--time-scale", type=float, help="simulated latency multiplier (default: the config's)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plan", help="validate a config and print its budget table")
+    pl.add_argument("--config", help="YAML config (default: the embedded one)")
+    pl.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("check", help="property-test a config on the simulated device")
+    c.add_argument("--config", help="YAML config (default: the embedded one)")
+    c.add_argument("--examples", type=int, default=100, help="random sequences to try (default 100)")
+    c.add_argument("--steps", type=int, default=30, help="steps per sequence (default 30)")
+    c.add_argument(
+        "--footprint-factor",
+        type=float,
+        default=1.0,
+        help="true footprint / estimate on the simulated device (default 1.0)",
+    )
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (OrchestratorError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"vram-orchestrator {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Config: YAML parsed once, at the edge, into frozen validated objects.
+
+Sizes are written in GiB (``vram_gb``: binary gigabytes, as nvidia-smi's MiB are binary) and
+kept in bytes. Every error names the file, the key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import ConfigError
+from states.machine import KIND_STATES
+from states.scheduling import Mode
+from states.units import format_gib, gib_to_bytes
+
+KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
+DEVICES = ("auto", "nvml", "simulated")
+BACKENDS = ("simulated",)
+CONFIDENCES = ("low", "medium", "high")
+DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
+
+# Simulated latencies per kind, in seconds, from the design document's targets and
+# FIELD-NOTES (stop LLM 5-8 s, start LLM 15-25 s, unload SDXL 2-3 s, load SDXL 5-8 s; a pinned
+# host copy of SDXL comes back in 0.13 s and an offload only frees the GPU copy).
+SIM_LATENCY_S: Mapping[str, Mapping[str, float]] = MappingProxyType(
+    {
+        "llm": {"load_s": 20.0, "unload_s": 6.0, "offload_s": 0.05, "restore_s": 0.5},
+        "sdxl": {"load_s": 6.0, "unload_s": 2.5, "offload_s": 0.05, "restore_s": 0.13},
+        "tts": {"load_s": 3.0, "unload_s": 1.0, "offload_s": 0.02, "restore_s": 0.05},
+    }
+)
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """How a simulated backend behaves (latencies at time scale 1, true footprint)."""
+
+    load_s: float
+    unload_s: float
+    offload_s: float
+    restore_s: float
+    true_vram_bytes: int  # what it really takes on the simulated device
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str
+    vram_bytes: int
+    confidence: str = "medium"
+    backend: str = "simulated"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    offload: bool = False  # keep a host copy on eviction when the host tier has room
+    host_bytes: int = 0
+    sim: SimSpec | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    gpu_name: str
+    device: str
+    device_index: int
+    total_bytes: int
+    budget_bytes: int
+    exclusive_kinds: frozenset[str]
+    light_kinds: frozenset[str]
+    models: Mapping[str, ModelSpec]
+    defaults: Mapping[str, str]
+    mode: Mode = Mode.FAIR
+    fairness_s: float = 5.0
+    max_wait_s: float = 300.0
+    load_timeout_s: float = 300.0
+    unload_timeout_s: float = 60.0
+    retry_backoff_s: float = 2.0
+    host_budget_bytes: int = 0
+    time_scale: float = 1.0
+
+    def resolve(self, name_or_kind: str) -> ModelSpec | None:
+        """A model by name, or the default model of a kind."""
+        if name_or_kind in self.models:
+            return self.models[name_or_kind]
+        default = self.defaults.get(name_or_kind)
+        return self.models[default] if default is not None else None
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate a YAML config. ``None`` means the embedded default."""
+    if path is None:
+        text = resources.files("orchestrator").joinpath("defaults", DEFAULT_CONFIG_NAME).read_text()
+        return parse_config(text, source=f"<embedded {DEFAULT_CONFIG_NAME}>")
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(str(p), "", "file not found", "check the path given with --config") from None
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"cannot read it ({exc.strerror})", "check its permissions") from None
+    return parse_config(text, source=str(p))
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, where, f"malformed YAML ({problem})", "fix the YAML syntax there") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            source,
+            "",
+            f"expected a mapping at the top, got {_typename(raw)}",
+            "start from configs/simulated-16gb.yaml",
+        )
+    return _Parser(source).config(raw)
+
+
+def _typename(v: object) -> str:
+    return "nothing" if v is None else type(v).__name__
+
+
+class _Parser:
+    TOP = ("hardware", "switching", "models", "defaults", "simulation")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def err(self, key: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(self.source, key, problem, fix)
+
+    def section(
+        self, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...], required: bool
+    ) -> dict[str, Any]:
+        v = raw.get(key)
+        if v is None:
+            if required:
+                raise self.err(key, "missing section", f"add a `{key}:` mapping")
+            return {}
+        if not isinstance(v, Mapping):
+            raise self.err(
+                key, f"expected a mapping, got {_typename(v)}", f"write `{key}:` as key: value lines"
+            )
+        self.no_unknown(v, key, allowed)
+        return dict(v)
+
+    def no_unknown(self, v: Mapping[str, Any], where: str, allowed: tuple[str, ...]) -> None:
+        for k in v:
+            if k not in allowed:
+                raise self.err(
+                    f"{where}.{k}" if where else str(k),
+                    "unknown key",
+                    f"remove it or use one of: {', '.join(allowed)}",
+                )
+
+    def number(self, v: Any, key: str, *, minimum: float = 0.0, strict: bool = False) -> float:
+        try:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)):
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise self.err(key, f"expected a finite number, got {v!r}", "write a plain number such as 11.5") from None
+        if v < minimum or (strict and v == minimum):
+            rel = "greater than" if strict else "at least"
+            raise self.err(key, f"must be {rel} {minimum:g}, got {v!r}", "use a positive size in GiB")
+        return float(v)
+
+    def choice(self, v: Any, key: str, options: tuple[str, ...]) -> str:
+        if v not in options:
+            raise self.err(
+                key, f"{v!r} is not one of {', '.join(options)}", f"use one of: {', '.join(options)}"
+            )
+        return str(v)
+
+    def kinds(self, v: Any, key: str) -> frozenset[str]:
+        if not isinstance(v, list):
+            raise self.err(key, f"expected a list of kinds, got {v!r}", f"write e.g. [{', '.join(KINDS)}]")
+        for k in v:
+            self.choice(k, key, KINDS)
+        return frozenset(v)
+
+    def config(self, raw: Mapping[str, Any]) -> Config:
+        self.no_unknown(raw, "", self.TOP)
+        hw = self.section(
+            raw, "hardware", ("gpu_name", "device", "index", "total_vram_gb", "safe_max_vram_gb"), True
+        )
+        sw = self.section(
+            raw,
+            "switching",
+            (
+                "heavy_models",
+                "light_models",
+                "scheduling",
+                "fairness_s",
+                "max_wait_s",
+                "load_timeout_s",
+                "unload_timeout_s",
+                "retry_backoff_s",
+                "host_ram_budget_gb",
+            ),
+            False,
+        )
+        sim = self.section(raw, "simulation", ("time_scale",), False)
+        models_raw = raw.get("models")
+        if not isinstance(models_raw, Mapping) or not models_raw:
+            raise self.err(
+                "models",
+                f"expected a mapping of model names, got {_typename(models_raw)}",
+                "add at least one model under `models:` with kind and vram_gb",
+            )
+
+        if "safe_max_vram_gb" not in hw:
+            raise self.err(
+                "hardware.safe_max_vram_gb",
+                "missing budget",
+                "set the most VRAM the orchestrator may use, e.g. 15.5 on a 16 GiB card",
+            )
+        budget = gib_to_bytes(self.number(hw["safe_max_vram_gb"], "hardware.safe_max_vram_gb", strict=True))
+        total = gib_to_bytes(
+            self.number(
+                hw.get("total_vram_gb", hw["safe_max_vram_gb"]), "hardware.total_vram_gb", strict=True
+            )
+        )
+        if budget > total:
+            raise self.err(
+                "hardware.safe_max_vram_gb",
+                f"{format_gib(budget)} is more than total_vram_gb ({format_gib(total)})",
+                "keep safe_max_vram_gb at or below total_vram_gb",
+            )
+        device = self.choice(hw.get("device", "auto"), "hardware.device", DEVICES)
+        index = hw.get("index", 0)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise self.err(
+                "hardware.index", f"expected a GPU index >= 0, got {index!r}", "use 0 for the first GPU"
+            )
+
+        heavy = self.kinds(sw.get("heavy_models", ["llm", "sdxl"]), "switching.heavy_models")
+        light = self.kinds(sw.get("light_models", ["tts"]), "switching.light_models")
+        if heavy & light:
+            raise self.err(
+                "switching.light_models",
+                f"{sorted(heavy & light)} listed as both heavy and light",
+                "list each kind once",
+            )
+        time_scale = self.number(sim.get("time_scale", 1.0), "simulation.time_scale")
+
+        models = {}
+        for name, m in models_raw.items():
+            models[str(name)] = self.model(str(name), m, budget, heavy | light, time_scale)
+
+        defaults_raw = raw.get("defaults") or {}
+        if not isinstance(defaults_raw, Mapping):
+            raise self.err(
+                "defaults",
+                f"expected a mapping kind: model, got {_typename(defaults_raw)}",
+                "write e.g. `llm: qwen-14b`",
+            )
+        defaults: dict[str, str] = {}
+        for kind, model in defaults_raw.items():
+            self.choice(kind, f"defaults.{kind}", KINDS)
+            if not isinstance(model, str) or model not in models:
+                raise self.err(
+                    f"defaults.{kind}",
+                    f"{model!r} names no configured model",
+                    f"use one of: {', '.join(models)}",
+                )
+            if models[model].kind != kind:
+                raise self.err(
+                    f"defaults.{kind}",
+                    f"{model!r} is of kind {models[model].kind!r}, not {kind!r}",
+                    f"name a model of kind {kind!r}",
+                )
+            defaults[str(kind)] = str(model)
+        for kind in KINDS:  # a kind with exactly one model defaults to it
+            of_kind = [n for n, s in models.items() if s.kind == kind]
+            if kind not in defaults and len(of_kind) == 1:
+                defaults[kind] = of_kind[0]
+
+        def secs(key: str, default: float) -> float:
+            return self.number(sw.get(key, default), f"switching.{key}", strict=True)
+
+        fairness_s = self.number(sw.get("fairness_s", 5.0), "switching.fairness_s")
+        max_wait_s = secs("max_wait_s", 300.0)
+        if fairness_s > max_wait_s:
+            raise self.err(
+                "switching.fairness_s",
+                f"{fairness_s:g} s is longer than max_wait_s ({max_wait_s:g} s)",
+                "keep fairness_s at or below max_wait_s",
+            )
+        return Config(
+            source=self.source,
+            gpu_name=str(hw.get("gpu_name", "GPU")),
+            device=device,
+            device_index=index,
+            total_bytes=total,
+            budget_bytes=budget,
+            exclusive_kinds=heavy,
+            light_kinds=light,
+            models=MappingProxyType(models),
+            defaults=MappingProxyType(defaults),
+            mode=Mode(
+                self.choice(
+                    sw.get("scheduling", "fair"), "switching.scheduling", tuple(m.value for m in Mode)
+                )
+            ),
+            fairness_s=fairness_s,
+            max_wait_s=max_wait_s,
+            load_timeout_s=secs("load_timeout_s", 300.0),
+            unload_timeout_s=secs("unload_timeout_s", 60.0),
+            retry_backoff_s=self.number(sw.get("retry_backoff_s", 2.0), "switching.retry_backoff_s"),
+            host_budget_bytes=gib_to_bytes(
+                self.number(sw.get("host_ram_budget_gb", 0), "switching.host_ram_budget_gb")
+            ),
+            time_scale=time_scale,
+        )
+
+    MODEL_KEYS = ("kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation")
+    SIM_KEYS = ("load_s", "unload_s", "offload_s", "restore_s", "true_vram_gb")
+
+    def model(self, name: str, m: Any, budget: int, kinds: frozenset[str], time_scale: float) -> ModelSpec:
+        key = f"models.{name}"
+        if not isinstance(m, Mapping):
+            raise self.err(
+                key, f"expected a mapping, got {_typename(m)}", "give it at least kind and vram_gb"
+            )
+        self.no_unknown(m, key, self.MODEL_KEYS)
+        if "kind" not in m:
+            raise self.err(f"{key}.kind", "missing", f"set kind to one of: {', '.join(KINDS)}")
+        kind = self.choice(m["kind"], f"{key}.kind", KINDS)
+        if kind not in kinds:
+            raise self.err(
+                f"{key}.kind",
+                f"kind {kind!r} is neither in switching.heavy_models nor light_models",
+                "list the kind in one of them",
+            )
+        if "vram_gb" not in m:
+            raise self.err(
+                f"{key}.vram_gb", "missing", "set the model's VRAM estimate in GiB, e.g. vram_gb: 11.5"
+            )
+        vram = gib_to_bytes(self.number(m["vram_gb"], f"{key}.vram_gb", strict=True))
+        if vram > budget:
+            raise self.err(
+                f"{key}.vram_gb",
+                f"{format_gib(vram)} is larger than the whole budget "
+                f"({format_gib(budget)}; short {format_gib(vram - budget)})",
+                "use a smaller variant or raise hardware.safe_max_vram_gb",
+            )
+        confidence = self.choice(m.get("confidence", "medium"), f"{key}.confidence", CONFIDENCES)
+        b = m.get("backend", "simulated")
+        options: dict[str, Any] = {}
+        if isinstance(b, Mapping):
+            options = {str(k): v for k, v in b.items() if k != "type"}
+            b = b.get("type")
+        backend = self.choice(b, f"{key}.backend", BACKENDS)
+        offload = m.get("offload", False)
+        if not isinstance(offload, bool):
+            raise self.err(
+                f"{key}.offload",
+                f"expected true or false, got {offload!r}",
+                "true keeps a host-RAM copy on eviction",
+            )
+        host = gib_to_bytes(self.number(m["host_gb"], f"{key}.host_gb")) if "host_gb" in m else vram
+        s = m.get("simulation") or {}
+        if not isinstance(s, Mapping):
+            raise self.err(
+                f"{key}.simulation", f"expected a mapping, got {_typename(s)}", "e.g. {load_s: 20}"
+            )
+        self.no_unknown(s, f"{key}.simulation", self.SIM_KEYS)
+        lat = SIM_LATENCY_S[kind]
+        sim = SimSpec(
+            **{k: self.number(s.get(k, lat[k]), f"{key}.simulation.{k}") for k in lat},
+            true_vram_bytes=gib_to_bytes(
+                self.number(s["true_vram_gb"], f"{key}.simulation.true_vram_gb", strict=True)
+            )
+            if "true_vram_gb" in s
+            else vram,
+        )
+        return ModelSpec(
+            name=name,
+            kind=kind,
+            vram_bytes=vram,
+            confidence=confidence,
+            backend=backend,
+            options=MappingProxyType(options),
+            offload=offload,
+            host_bytes=host,
+            sim=sim,
+        )

@@ -1,0 +1,774 @@
+"""The Orchestrator: ``acquire()``, the scheduler and the executor.
+
+One place decides, one place does, one ledger is the truth:
+
+- ``acquire()`` only queues a waiter and waits; it never checks a state and acts on it.
+- The scheduler task (``_schedule_loop``) is the only code that grants leases, chooses a
+  target and starts a switch. It asks the pure ``states`` package what to do
+  (``choose_target``, ``plan``, ``admission``) and runs one switch at a time under
+  ``_switch_lock``.
+- The executor (``_switch``) carries a plan out through the backends and updates the ledger
+  *after* each step's IO succeeded; the machine moves only through its table
+  (``begin_switch``, then ``finish_switch`` or ``fail_switch``). Cleanup after a failure or a
+  cancellation is shielded and has a deadline, and the machine lands in the state that
+  matches what is really resident.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from orchestrator.backends.base import Backend
+from orchestrator.backends.simulated import SimulatedBackend
+from orchestrator.config import Config, ModelSpec, load_config
+from orchestrator.device.base import Device
+from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
+from orchestrator.errors import (
+    AcquireTimeout,
+    BackendError,
+    BackendOutOfMemory,
+    ConfigError,
+    InsufficientVRAM,
+    LeaseDeadlock,
+    LoadFailed,
+    NotRunning,
+    UnknownModel,
+    UnloadFailed,
+    VRAMNotReleased,
+)
+from orchestrator.events import Event, EventHub
+from states.ledger import Ledger, Tier
+from states.machine import ModelMachine, State
+from states.plan import Deferred, Plan, PlanRequest, Policy, plan
+from states.scheduling import Mode, SchedulerView, WaiterView, admission, choose_target, rank_targets
+from states.units import format_gib
+
+logger = logging.getLogger("orchestrator")
+
+RELEASE_POLL_S = 0.002  # how often the release wait reads the device
+DEFERRED_POLL_S = 0.05  # how often a request blocked by foreign memory looks again
+WAIT_SAMPLES = 10_000  # the latest waits kept for the percentiles in statistics()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    seq: int
+    model: str
+    priority: int
+    arrived_s: float
+    task_id: int
+    event: anyio.Event = field(default_factory=anyio.Event)
+    granted: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted slot on a resident model. ``handle`` is the backend's live object."""
+
+    model: str
+    kind: str
+    handle: Any
+    waited_s: float
+    priority: int
+
+
+@dataclass(frozen=True)
+class WaitStats:
+    """Lease waits: count, mean and max since the start; p50/p99 over the latest 10,000."""
+
+    count: int
+    mean_s: float
+    p50_s: float
+    p99_s: float
+    max_s: float
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Counters since the orchestrator started (``orch.statistics()``)."""
+
+    state: State
+    switches: int  # switches that completed
+    failed_switches: int
+    loads: int  # cold loads from disk
+    restores: int  # restores from the host tier
+    evictions: int
+    grants: int
+    releases: int
+    timeouts: int
+    cancellations: int
+    active_leases: Mapping[str, int]
+    waiting: Mapping[str, int]
+    switching_s: float  # time spent inside switches
+    waits: WaitStats
+    peak_committed_bytes: int
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+class Orchestrator:
+    """Hands tasks ready models and keeps the GPU within its budget.
+
+    Use it as an async context manager; ``acquire()`` works only inside it::
+
+        async with Orchestrator.from_config("configs/simulated-16gb.yaml") as orch:
+            async with orch.acquire("sdxl") as lease:
+                image = lease.handle(...)
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        device: Device | None = None,
+        backends: Mapping[str, Backend] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._t0 = clock()
+        self.device: Device = device if device is not None else self._make_device(config)
+        self.backends: dict[str, Backend] = dict(backends or {})
+        for name, spec in config.models.items():
+            if name not in self.backends:
+                self.backends[name] = self._make_backend(spec)
+        self.policy = Policy(exclusive_kinds=config.exclusive_kinds)
+        self.hub = EventHub()
+
+        # Invariants (checked by tests/orchestrator/test_properties.py after every step):
+        # - self._ledger.committed_bytes <= budget; a load begins only when plan.after fits;
+        # - self._machine.state == active_state(self._ledger) unless a switch is running;
+        # - every waiter is in self._waiters until granted, failed, timed out or cancelled;
+        # - self._leases[m] > 0 only for models on the GPU.
+        self._ledger = Ledger(budget_bytes=config.budget_bytes, host_budget_bytes=config.host_budget_bytes)
+        self._machine = ModelMachine()
+        self._switch_lock = anyio.Lock()
+        self._waiters: list[_Waiter] = []
+        self._leases: dict[str, int] = {}
+        self._holders: dict[str, dict[int, int]] = {}  # model -> task id -> leases it holds
+        self._draining: frozenset[str] = frozenset()
+        self._lost_gpu_s: dict[str, float] = {}
+        self._backoff_until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._last_error: dict[str, BaseException] = {}
+        self._deferred: dict[str, Deferred] = {}
+        self._reap_after: dict[str, float] = {}
+        self._seq = 0
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._running = False
+        self._closing = False
+
+        self._switches = self._failed_switches = self._loads = self._restores = 0
+        self._evictions = self._grants = self._releases = self._timeouts = self._cancellations = 0
+        self._switching_s = 0.0
+        # The latest waits, for percentiles (bounded: a daemon runs for months), and totals.
+        self._wait_times: deque[float] = deque(maxlen=WAIT_SAMPLES)
+        self._wait_count = 0
+        self._wait_sum_s = 0.0
+        self._wait_max_s = 0.0
+        self._peak_committed = 0
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, path: str | Path | None = None, **kwargs: Any) -> Orchestrator:
+        """Build from a YAML file (``None``: the embedded default, the simulated 16 GiB GPU)."""
+        return cls(load_config(path), **kwargs)
+
+    @staticmethod
+    def _make_device(config: Config) -> Device:
+        if config.device == "simulated":
+            return SimulatedDevice(config.total_bytes, name=config.gpu_name)
+        raise ConfigError(
+            config.source,
+            "hardware.device",
+            f"device {config.device!r} is not available in this version",
+            "use `device: simulated`; real NVML readings come with the VRAM monitor",
+        )
+
+    def _make_backend(self, spec: ModelSpec) -> Backend:
+        if isinstance(self.device, SimulatedDevice):
+            return SimulatedBackend(spec, self.device, self.config.time_scale)
+        raise ConfigError(  # pragma: no cover - only simulated devices exist so far
+            self.config.source,
+            f"models.{spec.name}.backend",
+            "a simulated backend needs the simulated device",
+            "set hardware.device: simulated",
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._machine.state
+
+    def ledger(self) -> Ledger:
+        """A frozen snapshot of the ledger."""
+        return self._ledger
+
+    def now_s(self) -> float:
+        return self._clock() - self._t0
+
+    def backend(self, name_or_kind: str) -> Backend:
+        return self.backends[self.resolve(name_or_kind).name]
+
+    def resolve(self, name_or_kind: str) -> ModelSpec:
+        spec = self.config.resolve(name_or_kind)
+        if spec is None:
+            raise UnknownModel(name_or_kind, list(self.config.models), list(self.config.defaults))
+        return spec
+
+    def statistics(self) -> Statistics:
+        waits = sorted(self._wait_times)
+        waiting: dict[str, int] = {}
+        for w in self._waiters:
+            waiting[w.model] = waiting.get(w.model, 0) + 1
+        return Statistics(
+            state=self.state,
+            switches=self._switches,
+            failed_switches=self._failed_switches,
+            loads=self._loads,
+            restores=self._restores,
+            evictions=self._evictions,
+            grants=self._grants,
+            releases=self._releases,
+            timeouts=self._timeouts,
+            cancellations=self._cancellations,
+            active_leases={m: n for m, n in self._leases.items() if n},
+            waiting=waiting,
+            switching_s=self._switching_s,
+            waits=WaitStats(
+                count=self._wait_count,
+                mean_s=self._wait_sum_s / self._wait_count if self._wait_count else 0.0,
+                p50_s=_percentile(waits, 0.50),
+                p99_s=_percentile(waits, 0.99),
+                max_s=self._wait_max_s,
+            ),
+            peak_committed_bytes=self._peak_committed,
+        )
+
+    def leases(self) -> Mapping[str, int]:
+        """Active leases per model."""
+        return {m: n for m, n in self._leases.items() if n}
+
+    def waiting(self) -> list[tuple[str, int, float]]:
+        """The queue: (model, priority, seconds waited), in arrival order."""
+        now = self.now_s()
+        return [(w.model, w.priority, now - w.arrived_s) for w in self._waiters]
+
+    def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``fn(event)`` for every event; returns a function that unsubscribes."""
+        return self.hub.add_listener(fn)
+
+    def events(self, buffer: int = 1000) -> AsyncIterator[Event]:
+        """Async iterator over events from now on (drops events when ``buffer`` is full)."""
+        return self.hub.subscribe(buffer)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Orchestrator:
+        if self._running:
+            raise RuntimeError("this orchestrator is already running")
+        self._closing = False
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._running = True
+        tg.start_soon(self._schedule_loop, name="vram-orchestrator scheduler")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop scheduling, fail the waiters, unload everything. Safe to call twice."""
+        if not self._running or self._tg is None:
+            return
+        self._closing = True
+        for w in list(self._waiters):
+            self._fail_waiter(w, NotRunning())
+        tg, self._tg = self._tg, None
+        tg.cancel_scope.cancel()
+        try:
+            await tg.__aexit__(None, None, None)
+        finally:
+            self._running = False
+            with anyio.CancelScope(shield=True):
+                await self._unload_everything()
+
+    async def _unload_everything(self) -> None:
+        # Leases held by tasks outside the `async with orch` block get a grace period.
+        with anyio.move_on_after(self.config.unload_timeout_s):
+            while any(self._leases.values()):  # noqa: ASYNC110 - leases end in other tasks; poll briefly
+                await anyio.sleep(RELEASE_POLL_S)
+        async with self._switch_lock:
+            target = self._ledger
+            for r in target.residents:
+                target = target.move(r.model, Tier.DISK)
+            if self._ledger.residents:
+                self._fire("begin_switch", target, model=None)
+                for r in list(self._ledger.residents):
+                    backend = self.backends[r.model]
+                    try:
+                        with anyio.fail_after(self.config.unload_timeout_s):
+                            await backend.unload()
+                        await self._wait_released([r.model] if r.tier is Tier.GPU else [])
+                        self._ledger = self._ledger.move(r.model, Tier.DISK)
+                        self._emit("evict", model=r.model, detail=f"{r.tier.value} -> disk (shutdown)")
+                    except Exception as exc:
+                        logger.error("could not unload %s at shutdown: %s", r.model, exc)
+                trigger = "fail_switch" if self._ledger.residents else "finish_switch"
+                self._fire(trigger, self._ledger, model=None)
+            for b in self.backends.values():
+                try:
+                    with anyio.fail_after(self.config.unload_timeout_s):
+                        await b.aclose()
+                except Exception as exc:
+                    logger.error("closing backend %s failed: %s", b.name, exc)
+            try:
+                await self._wait_released(list(self.backends))
+            except VRAMNotReleased as exc:
+                logger.error("at shutdown: %s", exc)
+
+    # -- acquire -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def acquire(
+        self, name_or_kind: str, *, timeout: float | None = None, priority: int = 0
+    ) -> AsyncIterator[Lease]:
+        """Wait for ``name_or_kind`` to be resident and hold it for the block.
+
+        A kind ("sdxl") means the config's default model of that kind. Several leases on one
+        model run concurrently. Higher ``priority`` is served first.
+
+        :raises UnknownModel: the name is neither a model nor a kind with a default.
+        :raises InsufficientVRAM: the model can never fit the budget.
+        :raises AcquireTimeout: not granted within ``timeout`` seconds.
+        :raises LeaseDeadlock: this task holds a lease on a model that must be evicted first.
+        :raises LoadFailed, UnloadFailed, BackendOutOfMemory, VRAMNotReleased: the switch failed.
+        :raises NotRunning: outside ``async with orch``, or the orchestrator is shutting down.
+        """
+        spec = self.resolve(name_or_kind)
+        if not self._running or self._closing:
+            raise NotRunning()
+        if spec.vram_bytes > self.config.budget_bytes:
+            raise InsufficientVRAM(
+                spec.name, spec.vram_bytes, self.config.budget_bytes, self.config.budget_bytes
+            )
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        self._seq += 1
+        task = anyio.get_current_task()
+        w = _Waiter(self._seq, spec.name, priority, self.now_s(), task.id)
+        self._waiters.append(w)
+        self._wake.set()
+        try:
+            with anyio.fail_after(timeout):
+                await w.event.wait()
+        except BaseException as exc:
+            position, queued = self._position(w), len(self._waiters)
+            self._forget(w)
+            if w.granted:  # granted in the same instant we were cancelled: give it back
+                self._release(w.model, w.task_id)
+            if isinstance(exc, TimeoutError) and timeout is not None:
+                self._timeouts += 1
+                self._emit("timeout", model=w.model, detail=f"after {timeout:g} s, position {position}")
+                raise AcquireTimeout(w.model, timeout, position, queued, self._ledger.describe()) from None
+            self._cancellations += 1
+            self._emit("cancel", model=w.model)
+            raise
+        if w.error is not None:
+            raise w.error
+        waited = self.now_s() - w.arrived_s
+        self._wait_times.append(waited)
+        self._wait_count += 1
+        self._wait_sum_s += waited
+        self._wait_max_s = max(self._wait_max_s, waited)
+        lease = Lease(spec.name, spec.kind, self.backends[spec.name].handle, waited, priority)
+        try:
+            yield lease
+        finally:
+            self._release(spec.name, w.task_id)
+
+    def _position(self, w: _Waiter) -> int:
+        same = [x for x in self._waiters if x.model == w.model]
+        return same.index(w) + 1 if w in same else 0
+
+    def _forget(self, w: _Waiter) -> None:
+        if w in self._waiters:
+            self._waiters.remove(w)
+            self._wake.set()
+
+    def _release(self, model: str, task_id: int) -> None:
+        self._leases[model] -= 1
+        holders = self._holders[model]
+        holders[task_id] -= 1
+        if not holders[task_id]:
+            del holders[task_id]
+        self._ledger = self._ledger.touch(model)
+        self._releases += 1
+        self._emit("release", model=model)
+        self._wake.set()
+
+    def _grant(self, w: _Waiter) -> None:
+        w.granted = True
+        self._waiters.remove(w)
+        self._leases[w.model] = self._leases.get(w.model, 0) + 1
+        holders = self._holders.setdefault(w.model, {})
+        holders[w.task_id] = holders.get(w.task_id, 0) + 1
+        self._ledger = self._ledger.touch(w.model)
+        self._grants += 1
+        self._emit("grant", model=w.model)
+        w.event.set()
+
+    def _fail_waiter(self, w: _Waiter, error: BaseException) -> None:
+        w.error = error
+        if w in self._waiters:
+            self._waiters.remove(w)
+        w.event.set()
+
+    # -- the scheduler -----------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            delay = await self._step()
+            if delay == 0:
+                continue
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+
+    def _refresh_foreign(self) -> None:
+        """Bytes on the device that the ledger does not account for shrink the room."""
+        ours = [r.model for r in self._ledger.gpu_residents]
+        accounted = sum(self.device.held_by(self.backends[m].owner, live_only=True) for m in ours)
+        foreign = max(0, self.device.used_bytes() - accounted)
+        if foreign != self._ledger.foreign_bytes:
+            self._ledger = self._ledger.with_foreign(foreign)
+
+    def _request(self, model: str) -> PlanRequest:
+        spec = self.config.models[model]
+        return PlanRequest(
+            model=model,
+            kind=spec.kind,
+            vram_bytes=spec.vram_bytes,
+            offloadable=spec.offload and self.backends[model].supports_host_tier,
+            host_bytes=spec.host_bytes,
+        )
+
+    async def _reap_leftovers(self, now: float) -> list[float]:
+        """Unload what a backend still holds but the ledger does not (a failed cleanup).
+
+        Such memory counts as foreign meanwhile, so the budget stays safe; this gives it back.
+        Returns the times at which to try again.
+        """
+        retry_at: list[float] = []
+        for name, b in self.backends.items():
+            if b.tier is Tier.DISK or self._ledger.get(name) is not None:
+                continue
+            until = self._reap_after.get(name, 0.0)
+            if until > now:
+                retry_at.append(until)
+                continue
+            try:
+                async with self._switch_lock:
+                    with anyio.fail_after(self.config.unload_timeout_s):
+                        await b.unload()
+                self._reap_after.pop(name, None)
+                self._emit("evict", model=name, detail="left over by a failed cleanup: unloaded")
+            except Exception as exc:
+                self._reap_after[name] = now + max(self.config.retry_backoff_s, RELEASE_POLL_S)
+                retry_at.append(self._reap_after[name])
+                logger.warning("%s still holds memory after a failed cleanup; retrying: %s", name, exc)
+        return retry_at
+
+    async def _step(self) -> float | None:
+        """Decide once: grant, drain, switch. Returns how long to sleep (None: until poked)."""
+        now = self.now_s()
+        reap_at = await self._reap_leftovers(now)
+        self._refresh_foreign()
+        blocked = {m for m, until in self._backoff_until.items() if until > now}
+        wake_at: list[float] = [u for m, u in self._backoff_until.items() if u > now] + reap_at
+        on_gpu = frozenset(r.model for r in self._ledger.gpu_residents)
+        # Re-entrant acquires (a task that already holds the model) are granted even while
+        # the model drains: the drain waits for this very task's lease.
+        for w in [
+            w for w in self._waiters if w.model in on_gpu and self._holders.get(w.model, {}).get(w.task_id)
+        ]:
+            self._grant(w)
+
+        def view() -> SchedulerView:
+            return SchedulerView(
+                now_s=now,
+                waiters=tuple(WaiterView(w.seq, w.model, w.priority, w.arrived_s) for w in self._waiters),
+                on_gpu=on_gpu,
+                leases=self._leases,
+                lost_gpu_s=self._lost_gpu_s,
+                blocked=frozenset(blocked),
+                mode=self.config.mode,
+                fairness_s=self.config.fairness_s,
+                max_wait_s=self.config.max_wait_s,
+            )
+
+        self._break_deadlocks()
+
+        # Choose a target whose plan is possible now; foreign memory may defer some.
+        target: str | None = None
+        chosen: Plan | None = None
+        self._deferred.clear()
+        while True:
+            target = choose_target(view())
+            if target is None:
+                break
+            try:
+                p = plan(self._request(target), self._ledger, self.policy)
+            except InsufficientVRAM as exc:
+                for w in [w for w in self._waiters if w.model == target]:
+                    self._fail_waiter(w, exc)
+                continue
+            if isinstance(p, Deferred):
+                self._deferred[target] = p
+                blocked.add(target)
+                wake_at.append(now + DEFERRED_POLL_S)
+                continue
+            chosen = p
+            break
+
+        evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen else frozenset()
+        v = view()
+        adm = admission(v, target, evictees)
+        self._draining = adm.drain
+        for w in [w for w in self._waiters if w.seq in adm.grant]:
+            self._grant(w)
+
+        if chosen is None or target is None:
+            return self._delay(now, wake_at)
+
+        busy = [m for m in evictees if self._leases.get(m, 0)]
+        if busy:
+            if not adm.drain:  # wake when the fairness bound passes
+                oldest = min(v.since_s(w) for w in v.waiters if w.model == target)
+                wake_at.append(oldest + self.config.fairness_s)
+            # Meanwhile, a model that fits beside what is resident loads without delaying
+            # anyone (a TTS beside a busy SDXL): it evicts nothing.
+            side = self._side_load(v, target) if self.config.mode is Mode.FAIR else None
+            if side is None:
+                return self._delay(now, wake_at)
+            chosen = side
+
+        await self._switch(chosen)
+        return 0
+
+    def _side_load(self, v: SchedulerView, target: str) -> Plan | None:
+        for model in rank_targets(v):
+            if model == target:
+                continue
+            try:
+                p = plan(self._request(model), self._ledger, self.policy)
+            except InsufficientVRAM:
+                continue
+            if isinstance(p, Plan) and not p.gpu_evictions:
+                return p
+        return None
+
+    def _delay(self, now: float, wake_at: list[float]) -> float | None:
+        overdue_at = [w.arrived_s + self.config.max_wait_s for w in self._waiters]
+        times = [t for t in [*wake_at, *overdue_at] if t > now]
+        return max(0.0005, min(times) - now) if times else None
+
+    def _break_deadlocks(self) -> None:
+        """Fail a waiter whose own task holds a lease on a model that must leave for it.
+
+        Its model can load only after that lease ends, and the lease ends only after the
+        waiter is served: it would wait forever (and hold up everyone behind it).
+        """
+        for w in list(self._waiters):
+            spec = self.config.models[w.model]
+            for held, by_task in self._holders.items():
+                if held == w.model or not by_task.get(w.task_id):
+                    continue
+                other = self.config.models[held]
+                both_heavy = self.policy.is_exclusive(spec.kind) and self.policy.is_exclusive(other.kind)
+                if both_heavy or spec.vram_bytes + other.vram_bytes > self.config.budget_bytes:
+                    self._fail_waiter(w, LeaseDeadlock(w.model, held))
+                    break
+
+    # -- the executor ------------------------------------------------------------------------
+
+    def _fire(self, trigger: str, ledger: Ledger, *, model: str | None, t0: float | None = None) -> None:
+        before_state = self._machine.state
+        before_bytes = self._ledger.committed_bytes
+        self._machine.fire(trigger, ledger)
+        self._emit(
+            "transition",
+            model=model,
+            trigger=trigger,
+            from_state=before_state.name,
+            to_state=self._machine.state.name,
+            bytes_before=before_bytes,
+            bytes_after=ledger.committed_bytes,
+            duration_s=None if t0 is None else self.now_s() - t0,
+        )
+
+    def _emit(self, kind: str, **kw: Any) -> None:
+        self._peak_committed = max(self._peak_committed, self._ledger.committed_bytes)
+        self.hub.emit(Event(time_s=self.now_s(), kind=kind, **kw))
+
+    async def _switch(self, p: Plan) -> None:
+        async with self._switch_lock:
+            t0 = self.now_s()
+            target = p.load
+            self._fire("begin_switch", p.after, model=target)
+            try:
+                await self._evict(p)
+                await self._load(p)
+            except BaseException as exc:
+                self._fire("fail_switch", self._ledger, model=target, t0=t0)
+                self._failed_switches += 1
+                self._switching_s += self.now_s() - t0
+                if isinstance(exc, Exception):
+                    self._record_failure(target, exc)
+                    return  # the waiters got the error; the scheduler goes on
+                raise
+            self._switching_s += self.now_s() - t0
+            self._switches += 1
+            self._failures.pop(target, None)
+            self._backoff_until.pop(target, None)
+            self._fire("finish_switch", self._ledger, model=target, t0=t0)
+            if self.config.mode is not Mode.FCFS:
+                # Everyone waiting for the new model is served together, before anything
+                # else is decided (in fcfs mode the next step serves them in arrival order).
+                for w in [w for w in self._waiters if w.model == target]:
+                    self._grant(w)
+
+    async def _evict(self, p: Plan) -> None:
+        freed: list[str] = []
+        for e in p.evictions:
+            backend = self.backends[e.model]
+            t0 = self.now_s()
+            try:
+                with anyio.fail_after(self.config.unload_timeout_s):
+                    if e.to_tier is Tier.HOST:
+                        await backend.offload(Tier.HOST)
+                    else:
+                        await backend.unload()
+            except BaseException as exc:
+                # Unknown how far it got: finish the unload (idempotent), shielded, bounded;
+                # then believe the backend about what is still loaded.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.unload_timeout_s):
+                    try:
+                        await backend.unload()
+                    except Exception as again:
+                        logger.warning("second unload of %s failed too: %s", e.model, again)
+                if not backend.is_loaded() and backend.tier is Tier.DISK:
+                    self._ledger = self._ledger.move(e.model, Tier.DISK)
+                    self._note_lost(e.model)
+                if isinstance(exc, Exception):
+                    detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+                    raise UnloadFailed(e.model, f"{detail} while evicting it for {p.load!r}") from exc
+                raise
+            self._ledger = self._ledger.move(e.model, e.to_tier)
+            self._evictions += 1
+            if e.from_tier is Tier.GPU:
+                self._note_lost(e.model)
+                freed.append(e.model)
+            self._emit(
+                "evict",
+                model=e.model,
+                duration_s=self.now_s() - t0,
+                detail=f"{e.from_tier.value} -> {e.to_tier.value} for {p.load}",
+            )
+        await self._wait_released(freed)
+
+    def _note_lost(self, model: str) -> None:
+        self._lost_gpu_s[model] = self.now_s()
+
+    async def _wait_released(self, models: list[str]) -> None:
+        """Wait until the device shows the evicted models' memory back, with a deadline."""
+        if not models:
+            return
+        deadline = self.now_s() + self.config.unload_timeout_s
+        while True:
+            held = {m: self.device.held_by(self.backends[m].owner) for m in models}
+            held = {m: n for m, n in held.items() if n}
+            if not held:
+                return
+            if self.now_s() >= deadline:
+                who = ", ".join(f"{m} still holds {format_gib(n)}" for m, n in held.items())
+                raise VRAMNotReleased(
+                    next(iter(held)),
+                    f"{who} {self.config.unload_timeout_s:g} s after unloading; "
+                    "the next load waits until it is back (raise switching.unload_timeout_s if it is slow)",
+                )
+            await anyio.sleep(RELEASE_POLL_S)
+
+    async def _load(self, p: Plan) -> None:
+        backend = self.backends[p.load]
+        resident = p.after.loading
+        assert resident is not None
+        self._ledger = self._ledger.begin_load(resident)
+        t0 = self.now_s()
+        try:
+            with anyio.fail_after(self.config.load_timeout_s):
+                if p.from_tier is Tier.HOST:
+                    await backend.restore()
+                else:
+                    await backend.load()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self.config.unload_timeout_s):
+                    try:
+                        await backend.unload()
+                    except Exception as again:
+                        logger.error("cleanup of failed load of %s failed: %s", p.load, again)
+                still = self.device.held_by(backend.owner)
+                if still:
+                    # The memory stayed: it is no longer ours in the ledger, so it counts as
+                    # foreign until the device shows it gone (see _refresh_foreign).
+                    logger.error("failed load of %s left %s on the device", p.load, format_gib(still))
+                self._ledger = self._ledger.abort_load()
+            if isinstance(exc, SimulatedOOM):
+                raise BackendOutOfMemory(p.load, str(exc)) from exc
+            if isinstance(exc, TimeoutError):
+                raise LoadFailed(
+                    p.load, f"did not finish within load_timeout_s={self.config.load_timeout_s:g}"
+                ) from exc
+            if isinstance(exc, Exception) and not isinstance(exc, BackendError):
+                raise LoadFailed(p.load, f"{type(exc).__name__}: {exc}") from exc
+            raise
+        self._ledger = self._ledger.finish_load()
+        if p.from_tier is Tier.HOST:
+            self._restores += 1
+        else:
+            self._loads += 1
+        self._emit("load", model=p.load, duration_s=self.now_s() - t0, detail=f"from {p.from_tier.value}")
+
+    def _record_failure(self, model: str, exc: Exception) -> None:
+        n = self._failures.get(model, 0) + 1
+        self._failures[model] = n
+        self._last_error[model] = exc
+        backoff = min(self.config.retry_backoff_s * 2 ** (n - 1), self.config.max_wait_s / 4)
+        self._backoff_until[model] = self.now_s() + backoff
+        logger.warning("switch to %s failed (%d in a row; retry in %.2f s): %s", model, n, backoff, exc)
+        self._emit("fail", model=model, detail=str(exc))
+        # The waiters of the target get the error (not the ones that come later).
+        for w in [w for w in self._waiters if w.model == model]:
+            self._fail_waiter(w, exc)

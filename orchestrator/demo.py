@@ -1,0 +1,184 @@
+"""The demo: the design document's Example 1 workflow, for several agents at once.
+
+Each agent does LLM plans -> SDXL draws -> TTS speaks -> LLM reviews through one
+orchestrator. Switches are shown as they run; at the end a summary (switches, time switching
+versus working, peak VRAM against the budget) is printed and the outputs are written to a
+folder (the event log as JSON lines, the summary, each agent's transcript).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from orchestrator.core import Orchestrator
+from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.events import Event
+from states.units import format_gib
+
+SCENES = [
+    "Luca running on the beach at sunset",
+    "a lighthouse in a storm, oil painting",
+    "a robot reading a book in a library",
+    "a fox in a snowy forest at dawn",
+    "a street market in the rain at night",
+    "a paper boat on a river of stars",
+]
+
+# Work per step, in seconds at real speed (scaled like the switches).
+WORK_S = {"plan": 2.0, "draw": 6.0, "speak": 1.5, "review": 2.0}
+
+
+@dataclass
+class AgentLog:
+    agent: int
+    scene: str
+    lines: list[str] = field(default_factory=list)
+    waited_s: float = 0.0
+    worked_s: float = 0.0
+
+
+async def _step(orch: Orchestrator, log: AgentLog, kind: str, step: str, prompt: str) -> str:
+    t0 = time.monotonic()
+    async with orch.acquire(kind) as lease:
+        t1 = time.monotonic()
+        out = await lease.handle.run(prompt, work_s=WORK_S[step])
+        log.waited_s += t1 - t0
+        log.worked_s += time.monotonic() - t1
+    log.lines.append(f"{step:>6} [{lease.model}] {out}")
+    return str(out)
+
+
+async def creative_agent(orch: Orchestrator, log: AgentLog) -> None:
+    """The design's Example 1 with the new API: plan, draw, speak, review."""
+    prompt = await _step(orch, log, "llm", "plan", f"Write an image prompt for: {log.scene}")
+    image = await _step(orch, log, "sdxl", "draw", prompt)
+    await _step(orch, log, "tts", "speak", f"Here is {log.scene}")
+    await _step(orch, log, "llm", "review", f"Evaluate the quality of: {image}")
+
+
+class Progress:
+    """Prints switches and evictions as they happen."""
+
+    def __init__(self, orch: Orchestrator, out: TextIO, time_scale: float) -> None:
+        self.orch, self.out, self.time_scale = orch, out, time_scale
+
+    def __call__(self, e: Event) -> None:
+        stamp = f"[{e.time_s:7.2f} s]"
+        if e.kind == "transition" and e.trigger == "begin_switch":
+            print(f"{stamp} switching: {e.from_state} -> loading {e.model or 'nothing'} ...", file=self.out)
+        elif e.kind == "transition" and e.trigger in ("finish_switch", "fail_switch"):
+            dur = (e.duration_s or 0.0) / self.time_scale if self.time_scale else 0.0
+            verb = "now" if e.trigger == "finish_switch" else "FAILED, back to"
+            print(
+                f"{stamp} {verb} {e.to_state} ({format_gib(e.bytes_after or 0)} committed; "
+                f"the switch takes {dur:.1f} s at real speed)",
+                file=self.out,
+            )
+        elif e.kind == "evict":
+            print(f"{stamp}   evicted {e.model}: {e.detail}", file=self.out)
+        elif e.kind == "load":
+            print(f"{stamp}   loaded {e.model} {e.detail}", file=self.out)
+        elif e.kind == "fail":
+            print(f"{stamp}   error: {e.detail}", file=self.out)
+        self.out.flush()
+
+
+async def run_demo(
+    orch: Orchestrator,
+    *,
+    agents: int = 3,
+    out_dir: Path,
+    seed: int = 0,
+    stream: TextIO = sys.stdout,
+    on_event: Callable[[Event], None] | None = None,
+) -> dict[str, Any]:
+    """Run the workflow for ``agents`` agents; write the outputs; return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    logs = [AgentLog(i + 1, SCENES[(i + seed) % len(SCENES)]) for i in range(agents)]
+    events_path = out_dir / "events.jsonl"
+    scale = orch.config.time_scale or 1.0
+    budget = orch.config.budget_bytes
+    device = orch.device
+    print(
+        f"vram-orchestrator demo: {agents} agents on {device.name} ({device.source} device), "
+        f"budget {format_gib(budget)}; time runs {1 / scale:g}x faster than real",
+        file=stream,
+    )
+    with events_path.open("w") as ev_file:
+
+        def record(e: Event) -> None:
+            ev_file.write(json.dumps(e.to_dict()) + "\n")
+
+        orch.add_listener(record)
+        orch.add_listener(Progress(orch, stream, scale))
+        if on_event is not None:
+            orch.add_listener(on_event)
+        if isinstance(device, SimulatedDevice):
+            device.reset_peaks()
+        t0 = time.monotonic()
+        async with orch:
+            async with anyio.create_task_group() as tg:
+                for log in logs:
+                    await anyio.sleep(rng.uniform(0, 0.5) * scale)
+                    tg.start_soon(creative_agent, orch, log)
+            stats = orch.statistics()
+        wall_s = time.monotonic() - t0
+
+    peak = device.peak_owned_bytes if isinstance(device, SimulatedDevice) else stats.peak_committed_bytes
+    worked = sum(log.worked_s for log in logs)
+    summary = {
+        "agents": agents,
+        "device": device.source,
+        "budget_bytes": budget,
+        "peak_vram_bytes": peak,
+        "peak_committed_bytes": stats.peak_committed_bytes,
+        "switches": stats.switches,
+        "failed_switches": stats.failed_switches,
+        "cold_loads": stats.loads,
+        "restores_from_host": stats.restores,
+        "evictions": stats.evictions,
+        "leases": stats.grants,
+        "wall_s": wall_s,
+        "real_speed_s": wall_s / scale,
+        "switching_real_speed_s": stats.switching_s / scale,
+        "working_real_speed_s": worked / scale,
+        "wait_p50_real_speed_s": stats.waits.p50_s / scale,
+        "wait_max_real_speed_s": stats.waits.max_s / scale,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with (out_dir / "transcripts.txt").open("w") as f:
+        for log in logs:
+            f.write(f"agent {log.agent}: {log.scene}\n")
+            for line in log.lines:
+                f.write(f"  {line}\n")
+    print(_format_summary(summary, out_dir), file=stream)
+    return summary
+
+
+def _format_summary(s: dict[str, Any], out_dir: Path) -> str:
+    ok = "within" if s["peak_vram_bytes"] <= s["budget_bytes"] else "OVER"
+    lines = [
+        "",
+        "summary (times at real speed)",
+        f"  switches            {s['switches']} ({s['cold_loads']} cold loads, {s['restores_from_host']} "
+        f"restores from host RAM, {s['evictions']} evictions, {s['failed_switches']} failed)",
+        f"  leases              {s['leases']}",
+        f"  total time          {s['real_speed_s']:.1f} s",
+        f"  switching           {s['switching_real_speed_s']:.1f} s",
+        f"  working (all agents) {s['working_real_speed_s']:.1f} s",
+        f"  wait p50 / max      {s['wait_p50_real_speed_s']:.1f} s / {s['wait_max_real_speed_s']:.1f} s",
+        f"  peak VRAM           {format_gib(s['peak_vram_bytes'])} of the {format_gib(s['budget_bytes'])} "
+        f"budget ({ok})",
+        f"outputs: {out_dir}/ (events.jsonl, summary.json, transcripts.txt)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Event records: one per machine transition and per executor step, lease and fault.
+
+Listeners are sync callables (cheap: they run inline, under no lock, and must not block);
+``EventHub.subscribe()`` gives an async iterator for in-process subscribers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+logger = logging.getLogger("orchestrator.events")
+
+
+@dataclass(frozen=True)
+class Event:
+    time_s: float  # seconds since the orchestrator started
+    kind: str  # "transition", "evict", "load", "grant", "release", "fail", "timeout", "cancel"
+    model: str | None = None
+    trigger: str | None = None
+    from_state: str | None = None
+    to_state: str | None = None
+    bytes_before: int | None = None  # committed bytes in the ledger before
+    bytes_after: int | None = None
+    duration_s: float | None = None
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class EventHub:
+    def __init__(self, history: int = 10_000) -> None:
+        self.history: deque[Event] = deque(maxlen=history)
+        self._listeners: list[Callable[[Event], None]] = []
+        self._streams: list[MemoryObjectSendStream[Event]] = []
+        self.dropped = 0
+
+    def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def emit(self, event: Event) -> None:
+        self.history.append(event)
+        for fn in list(self._listeners):
+            try:
+                fn(event)
+            except Exception:
+                logger.exception("event listener %r failed; it stays subscribed", fn)
+        for s in list(self._streams):
+            try:
+                s.send_nowait(event)
+            except anyio.WouldBlock:
+                self.dropped += 1
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._streams.remove(s)
+
+    def subscribe(self, buffer: int = 1000) -> AsyncIterator[Event]:
+        """Subscribe now (not at the first ``__anext__``): no event after this call is missed
+        unless ``buffer`` events pile up unread (then they are counted in ``dropped``)."""
+        send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=buffer or math.inf)
+        self._streams.append(send)
+
+        async def iterate() -> AsyncIterator[Event]:
+            try:
+                async with receive:
+                    async for event in receive:
+                        yield event
+            finally:
+                if send in self._streams:
+                    self._streams.remove(send)
+                send.close()
+
+        return iterate()

@@ -1,0 +1,360 @@
+"""Property-test machinery for users' own configs (and this project's own tests).
+
+``OrchestratorMachine`` is a hypothesis ``RuleBasedStateMachine`` that drives a real
+``Orchestrator`` on the simulated device: random acquires (with random hold times,
+priorities and timeouts), cancellations, injected faults (loads that raise or hang, unloads
+that fail, slow releases, foreign processes taking memory) and the passage of time. After
+every step, and on every event the orchestrator emits, it checks the invariants:
+
+- committed bytes (resident + loading) never exceed the budget;
+- the simulated device's peak of our own memory never exceeds the budget;
+- outside a switch, the state matches what is resident;
+- no lease or waiter is lost: leases plus queued waiters equal the clients holding or waiting;
+- at the end, every client has finished (none starved or hung), nothing is left on the device
+  and the machine is IDLE.
+
+Use it on a config::
+
+    from orchestrator.testing import machine_for
+    TestMyConfig = machine_for(load_config("my.yaml")).TestCase
+
+Requires hypothesis (the ``dev`` extra); importing ``orchestrator`` alone does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import anyio
+import anyio.from_thread
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from orchestrator.config import Config, SimSpec
+from orchestrator.core import Orchestrator
+from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
+from orchestrator.errors import (
+    AcquireTimeout,
+    BackendError,
+    InsufficientVRAM,
+    LeaseDeadlock,
+    NotRunning,
+)
+from orchestrator.events import Event
+from states.machine import State, active_state
+from states.units import format_gib
+
+#: Errors a client may legitimately get back (everything else fails the test).
+EXPECTED_ERRORS = (AcquireTimeout, BackendError, LeaseDeadlock, NotRunning, InsufficientVRAM)
+
+
+def scaled(config: Config, time_scale: float, *, footprint_factor: float = 1.0) -> Config:
+    """The same config on a faster clock (every latency and timeout times ``time_scale``),
+    with each model's true footprint ``footprint_factor`` times its estimate."""
+    factor = time_scale / config.time_scale if config.time_scale else time_scale
+    models = {}
+    for name, spec in config.models.items():
+        sim = spec.sim or SimSpec(0, 0, 0, 0, spec.vram_bytes)
+        true = int(spec.vram_bytes * footprint_factor) if footprint_factor != 1.0 else sim.true_vram_bytes
+        models[name] = dataclasses.replace(spec, sim=dataclasses.replace(sim, true_vram_bytes=true))
+    return dataclasses.replace(
+        config,
+        device="simulated",
+        models=models,
+        time_scale=time_scale,
+        fairness_s=config.fairness_s * factor,
+        max_wait_s=config.max_wait_s * factor,
+        load_timeout_s=config.load_timeout_s * factor,
+        unload_timeout_s=config.unload_timeout_s * factor,
+        retry_backoff_s=config.retry_backoff_s * factor,
+    )
+
+
+class InvariantViolation(AssertionError):
+    pass
+
+
+@dataclasses.dataclass
+class _Client:
+    id: int
+    model: str
+    phase: str = "starting"  # starting -> waiting -> holding -> done
+    outcome: str = ""
+    scope: anyio.CancelScope | None = None
+    future: Future[None] | None = None
+
+
+class OrchestratorMachine(RuleBasedStateMachine):
+    """Extend it (add rules) or parametrize it with ``machine_for(config)``."""
+
+    config: Config  # set by machine_for()
+    time_scale = 0.0005  # the design's 20 s LLM start takes 10 ms
+    footprint_factor = 1.0
+    client_limit = 24
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clients: dict[int, _Client] = {}
+        self.next_id = 0
+        self.violations: list[str] = []
+        self.foreign_pids: list[int] = []
+
+    # -- setup and teardown ----------------------------------------------------------------
+
+    @initialize()
+    def start(self) -> None:
+        self.cfg = scaled(self.config, self.time_scale, footprint_factor=self.footprint_factor)
+        self.device = SimulatedDevice(self.cfg.total_bytes)
+        self.orch = Orchestrator(self.cfg, device=self.device)
+        self.orch.add_listener(self._on_event)
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        self._orch_cm = self.portal.wrap_async_context_manager(self.orch)
+        self._orch_cm.__enter__()
+
+    def teardown(self) -> None:
+        if not hasattr(self, "portal"):
+            return
+        try:
+            # Let every client finish: leases are bounded, so all must end.
+            # Foreign processes exit first: a request they block would otherwise wait forever.
+            # Faults stop: the shutdown's own unload failures are tested elsewhere.
+            self.portal.call(self._release_foreign)
+            self.portal.call(self._clear_faults)
+            bound_s = self._quiesce_bound_s()
+            deadline_ok = self.portal.call(self._wait_clients, bound_s)
+            stuck = [c for c in self.clients.values() if c.phase != "done"]
+            snapshot = (
+                f"state {self.orch.state.name}, {self.orch.ledger().describe()}, "
+                f"queue {self.orch.waiting()}, leases {dict(self.orch.leases())}"
+            )
+            self._orch_cm.__exit__(None, None, None)
+            if not deadline_ok:
+                raise InvariantViolation(
+                    f"{len(stuck)} clients never finished within {bound_s:.2f} s (starved or hung): "
+                    + ", ".join(f"#{c.id} {c.model} {c.phase}" for c in stuck[:5])
+                    + f"; {snapshot}"
+                )
+            left = {o: n for o, n in self.device.holders().items() if not o.startswith("foreign:")}
+            if left:
+                raise InvariantViolation(f"memory left on the device after shutdown: {left}")
+            if self.orch.state is not State.IDLE:
+                raise InvariantViolation(f"state after shutdown is {self.orch.state.name}, not IDLE")
+            if self.violations:
+                raise InvariantViolation(self.violations[0])
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def _quiesce_bound_s(self) -> float:
+        sims = [s.sim for s in self.cfg.models.values() if s.sim is not None]
+        switch_s = max((s.load_s + s.unload_s for s in sims), default=0.0) * self.cfg.time_scale
+        per_client = self.cfg.max_wait_s + 4 * (
+            switch_s + self.cfg.load_timeout_s + self.cfg.unload_timeout_s
+        )
+        return 2.0 + per_client * max(1, len(self.clients)) / 4
+
+    async def _wait_clients(self, bound_s: float) -> bool:
+        with anyio.move_on_after(bound_s):
+            while any(c.phase != "done" for c in self.clients.values()):  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+            return True
+        return False
+
+    async def _clear_faults(self) -> None:
+        for b in self.orch.backends.values():
+            faults = getattr(b, "faults", None)
+            if faults is not None:
+                faults.fail_loads = faults.hang_loads = faults.fail_unloads = 0
+
+    async def _release_foreign(self) -> None:
+        for pid in self.foreign_pids:
+            self.device.release_foreign(pid)
+        self.foreign_pids.clear()
+
+    # -- the checks ------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        self._check_budget(f"at event {event.kind} {event.trigger or ''} {event.model or ''}")
+
+    def _check_budget(self, where: str) -> None:
+        ledger = self.orch.ledger()
+        budget = self.cfg.budget_bytes
+        if ledger.committed_bytes > budget:
+            self.violations.append(
+                f"{where}: committed {format_gib(ledger.committed_bytes)} > budget {format_gib(budget)}"
+            )
+        peak = self.device.peak_owned_bytes
+        if peak > budget:
+            self.violations.append(f"{where}: device peak {format_gib(peak)} > budget {format_gib(budget)}")
+
+    def _accounting(self) -> tuple[int, int]:
+        live = sum(1 for c in self.clients.values() if c.phase in ("waiting", "holding"))
+        accounted = sum(self.orch.leases().values()) + len(self.orch.waiting())
+        return live, accounted
+
+    async def _check_all(self) -> None:
+        self._check_budget("after a step")
+        if self.orch.state is not State.SWITCHING and self.orch.state is not active_state(self.orch.ledger()):
+            self.violations.append(
+                f"state {self.orch.state.name} does not match the ledger ({self.orch.ledger().describe()})"
+            )
+        # A waiter that was just failed (or granted) is out of the queue before its task runs
+        # again; a lost lease or waiter stays lost. So let the tasks run a little, then compare.
+        for _ in range(50):
+            live, accounted = self._accounting()
+            if live == accounted:
+                return
+            await anyio.sleep(0.001)
+        self.violations.append(
+            f"{live} clients wait or hold, but the orchestrator accounts for {accounted} "
+            f"(leases {dict(self.orch.leases())}, queue {len(self.orch.waiting())})"
+        )
+
+    @invariant()
+    def invariants_hold(self) -> None:
+        # Violations are collected here and at every event, and raised at teardown: raising
+        # from the step where a background task happened to notice would make the number of
+        # steps vary between replays of one sequence, which hypothesis cannot shrink.
+        if hasattr(self, "portal"):
+            self.portal.call(self._check_sync)
+
+    async def _check_sync(self) -> None:
+        await self._check_all()
+
+    # -- clients ---------------------------------------------------------------------------
+
+    async def _client(self, c: _Client, hold_s: float, timeout_s: float | None, priority: int) -> None:
+        with anyio.CancelScope() as scope:
+            c.scope = scope
+            try:
+                c.phase = "waiting"  # acquire() queues before its first await: no gap
+                async with self.orch.acquire(c.model, timeout=timeout_s, priority=priority) as lease:
+                    c.phase = "holding"
+                    if lease.handle is None:
+                        self.violations.append(f"client #{c.id} got a lease on {c.model} without a handle")
+                    if not self.orch.ledger().on_gpu(lease.model):
+                        self.violations.append(f"client #{c.id} holds {lease.model} but it is not on the GPU")
+                    await anyio.sleep(hold_s)
+                c.outcome = "served"
+            except EXPECTED_ERRORS as exc:
+                c.outcome = type(exc).__name__
+            except Exception as exc:
+                c.outcome = f"unexpected {type(exc).__name__}: {exc}"
+                self.violations.append(f"client #{c.id} ({c.model}) got an unexpected error: {exc!r}")
+            finally:
+                c.phase = "done"
+        if scope.cancelled_caught:
+            c.outcome = "cancelled"
+
+    def _start_client(self, model: str, hold: float, timeout: float | None, priority: int) -> None:
+        c = _Client(self.next_id, model)
+        self.next_id += 1
+        self.clients[c.id] = c
+        unit = self.cfg.time_scale
+        c.future = self.portal.start_task_soon(
+            self._client, c, hold * unit, None if timeout is None else timeout * unit, priority
+        )
+
+    # -- rules -----------------------------------------------------------------------------
+
+    def _models(self) -> list[str]:
+        return sorted(self.config.models)
+
+    @rule(data=st.data())
+    @precondition(lambda self: len(self.clients) < self.client_limit)
+    def acquire(self, data: st.DataObject) -> None:
+        """A client asks for a model (or a kind) and holds it for a while (simulated seconds)."""
+        names = self._models() + sorted(self.config.defaults)
+        model = data.draw(st.sampled_from(names), label="model")
+        hold = data.draw(st.floats(0, 30), label="hold_s")
+        timeout = data.draw(st.none() | st.floats(1, 200), label="timeout_s")
+        priority = data.draw(st.integers(0, 2), label="priority")
+        self._start_client(model, hold, timeout, priority)
+
+    # Draws and preconditions depend only on earlier draws, never on timing (hypothesis
+    # replays a sequence and needs the same choices): a cancel picks any client by number
+    # and does nothing if that client has already finished.
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.clients))
+    def cancel(self, data: st.DataObject) -> None:
+        """Cancel a client that is waiting or holding."""
+        c = self.clients[data.draw(st.integers(0, len(self.clients) - 1), label="client")]
+        self.portal.call(self._cancel, c)
+
+    async def _cancel(self, c: _Client) -> None:
+        if c.scope is not None and c.phase != "done":
+            c.scope.cancel()
+
+    @rule(seconds=st.floats(0, 40))
+    def advance(self, seconds: float) -> None:
+        """Let simulated time pass."""
+        self.portal.call(anyio.sleep, seconds * self.cfg.time_scale)
+
+    @rule(data=st.data())
+    def inject_fault(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self._models()), label="model")
+        backend: Any = self.orch.backends[name]
+        fault = data.draw(
+            st.sampled_from(["fail_load", "hang_load", "fail_unload", "slow_release"]), label="fault"
+        )
+        apply: Callable[[], None]
+        if fault == "fail_load":
+
+            def apply() -> None:
+                backend.faults.fail_loads += 1
+        elif fault == "hang_load":
+
+            def apply() -> None:
+                backend.faults.hang_loads += 1
+        elif fault == "fail_unload":
+
+            def apply() -> None:
+                backend.faults.fail_unloads += 1
+        else:
+            slow = data.draw(st.floats(0, 2 * self.config.unload_timeout_s), label="slow_release_s")
+
+            def apply() -> None:
+                backend.faults.slow_release_s = slow
+
+        self.portal.call(self._run_sync, apply)
+
+    async def _run_sync(self, fn: Callable[[], None]) -> None:
+        fn()
+
+    @rule(gib=st.floats(0.5, 6))
+    @precondition(lambda self: len(self.foreign_pids) < 2)
+    def foreign_process_takes_memory(self, gib: float) -> None:
+        pid = 10_000 + self.next_id + 100 * len(self.foreign_pids)
+        self.foreign_pids.append(pid)  # even if it fails: the pid's release is then a no-op
+
+        def take() -> None:
+            try:
+                self.device.take_foreign(pid, int(gib * 2**30))
+            except SimulatedOOM:
+                pass  # there was no room: the other process failed, not us
+
+        self.portal.call(self._run_sync, take)
+
+    @rule()
+    @precondition(lambda self: bool(self.foreign_pids))
+    def foreign_process_exits(self) -> None:
+        pid = self.foreign_pids.pop(0)
+
+        def release() -> None:
+            self.device.release_foreign(pid)
+
+        self.portal.call(self._run_sync, release)
+
+
+def machine_for(
+    config: Config, *, time_scale: float | None = None, footprint_factor: float = 1.0
+) -> type[OrchestratorMachine]:
+    """A state machine class bound to ``config`` (use its ``.TestCase`` in a test module)."""
+    attrs: dict[str, Any] = {"config": config, "footprint_factor": footprint_factor}
+    if time_scale is not None and not math.isnan(time_scale):
+        attrs["time_scale"] = time_scale
+    return type("OrchestratorMachineFor", (OrchestratorMachine,), attrs)

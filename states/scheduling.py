@@ -1,0 +1,130 @@
+"""Whom to serve next: pure scheduling decisions over a snapshot of the queue.
+
+The orchestrator builds a ``SchedulerView`` (its clock reading is an input, so this module
+stays free of IO) and asks two questions:
+
+- ``choose_target(view)``: which model that is not on the GPU should be switched in next;
+- ``admission(view, target, evictees)``: which waiters may be granted leases on models that
+  are already resident, and which resident models must stop taking new leases ("drain") so
+  that the switch to ``target`` can begin.
+
+Three modes, so that the benchmark can compare them on the same orchestrator:
+
+``fair`` (the default)
+    Waiters for resident models are served at once, so a busy model is not evicted for every
+    passing request (switches are expensive). A model that must be evicted keeps taking new
+    leases until the target's oldest waiter has waited ``fairness_s``; then it drains. A waiter's
+    age counts from when its model last lost the GPU, not from its arrival: two models with
+    old waiters would otherwise take the GPU from each other forever (FIELD-NOTES section 3).
+    Targets are ordered by: overdue (waited ``max_wait_s`` since arrival) first, then priority
+    (higher first), then age. A target with a higher priority than every waiter of the models
+    it evicts drains them at once. While the first target waits for leases to drain, a model
+    further down the ranking that fits without evicting anything is loaded meanwhile (the
+    orchestrator does this: it needs the plans).
+``fcfs``
+    Strict arrival order, as the design document's ``with manager.use_x()`` calls behave: a
+    waiter is granted only when no earlier waiter wants a model that is not resident, and
+    after a switch only the waiters up to the next one for another model are served.
+``resident_first``
+    Always serve the resident models; switch only when their leases end on their own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Mode(enum.Enum):
+    FAIR = "fair"
+    FCFS = "fcfs"
+    RESIDENT_FIRST = "resident_first"
+
+
+@dataclass(frozen=True)
+class WaiterView:
+    seq: int  # arrival order, unique
+    model: str
+    priority: int
+    arrived_s: float
+
+
+@dataclass(frozen=True)
+class SchedulerView:
+    now_s: float
+    waiters: tuple[WaiterView, ...]
+    on_gpu: frozenset[str]
+    leases: Mapping[str, int] = field(default_factory=dict)
+    lost_gpu_s: Mapping[str, float] = field(default_factory=dict)
+    blocked: frozenset[str] = frozenset()  # not to be switched to now (back-off after a failure)
+    mode: Mode = Mode.FAIR
+    fairness_s: float = 5.0
+    max_wait_s: float = 300.0
+
+    def since_s(self, w: WaiterView) -> float:
+        """When ``w`` started waiting, for fairness: its arrival or when its model lost the GPU."""
+        return max(w.arrived_s, self.lost_gpu_s.get(w.model, w.arrived_s))
+
+    def overdue(self, w: WaiterView) -> bool:
+        return self.now_s - w.arrived_s >= self.max_wait_s
+
+
+@dataclass(frozen=True)
+class Admission:
+    grant: frozenset[int]  # waiter seqs to grant now
+    drain: frozenset[str]  # resident models that take no new leases
+
+
+def rank_targets(view: SchedulerView) -> list[str]:
+    """Models that are not on the GPU and have waiters, best first (see the module docstring)."""
+    candidates = [w for w in view.waiters if w.model not in view.on_gpu and w.model not in view.blocked]
+    first_seq: dict[str, int] = {}
+    for w in candidates:
+        first_seq[w.model] = min(w.seq, first_seq.get(w.model, w.seq))
+    if view.mode is not Mode.FAIR:
+        return sorted(first_seq, key=lambda m: first_seq[m])
+
+    best: dict[str, tuple[bool, int, float]] = {}
+    for w in candidates:
+        key = (view.overdue(w), w.priority, view.now_s - view.since_s(w))
+        old = best.get(w.model)
+        best[w.model] = key if old is None else max(old, key)
+    # Ties (equal keys) go to the model whose first waiter arrived first.
+    return sorted(best, key=lambda m: (*best[m], -first_seq[m]), reverse=True)
+
+
+def choose_target(view: SchedulerView) -> str | None:
+    """The model to switch in next, or None when no waiter needs a switch."""
+    ranked = rank_targets(view)
+    return ranked[0] if ranked else None
+
+
+def admission(view: SchedulerView, target: str | None, evictees: frozenset[str]) -> Admission:
+    """Grant leases on resident models, and say which must drain for ``target``.
+
+    ``evictees`` are the resident models the target's plan evicts from the GPU.
+    """
+    resident_waiters = [w for w in view.waiters if w.model in view.on_gpu]
+    if target is None:
+        return Admission(frozenset(w.seq for w in resident_waiters), frozenset())
+
+    if view.mode is Mode.FCFS:
+        head = min(w.seq for w in view.waiters if w.model == target)
+        # Waiters that arrived before the head are served first, even on a model that is
+        # about to be evicted (the switch then waits for their leases).
+        grant = frozenset(w.seq for w in resident_waiters if w.seq < head)
+        return Admission(grant, evictees)
+
+    if view.mode is Mode.RESIDENT_FIRST:
+        return Admission(frozenset(w.seq for w in resident_waiters), frozenset())
+
+    target_waiters = [w for w in view.waiters if w.model == target]
+    waited_s = view.now_s - min(view.since_s(w) for w in target_waiters)
+    top = max(w.priority for w in target_waiters)
+    evictee_prios = [w.priority for w in resident_waiters if w.model in evictees]
+    outranks = bool(evictee_prios) and top > max(evictee_prios)
+    due = waited_s >= view.fairness_s or any(view.overdue(w) for w in target_waiters) or outranks
+    drain = evictees if due else frozenset()
+    grant = frozenset(w.seq for w in resident_waiters if w.model not in drain)
+    return Admission(grant, drain)

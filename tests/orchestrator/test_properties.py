@@ -1,0 +1,35 @@
+"""The hypothesis stateful test: random acquires, releases, cancellations, timeouts and
+faults against the real Orchestrator on the simulated device.
+
+The invariants (``orchestrator.testing``): committed bytes <= budget after every step and at
+every event; the simulated device's peak <= budget; the state matches what is resident
+outside a switch; no lease or waiter is lost; every client finishes; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from hypothesis import HealthCheck, settings
+
+from orchestrator.config import load_config
+from orchestrator.testing import machine_for
+from states.units import gib_to_bytes
+
+CONFIG = load_config(None)  # the design document's models on a 16 GiB card
+
+SETTINGS = settings(
+    max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "40")),
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+TestDesignConfig = machine_for(CONFIG).TestCase
+TestDesignConfig.settings = SETTINGS
+
+# A tight budget with a small host tier: more evictions, more HOST -> DISK drops.
+TIGHT = dataclasses.replace(CONFIG, budget_bytes=gib_to_bytes(14.6), host_budget_bytes=gib_to_bytes(8))
+TestTightBudget = machine_for(TIGHT).TestCase
+TestTightBudget.settings = SETTINGS
