@@ -170,7 +170,9 @@ class _Parser:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)):
                 raise ValueError
         except (ValueError, OverflowError):
-            raise self.err(key, f"expected a finite number, got {v!r}", "write a plain number such as 11.5") from None
+            raise self.err(
+                key, f"expected a finite number, got {v!r}", "write a number such as 11.5"
+            ) from None
         if v < minimum or (strict and v == minimum):
             rel = "greater than" if strict else "at least"
             raise self.err(key, f"must be {rel} {minimum:g}, got {v!r}", "use a positive size in GiB")

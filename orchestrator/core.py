@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from orchestrator.backends.base import Backend
@@ -375,14 +376,21 @@ class Orchestrator:
             )
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._seq += 1
         task = anyio.get_current_task()
         w = _Waiter(self._seq, spec.name, priority, self.now_s(), task.id)
         self._waiters.append(w)
-        self._wake.set()
+        if self._uncontended(spec.name):
+            # What the scheduler would decide anyway, without the round trip through it: the
+            # model is on the GPU, nothing drains it and nobody else waits for anything.
+            self._grant(w)
+        else:
+            self._wake.set()
         try:
-            with anyio.fail_after(timeout):
-                await w.event.wait()
+            if not w.granted:
+                with anyio.fail_after(timeout):
+                    await w.event.wait()
         except BaseException as exc:
             position, queued = self._position(w), len(self._waiters)
             self._forget(w)
@@ -408,6 +416,14 @@ class Orchestrator:
         finally:
             self._release(spec.name, w.task_id)
 
+    def _uncontended(self, model: str) -> bool:
+        return (
+            len(self._waiters) == 1
+            and self._machine.state is not State.SWITCHING
+            and model not in self._draining
+            and self._ledger.on_gpu(model)
+        )
+
     def _position(self, w: _Waiter) -> int:
         same = [x for x in self._waiters if x.model == w.model]
         return same.index(w) + 1 if w in same else 0
@@ -426,7 +442,8 @@ class Orchestrator:
         self._ledger = self._ledger.touch(model)
         self._releases += 1
         self._emit("release", model=model)
-        self._wake.set()
+        if self._waiters:  # with nobody waiting, a release changes no decision
+            self._wake.set()
 
     def _grant(self, w: _Waiter) -> None:
         w.granted = True
