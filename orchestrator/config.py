@@ -22,7 +22,8 @@ from states.scheduling import Mode
 from states.units import format_gib, gib_to_bytes
 
 KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
-DEVICES = ("auto", "nvml", "simulated")
+DEVICES = ("auto", "nvml", "torch", "simulated")
+FOREIGN_POLICIES = ("wait", "fail")
 BACKENDS = ("simulated",)
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
@@ -47,7 +48,8 @@ class SimSpec:
     unload_s: float
     offload_s: float
     restore_s: float
-    true_vram_bytes: int  # what it really takes on the simulated device
+    true_vram_bytes: int  # what it really takes on the simulated device once loaded
+    use_peak_bytes: int = 0  # extra it takes for a moment while used (SDXL's VAE decode)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ModelSpec:
     offload: bool = False  # keep a host copy on eviction when the host tier has room
     host_bytes: int = 0
     sim: SimSpec | None = None
+    aliases: tuple[str, ...] = ()  # other names acquire() and the monitor accept
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,25 @@ class Config:
     retry_backoff_s: float = 2.0
     host_budget_bytes: int = 0
     time_scale: float = 1.0
+    events_path: str | None = None  # JSON lines of every event, appended
+    foreign_memory: str = "wait"  # when other processes leave too little room: wait, or fail
+    # learned footprints (orchestrator/footprints.py)
+    learn_footprints: bool = True
+    footprints_path: str | None = None  # None: in memory only
+    footprint_margin: float = 0.05  # plan with the learned high-water mark plus this fraction
+    sample_hz: float = 20.0  # the peak sampler's rate (0: off)
 
     def resolve(self, name_or_kind: str) -> ModelSpec | None:
-        """A model by name, or the default model of a kind."""
+        """A model by name or alias, or the default model of a kind."""
         if name_or_kind in self.models:
             return self.models[name_or_kind]
         default = self.defaults.get(name_or_kind)
-        return self.models[default] if default is not None else None
+        if default is not None:
+            return self.models[default]
+        for spec in self.models.values():
+            if name_or_kind in spec.aliases:
+                return spec
+        return None
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -133,7 +148,7 @@ def _typename(v: object) -> str:
 
 
 class _Parser:
-    TOP = ("hardware", "switching", "models", "defaults", "simulation")
+    TOP = ("hardware", "switching", "models", "defaults", "simulation", "observability", "monitor")
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -210,10 +225,36 @@ class _Parser:
                 "unload_timeout_s",
                 "retry_backoff_s",
                 "host_ram_budget_gb",
+                "foreign_memory",
             ),
             False,
         )
         sim = self.section(raw, "simulation", ("time_scale",), False)
+        mon = self.section(
+            raw, "monitor", ("learn_footprints", "footprints_path", "footprint_margin", "sample_hz"), False
+        )
+        learn = mon.get("learn_footprints", True)
+        if not isinstance(learn, bool):
+            raise self.err(
+                "monitor.learn_footprints",
+                f"expected true or false, got {learn!r}",
+                "true plans with what models really took",
+            )
+        footprints_path = mon.get("footprints_path", "default")
+        if footprints_path is not None and (not isinstance(footprints_path, str) or not footprints_path):
+            raise self.err(
+                "monitor.footprints_path",
+                f"expected a file path or null, got {footprints_path!r}",
+                "null keeps learned footprints in memory only",
+            )
+        obs = self.section(raw, "observability", ("events_path",), False)
+        events_path = obs.get("events_path")
+        if events_path is not None and (not isinstance(events_path, str) or not events_path):
+            raise self.err(
+                "observability.events_path",
+                f"expected a file path, got {events_path!r}",
+                "write a path such as ~/.cache/vram-orchestrator/events.jsonl, or remove the key",
+            )
         models_raw = raw.get("models")
         if not isinstance(models_raw, Mapping) or not models_raw:
             raise self.err(
@@ -261,7 +302,7 @@ class _Parser:
         for name, m in models_raw.items():
             models[str(name)] = self.model(str(name), m, budget, heavy | light, time_scale)
 
-        defaults_raw = raw.get("defaults") or {}
+        defaults_raw = {} if raw.get("defaults") is None else raw["defaults"]
         if not isinstance(defaults_raw, Mapping):
             raise self.err(
                 "defaults",
@@ -325,10 +366,22 @@ class _Parser:
                 self.number(sw.get("host_ram_budget_gb", 0), "switching.host_ram_budget_gb")
             ),
             time_scale=time_scale,
+            events_path=events_path,
+            foreign_memory=self.choice(
+                sw.get("foreign_memory", "wait"), "switching.foreign_memory", FOREIGN_POLICIES
+            ),
+            learn_footprints=learn,
+            # "default": the user's cache directory on a real device; in memory on the
+            # simulated one (simulated figures must not mix with real ones).
+            footprints_path=(None if device == "simulated" else "default")
+            if footprints_path == "default"
+            else footprints_path,
+            footprint_margin=self.number(mon.get("footprint_margin", 0.05), "monitor.footprint_margin"),
+            sample_hz=self.number(mon.get("sample_hz", 20.0), "monitor.sample_hz"),
         )
 
-    MODEL_KEYS = ("kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation")
-    SIM_KEYS = ("load_s", "unload_s", "offload_s", "restore_s", "true_vram_gb")
+    MODEL_KEYS = ("kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases")
+    SIM_KEYS = ("load_s", "unload_s", "offload_s", "restore_s", "true_vram_gb", "use_peak_gb")
 
     def model(self, name: str, m: Any, budget: int, kinds: frozenset[str], time_scale: float) -> ModelSpec:
         key = f"models.{name}"
@@ -373,7 +426,7 @@ class _Parser:
                 "true keeps a host-RAM copy on eviction",
             )
         host = gib_to_bytes(self.number(m["host_gb"], f"{key}.host_gb")) if "host_gb" in m else vram
-        s = m.get("simulation") or {}
+        s = {} if m.get("simulation") is None else m["simulation"]
         if not isinstance(s, Mapping):
             raise self.err(
                 f"{key}.simulation", f"expected a mapping, got {_typename(s)}", "e.g. {load_s: 20}"
@@ -387,7 +440,15 @@ class _Parser:
             )
             if "true_vram_gb" in s
             else vram,
+            use_peak_bytes=gib_to_bytes(
+                self.number(s.get("use_peak_gb", 0), f"{key}.simulation.use_peak_gb")
+            ),
         )
+        aliases = m.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise self.err(
+                f"{key}.aliases", f"expected a list of names, got {aliases!r}", "e.g. [sdxl-controlnet]"
+            )
         return ModelSpec(
             name=name,
             kind=kind,
@@ -398,4 +459,5 @@ class _Parser:
             offload=offload,
             host_bytes=host,
             sim=sim,
+            aliases=tuple(aliases),
         )

@@ -16,6 +16,7 @@ One place decides, one place does, one ledger is the truth:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -176,6 +177,7 @@ class Orchestrator:
         self._tg: TaskGroup | None = None
         self._running = False
         self._closing = False
+        self._on_close: list[Callable[[], None]] = []
 
         self._switches = self._failed_switches = self._loads = self._restores = 0
         self._evictions = self._grants = self._releases = self._timeouts = self._cancellations = 0
@@ -289,6 +291,8 @@ class Orchestrator:
         if self._running:
             raise RuntimeError("this orchestrator is already running")
         self._closing = False
+        if self.config.events_path:
+            self._open_event_log(self.config.events_path)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -298,6 +302,31 @@ class Orchestrator:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def _open_event_log(self, name: str) -> None:
+        """Append every event to ``name`` as a JSON line, until the orchestrator stops."""
+        path = Path(name).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = path.open("a", buffering=1)
+        except OSError as exc:
+            raise ConfigError(
+                self.config.source,
+                "observability.events_path",
+                f"cannot write {path} ({exc.strerror})",
+                "choose a writable path",
+            ) from None
+
+        def write(e: Event) -> None:
+            f.write(json.dumps(e.to_dict()) + "\n")
+
+        remove = self.hub.add_listener(write)
+
+        def close() -> None:
+            remove()
+            f.close()
+
+        self._on_close.append(close)
 
     async def aclose(self) -> None:
         """Stop scheduling, fail the waiters, unload everything. Safe to call twice."""
@@ -312,8 +341,13 @@ class Orchestrator:
             await tg.__aexit__(None, None, None)
         finally:
             self._running = False
-            with anyio.CancelScope(shield=True):
-                await self._unload_everything()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._unload_everything()
+            finally:
+                for fn in self._on_close:
+                    fn()
+                self._on_close.clear()
 
     async def _unload_everything(self) -> None:
         # Leases held by tasks outside the `async with orch` block get a grace period.
@@ -453,7 +487,7 @@ class Orchestrator:
         holders[w.task_id] = holders.get(w.task_id, 0) + 1
         self._ledger = self._ledger.touch(w.model)
         self._grants += 1
-        self._emit("grant", model=w.model)
+        self._emit("grant", model=w.model, duration_s=self.now_s() - w.arrived_s)  # the wait
         w.event.set()
 
     def _fail_waiter(self, w: _Waiter, error: BaseException) -> None:
@@ -475,8 +509,10 @@ class Orchestrator:
 
     def _refresh_foreign(self) -> None:
         """Bytes on the device that the ledger does not account for shrink the room."""
-        ours = [r.model for r in self._ledger.gpu_residents]
-        accounted = sum(self.device.held_by(self.backends[m].owner, live_only=True) for m in ours)
+        accounted = 0
+        for r in self._ledger.gpu_residents:
+            held = self.backends[r.model].measured_bytes(live_only=True)
+            accounted += r.vram_bytes if held is None else held
         foreign = max(0, self.device.used_bytes() - accounted)
         if foreign != self._ledger.foreign_bytes:
             self._ledger = self._ledger.with_foreign(foreign)
@@ -724,7 +760,7 @@ class Orchestrator:
             return
         deadline = self.now_s() + self.config.unload_timeout_s
         while True:
-            held = {m: self.device.held_by(self.backends[m].owner) for m in models}
+            held = {m: self.backends[m].measured_bytes(live_only=False) or 0 for m in models}
             held = {m: n for m, n in held.items() if n}
             if not held:
                 return
@@ -756,7 +792,7 @@ class Orchestrator:
                         await backend.unload()
                     except Exception as again:
                         logger.error("cleanup of failed load of %s failed: %s", p.load, again)
-                still = self.device.held_by(backend.owner)
+                still = backend.measured_bytes(live_only=False)
                 if still:
                     # The memory stayed: it is no longer ours in the ledger, so it counts as
                     # foreign until the device shows it gone (see _refresh_foreign).

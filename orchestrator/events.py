@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
@@ -68,14 +69,20 @@ class EventHub:
         send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=buffer or math.inf)
         self._streams.append(send)
 
+        def unsubscribe() -> None:
+            if send in self._streams:
+                self._streams.remove(send)
+            send.close()
+            receive.close()
+
         async def iterate() -> AsyncIterator[Event]:
             try:
-                async with receive:
-                    async for event in receive:
-                        yield event
+                async for event in receive:
+                    yield event
             finally:
-                if send in self._streams:
-                    self._streams.remove(send)
-                send.close()
+                unsubscribe()
 
-        return iterate()
+        it = iterate()
+        # An iterator that is dropped without being read (or finished) unsubscribes too.
+        weakref.finalize(it, unsubscribe)
+        return it

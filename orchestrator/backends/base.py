@@ -26,7 +26,7 @@ from states.ledger import Tier
 class Backend(abc.ABC):
     """One model's loader. Subclasses implement the four actions."""
 
-    #: the device's owner tag for this model's memory (``Device.held_by(owner)``)
+    #: a name for this model's memory in logs and on the simulated device
     owner: str
 
     def __init__(self, name: str, kind: str, estimate_bytes: int) -> None:
@@ -55,8 +55,16 @@ class Backend(abc.ABC):
         """The live object a lease hands out; None unless loaded."""
         return self._handle if self._tier is Tier.GPU else None
 
-    def measured_bytes(self) -> int | None:
-        """What the model really holds on the device now, if the backend can tell."""
+    def measured_bytes(self, *, live_only: bool = True) -> int | None:
+        """What the model really holds on the device now; None if the backend cannot tell.
+
+        ``live_only=False`` adds memory on its way back (a server process that is exiting,
+        a release the driver has not finished): the release wait waits for that too.
+        """
+        return None
+
+    def peak_bytes(self) -> int | None:
+        """The most it held since loaded (loads and uses), if the backend can tell."""
         return None
 
     # -- async actions ---------------------------------------------------------------------

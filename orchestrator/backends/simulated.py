@@ -63,8 +63,8 @@ class SimulatedBackend(Backend):
     def supports_host_tier(self) -> bool:
         return self.spec.offload
 
-    def measured_bytes(self) -> int | None:
-        return self.device.held_by(self.owner)
+    def measured_bytes(self, *, live_only: bool = True) -> int | None:
+        return self.device.held_by(self.owner, live_only=live_only)
 
     async def _sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds * self.time_scale)

@@ -1,24 +1,47 @@
-"""The device protocol: read VRAM, attributed to owners. Sync and cheap (NVML: ~10 us)."""
+"""The device protocol: where VRAM figures come from. Sync and cheap (NVML: ~9 us a read).
+
+Three sources implement it: NVML (``nvml.py``: device-wide used/free/total and the per-process
+list), torch (``torchmem.py``: ``mem_get_info`` and this process's allocator), and the simulated
+device (``simulated.py``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ProcessUse:
+    pid: int
+    used_bytes: int | None  # None: the driver would not say (some containers)
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """One reading of the whole device."""
+
+    source: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    processes: tuple[ProcessUse, ...] | None  # None: this source cannot list processes
 
 
 class Device(Protocol):
     name: str
-    source: str  # where the numbers come from, e.g. "simulated", "nvml"
+    source: str  # where the numbers come from: "nvml", "torch" or "simulated"
     total_bytes: int
+
+    def read(self) -> DeviceReading:
+        """Used, free and (where the source can tell) who uses what."""
+        ...
 
     def used_bytes(self) -> int:
         """Bytes in use on the whole device, by anyone."""
         ...
 
-    def held_by(self, owner: str, *, live_only: bool = False) -> int:
-        """Bytes held on behalf of ``owner`` (a model name) now.
 
-        ``live_only`` leaves out memory that is on its way back (a process that is exiting,
-        a slow release): that memory belongs to nobody the ledger knows, and counts as
-        foreign until it is gone.
-        """
-        ...
+class DeviceUnavailable(RuntimeError):
+    """The requested source cannot be used on this machine (no driver, no CUDA, no package)."""

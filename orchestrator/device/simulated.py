@@ -8,9 +8,11 @@ worker threads).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
+from orchestrator.device.base import DeviceReading, ProcessUse
 from states.units import format_gib
 
 FOREIGN_PREFIX = "foreign:"
@@ -72,6 +74,22 @@ class SimulatedDevice:
         with self._lock:
             self._expire()
             return sum(self._held.values()) + sum(n for _, _, n in self._releasing)
+
+    def read(self) -> DeviceReading:
+        """Foreign owners appear as their pids; our models as this process, as NVML shows them."""
+        holders = self.holders()
+        procs: dict[int, int] = {}
+        for owner, n in holders.items():
+            pid = int(owner[len(FOREIGN_PREFIX) :]) if owner.startswith(FOREIGN_PREFIX) else os.getpid()
+            procs[pid] = procs.get(pid, 0) + n
+        used = sum(holders.values())
+        return DeviceReading(
+            source=self.source,
+            total_bytes=self.total_bytes,
+            used_bytes=used,
+            free_bytes=self.total_bytes - used,
+            processes=tuple(ProcessUse(pid, n) for pid, n in sorted(procs.items())),
+        )
 
     def free_bytes(self) -> int:
         return self.total_bytes - self.used_bytes()

@@ -9,6 +9,7 @@ import textwrap
 import threading
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from orchestrator import ModelManager, Orchestrator, State, UnknownModel
@@ -60,7 +61,7 @@ class LLMClient:
     async def chat(self, messages: list[dict[str, str]]) -> dict[str, object]:
         # The LLM must be resident while the client talks to it.
         assert self.manager.state is State.LLM_ACTIVE
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return {"choices": [{"message": {"content": f"re: {messages[-1]['content']}"}}]}
 
 
