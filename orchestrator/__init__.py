@@ -25,6 +25,8 @@ from orchestrator.errors import (
     VRAMNotReleased,
 )
 from orchestrator.events import Event
+from orchestrator.footprints import Footprint, FootprintStore
+from orchestrator.monitor import ModelEstimate, PeakSampler, VRAMMonitor, VRAMSnapshot
 from states import Ledger, State, Tier
 
 __version__ = "0.1.0"
@@ -36,23 +38,29 @@ __all__ = [
     "Config",
     "ConfigError",
     "Event",
+    "Footprint",
+    "FootprintStore",
     "IllegalTransition",
     "InsufficientVRAM",
     "Lease",
     "LeaseDeadlock",
     "Ledger",
     "LoadFailed",
+    "ModelEstimate",
     "ModelManager",
     "ModelSpec",
     "NotRunning",
     "Orchestrator",
     "OrchestratorError",
+    "PeakSampler",
     "State",
     "Statistics",
     "Tier",
     "UnknownModel",
     "UnloadFailed",
+    "VRAMMonitor",
     "VRAMNotReleased",
+    "VRAMSnapshot",
     "load_config",
     "parse_config",
 ]

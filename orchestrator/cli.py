@@ -16,7 +16,7 @@ from pathlib import Path
 
 from orchestrator.config import Config, load_config
 from orchestrator.errors import OrchestratorError
-from states.units import format_gib
+from states.units import format_gib, gib_to_bytes
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -114,6 +114,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["peak_vram_bytes"] <= summary["budget_bytes"] else EXIT_ERROR
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.core import Orchestrator
+    from orchestrator.status import format_status, status_report
+
+    # No daemon yet: build the orchestrator from the config without starting it (nothing is
+    # loaded) and report what it sees.
+    orch = Orchestrator(load_config(args.config))
+    report = status_report(orch)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_status(report))
+    return EXIT_OK
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from orchestrator.timeline import read_run, reconstruct, render_timeline
+
+    events_path = Path(args.events)
+    events, budget, time_scale = read_run(events_path)
+    if args.budget_gb is not None:
+        if args.budget_gb <= 0:
+            raise OrchestratorError(f"--budget-gb must be positive, got {args.budget_gb:g}")
+        budget = gib_to_bytes(args.budget_gb)
+    if args.time_scale is not None:
+        if args.time_scale <= 0:
+            raise OrchestratorError(f"--time-scale must be positive, got {args.time_scale:g}")
+        time_scale = args.time_scale
+    out = Path(args.output) if args.output else events_path.with_name("timeline.png")
+    render_timeline(events, out, budget_bytes=budget, time_scale=time_scale)
+    tl = reconstruct(events)
+    n = sum(1 for s in tl.switches if s.model is not None)
+    budget_txt = f"budget {format_gib(budget)}" if budget is not None else "no budget line (give --budget-gb)"
+    print(
+        f"wrote {out}: {len(events)} events, {n} switches, {len(tl.models)} models, "
+        f"peak {format_gib(tl.peak_bytes)} committed; {budget_txt}"
+    )
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         from hypothesis import HealthCheck, settings
@@ -196,6 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="validate a config and print its budget table")
     pl.add_argument("--config", help="YAML config (default: the embedded one)")
     pl.set_defaults(func=cmd_plan)
+
+    st = sub.add_parser("status", help="show the device, the budget, the state and every model's tier")
+    st.add_argument("--config", help="YAML config (default: the embedded one)")
+    st.add_argument("--json", action="store_true", help="print one JSON object (bytes as integers)")
+    st.set_defaults(func=cmd_status)
+
+    t = sub.add_parser("timeline", help="draw the VRAM timeline chart of an event log (PNG)")
+    t.add_argument("events", metavar="EVENTS.jsonl", help="the event log (the demo's events.jsonl)")
+    t.add_argument("-o", "--output", help="the PNG to write (default: timeline.png beside the events)")
+    t.add_argument(
+        "--budget-gb",
+        type=float,
+        help="draw the budget line at this many GiB (default: summary.json's beside the events, if any)",
+    )
+    t.add_argument(
+        "--time-scale",
+        type=float,
+        help="the run's simulated time scale, to draw real-speed seconds (default: summary.json's, or 1)",
+    )
+    t.set_defaults(func=cmd_timeline)
 
     c = sub.add_parser("check", help="property-test a config on the simulated device")
     c.add_argument("--config", help="YAML config (default: the embedded one)")

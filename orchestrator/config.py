@@ -24,7 +24,7 @@ from states.units import format_gib, gib_to_bytes
 KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
 DEVICES = ("auto", "nvml", "torch", "simulated")
 FOREIGN_POLICIES = ("wait", "fail")
-BACKENDS = ("simulated",)
+BACKENDS = ("simulated", "synthetic")
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ from anyio.abc import TaskGroup
 
 from orchestrator.backends.base import Backend
 from orchestrator.backends.simulated import SimulatedBackend
+from orchestrator.backends.synthetic import SyntheticBackend
 from orchestrator.config import Config, ModelSpec, load_config
-from orchestrator.device.base import Device
-from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
+from orchestrator.device import DeviceUnavailable, open_device
+from orchestrator.device.base import Device, DeviceOutOfMemory, DeviceReading
+from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.errors import (
     AcquireTimeout,
     BackendError,
@@ -50,6 +53,15 @@ from orchestrator.errors import (
     VRAMNotReleased,
 )
 from orchestrator.events import Event, EventHub
+from orchestrator.footprints import FootprintStore
+from orchestrator.monitor import (
+    ModelEstimate,
+    PeakSampler,
+    VRAMMonitor,
+    open_store,
+    planning_estimate,
+    wait_released,
+)
 from states.ledger import Ledger, Tier
 from states.machine import ModelMachine, State
 from states.plan import Deferred, Plan, PlanRequest, Policy, plan
@@ -61,6 +73,14 @@ logger = logging.getLogger("orchestrator")
 RELEASE_POLL_S = 0.002  # how often the release wait reads the device
 DEFERRED_POLL_S = 0.05  # how often a request blocked by foreign memory looks again
 WAIT_SAMPLES = 10_000  # the latest waits kept for the percentiles in statistics()
+
+
+class _NoRoom(Exception):
+    """The device lacks the room the ledger promised (foreign memory appeared)."""
+
+    def __init__(self, error: InsufficientVRAM) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(eq=False)
@@ -141,6 +161,7 @@ class Orchestrator:
         *,
         device: Device | None = None,
         backends: Mapping[str, Backend] | None = None,
+        footprints: FootprintStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -153,6 +174,9 @@ class Orchestrator:
                 self.backends[name] = self._make_backend(spec)
         self.policy = Policy(exclusive_kinds=config.exclusive_kinds)
         self.hub = EventHub()
+        self.footprints = footprints if footprints is not None else open_store(config)
+        self.monitor = VRAMMonitor(self.device, config, footprints=self.footprints)
+        self.sampler = PeakSampler(self.device, config.sample_hz)
 
         # Invariants (checked by tests/orchestrator/test_properties.py after every step):
         # - self._ledger.committed_bytes <= budget; a load begins only when plan.after fits;
@@ -172,6 +196,7 @@ class Orchestrator:
         self._last_error: dict[str, BaseException] = {}
         self._deferred: dict[str, Deferred] = {}
         self._reap_after: dict[str, float] = {}
+        self._rebalance_after = 0.0
         self._seq = 0
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -198,23 +223,36 @@ class Orchestrator:
 
     @staticmethod
     def _make_device(config: Config) -> Device:
-        if config.device == "simulated":
-            return SimulatedDevice(config.total_bytes, name=config.gpu_name)
-        raise ConfigError(
-            config.source,
-            "hardware.device",
-            f"device {config.device!r} is not available in this version",
-            "use `device: simulated`; real NVML readings come with the VRAM monitor",
-        )
+        try:
+            return open_device(
+                config.device, config.device_index, total_bytes=config.total_bytes, name=config.gpu_name
+            )
+        except DeviceUnavailable as exc:
+            raise ConfigError(
+                config.source,
+                "hardware.device",
+                f"{config.device!r} cannot be used here: {exc}",
+                "use `device: auto` (NVML, then torch, then the simulated device) or `device: simulated`",
+            ) from None
 
     def _make_backend(self, spec: ModelSpec) -> Backend:
+        if spec.backend == "synthetic":
+            if self.device.source == "simulated":
+                raise ConfigError(
+                    self.config.source,
+                    f"models.{spec.name}.backend",
+                    "a synthetic backend allocates real CUDA memory, but the device is simulated",
+                    "use backend: simulated, or hardware.device: auto on a machine with a GPU",
+                )
+            return SyntheticBackend(spec, self.config.device_index)
         if isinstance(self.device, SimulatedDevice):
             return SimulatedBackend(spec, self.device, self.config.time_scale)
-        raise ConfigError(  # pragma: no cover - only simulated devices exist so far
+        raise ConfigError(
             self.config.source,
             f"models.{spec.name}.backend",
-            "a simulated backend needs the simulated device",
-            "set hardware.device: simulated",
+            f"a simulated backend cannot run on the real device ({self.device.source}: {self.device.name})",
+            "set hardware.device: simulated to run the simulated models; the vLLM, diffusers and TTS "
+            "backends are not in this release yet",
         )
 
     # -- reading -----------------------------------------------------------------------------
@@ -268,14 +306,19 @@ class Orchestrator:
             peak_committed_bytes=self._peak_committed,
         )
 
+    @property
+    def running(self) -> bool:
+        """Inside ``async with orch`` (and not shutting down)."""
+        return self._running and not self._closing
+
     def leases(self) -> Mapping[str, int]:
-        """Active leases per model."""
-        return {m: n for m, n in self._leases.items() if n}
+        """Active leases per model (a copy: safe to call from another thread)."""
+        return {m: n for m, n in dict(self._leases).items() if n}
 
     def waiting(self) -> list[tuple[str, int, float]]:
-        """The queue: (model, priority, seconds waited), in arrival order."""
+        """The queue: (model, priority, seconds waited), in arrival order (a copy)."""
         now = self.now_s()
-        return [(w.model, w.priority, now - w.arrived_s) for w in self._waiters]
+        return [(w.model, w.priority, now - w.arrived_s) for w in list(self._waiters)]
 
     def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``fn(event)`` for every event; returns a function that unsubscribes."""
@@ -298,6 +341,8 @@ class Orchestrator:
         self._tg = tg
         self._running = True
         tg.start_soon(self._schedule_loop, name="vram-orchestrator scheduler")
+        if self.config.sample_hz > 0:
+            tg.start_soon(self.sampler.run, name="vram-orchestrator peak sampler")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -433,7 +478,9 @@ class Orchestrator:
             if isinstance(exc, TimeoutError) and timeout is not None:
                 self._timeouts += 1
                 self._emit("timeout", model=w.model, detail=f"after {timeout:g} s, position {position}")
-                raise AcquireTimeout(w.model, timeout, position, queued, self._ledger.describe()) from None
+                raise AcquireTimeout(
+                    w.model, timeout, position, queued, self._holding_text(w.model)
+                ) from None
             self._cancellations += 1
             self._emit("cancel", model=w.model)
             raise
@@ -449,6 +496,13 @@ class Orchestrator:
             yield lease
         finally:
             self._release(spec.name, w.task_id)
+
+    def _holding_text(self, model: str) -> str:
+        text = self._ledger.describe()
+        deferred = self._deferred.get(model)
+        if deferred is not None:
+            text += f"; {deferred.reason}{self._foreign_pids_text()}"
+        return text
 
     def _uncontended(self, model: str) -> bool:
         return (
@@ -474,9 +528,10 @@ class Orchestrator:
         if not holders[task_id]:
             del holders[task_id]
         self._ledger = self._ledger.touch(model)
+        self._note_use_peak(model)
         self._releases += 1
         self._emit("release", model=model)
-        if self._waiters:  # with nobody waiting, a release changes no decision
+        if self._waiters or not self._ledger.fits():  # otherwise a release changes no decision
             self._wake.set()
 
     def _grant(self, w: _Waiter) -> None:
@@ -508,21 +563,36 @@ class Orchestrator:
                 await self._wake.wait()
 
     def _refresh_foreign(self) -> None:
-        """Bytes on the device that the ledger does not account for shrink the room."""
+        """Bytes on the device that the ledger does not account for shrink the room; a
+        resident measured larger than planned is entered at its measured size."""
         accounted = 0
         for r in self._ledger.gpu_residents:
             held = self.backends[r.model].measured_bytes(live_only=True)
             accounted += r.vram_bytes if held is None else held
+            if held is not None and held > r.vram_bytes:
+                self._ledger = self._ledger.resize(r.model, held)
+                self._learn(r.model, held, "peak")
+                self._emit(
+                    "resize",
+                    model=r.model,
+                    bytes_after=held,
+                    detail=f"holds {format_gib(held)}, planned at {format_gib(r.vram_bytes)}",
+                )
         foreign = max(0, self.device.used_bytes() - accounted)
         if foreign != self._ledger.foreign_bytes:
             self._ledger = self._ledger.with_foreign(foreign)
+
+    def estimate(self, name_or_kind: str) -> ModelEstimate:
+        """What the orchestrator plans with for a model: configured, or learned when larger."""
+        return planning_estimate(self.resolve(name_or_kind), self.footprints, self.config)
 
     def _request(self, model: str) -> PlanRequest:
         spec = self.config.models[model]
         return PlanRequest(
             model=model,
             kind=spec.kind,
-            vram_bytes=spec.vram_bytes,
+            vram_bytes=self.estimate(model).estimated_vram_bytes,
+            configured_bytes=spec.vram_bytes,
             offloadable=spec.offload and self.backends[model].supports_host_tier,
             host_bytes=spec.host_bytes,
         )
@@ -542,7 +612,7 @@ class Orchestrator:
                 retry_at.append(until)
                 continue
             try:
-                async with self._switch_lock:
+                with self._switching():
                     with anyio.fail_after(self.config.unload_timeout_s):
                         await b.unload()
                 self._reap_after.pop(name, None)
@@ -582,6 +652,11 @@ class Orchestrator:
             )
 
         self._break_deadlocks()
+        if not self._ledger.fits():
+            if self._rebalance_after > now:
+                wake_at.append(self._rebalance_after)
+            elif await self._rebalance():
+                return 0  # residents changed: decide again from a fresh view
 
         # Choose a target whose plan is possible now; foreign memory may defer some.
         target: str | None = None
@@ -599,6 +674,18 @@ class Orchestrator:
                 continue
             if isinstance(p, Deferred):
                 self._deferred[target] = p
+                if self.config.foreign_memory == "fail":
+                    err = InsufficientVRAM(
+                        target,
+                        p.needed_bytes,
+                        p.available_bytes,
+                        self.config.budget_bytes,
+                        reason=p.reason + self._foreign_pids_text(),
+                        advice="wait for those processes to end, or set switching.foreign_memory: wait",
+                    )
+                    for w in [w for w in self._waiters if w.model == target]:
+                        self._fail_waiter(w, err)
+                    continue
                 blocked.add(target)
                 wake_at.append(now + DEFERRED_POLL_S)
                 continue
@@ -629,6 +716,42 @@ class Orchestrator:
 
         await self._switch(chosen)
         return 0
+
+    async def _rebalance(self) -> bool:
+        """Over the room (foreign memory grew, or a model holds more than planned): evict idle
+        models, light and least recently used first, until the ledger fits again."""
+        ledger = self._ledger
+        idle = sorted(
+            (r for r in ledger.gpu_residents if not self._leases.get(r.model)),
+            key=lambda r: (r.exclusive, r.last_used),
+        )
+        victims = []
+        for r in idle:
+            if ledger.fits():
+                break
+            victims.append(r.model)
+            ledger = ledger.move(r.model, Tier.DISK)
+        if not victims:
+            return False  # every resident is in use: their releases wake the scheduler
+        logger.warning("over the room (%s): evicting %s", self._ledger.describe(), ", ".join(victims))
+        with self._switching():
+            t0 = self.now_s()
+            self._fire("begin_switch", ledger, model=None)
+            try:
+                for m in victims:
+                    with anyio.fail_after(self.config.unload_timeout_s):
+                        await self.backends[m].unload()
+                    self._ledger = self._ledger.move(m, Tier.DISK)
+                    self._note_lost(m)
+                    self._evictions += 1
+                    self._emit("evict", model=m, detail="gpu -> disk (over the room)")
+                await self._wait_released(victims)
+            except Exception as exc:
+                logger.error("evicting to get back under the budget failed: %s", exc)
+                self._rebalance_after = self.now_s() + max(self.config.retry_backoff_s, RELEASE_POLL_S)
+            finally:
+                self._fire("finish_switch", self._ledger, model=None, t0=t0)
+        return True
 
     def _side_load(self, v: SchedulerView, target: str) -> Plan | None:
         for model in rank_targets(v):
@@ -686,7 +809,7 @@ class Orchestrator:
         self.hub.emit(Event(time_s=self.now_s(), kind=kind, **kw))
 
     async def _switch(self, p: Plan) -> None:
-        async with self._switch_lock:
+        with self._switching():
             t0 = self.now_s()
             target = p.load
             self._fire("begin_switch", p.after, model=target)
@@ -697,6 +820,13 @@ class Orchestrator:
                 self._fire("fail_switch", self._ledger, model=target, t0=t0)
                 self._failed_switches += 1
                 self._switching_s += self.now_s() - t0
+                if isinstance(exc, _NoRoom):
+                    # Memory appeared that the ledger did not know of: nobody failed; the
+                    # next step reads the device again and waits for room (or fails, per
+                    # switching.foreign_memory).
+                    self._backoff_until[target] = self.now_s() + DEFERRED_POLL_S
+                    self._emit("fail", model=target, detail=str(exc.error))
+                    return
                 if isinstance(exc, Exception):
                     self._record_failure(target, exc)
                     return  # the waiters got the error; the scheduler goes on
@@ -734,6 +864,9 @@ class Orchestrator:
                 if not backend.is_loaded() and backend.tier is Tier.DISK:
                     self._ledger = self._ledger.move(e.model, Tier.DISK)
                     self._note_lost(e.model)
+                    self._emit(
+                        "evict", model=e.model, detail=f"{e.from_tier.value} -> disk (after a failed unload)"
+                    )
                 if isinstance(exc, Exception):
                     detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
                     raise UnloadFailed(e.model, f"{detail} while evicting it for {p.load!r}") from exc
@@ -751,6 +884,20 @@ class Orchestrator:
             )
         await self._wait_released(freed)
 
+    @contextmanager
+    def _switching(self) -> Iterator[None]:
+        """Hold the switch lock, taken without a checkpoint.
+
+        The scheduler decides and starts a switch in one synchronous stretch: if taking the
+        lock yielded, a lease could be granted (acquire's fast path) on a model the switch is
+        about to evict. The scheduler is the only switcher while running, so the lock is free.
+        """
+        self._switch_lock.acquire_nowait()
+        try:
+            yield
+        finally:
+            self._switch_lock.release()
+
     def _note_lost(self, model: str) -> None:
         self._lost_gpu_s[model] = self.now_s()
 
@@ -758,33 +905,74 @@ class Orchestrator:
         """Wait until the device shows the evicted models' memory back, with a deadline."""
         if not models:
             return
-        deadline = self.now_s() + self.config.unload_timeout_s
-        while True:
-            held = {m: self.backends[m].measured_bytes(live_only=False) or 0 for m in models}
-            held = {m: n for m, n in held.items() if n}
-            if not held:
-                return
-            if self.now_s() >= deadline:
-                who = ", ".join(f"{m} still holds {format_gib(n)}" for m, n in held.items())
-                raise VRAMNotReleased(
-                    next(iter(held)),
-                    f"{who} {self.config.unload_timeout_s:g} s after unloading; "
-                    "the next load waits until it is back (raise switching.unload_timeout_s if it is slow)",
-                )
-            await anyio.sleep(RELEASE_POLL_S)
+
+        def still_held() -> list[tuple[str, int]]:
+            return [(m, self.backends[m].measured_bytes(live_only=False) or 0) for m in models]
+
+        await wait_released(still_held, timeout_s=self.config.unload_timeout_s, poll_s=RELEASE_POLL_S)
+
+    def _check_room(self, model: str, needed_bytes: int) -> None:
+        """Before a load, the device must really have the room, not only the ledger."""
+        reading = self.device.read()
+        if reading.free_bytes >= needed_bytes:
+            return
+        raise _NoRoom(
+            InsufficientVRAM(
+                model,
+                needed_bytes,
+                reading.free_bytes,
+                self.config.budget_bytes,
+                reason=f"the device has only {format_gib(reading.free_bytes)} free"
+                + self._foreign_pids_text(reading),
+            )
+        )
+
+    def _foreign_pids_text(self, reading: DeviceReading | None = None) -> str:
+        reading = reading or self.device.read()
+        me = os.getpid()
+        others = [p for p in reading.processes or () if p.pid != me and p.used_bytes]
+        if not others:
+            return ""
+        return "; other processes hold it: " + ", ".join(
+            f"pid {p.pid} ({format_gib(p.used_bytes or 0)})" for p in others
+        )
+
+    def _learn(self, model: str, measured_bytes: int | None, kind: str) -> None:
+        """Keep what a model really took, when it is more than known (file IO only then)."""
+        if not self.config.learn_footprints or measured_bytes is None or measured_bytes <= 0:
+            return
+        old = self.footprints.get(model)
+        if old is not None and measured_bytes <= (old.load_bytes if kind == "load" else old.high_water_bytes):
+            return
+        fp = self.footprints.record(model, measured_bytes, kind=kind)
+        configured = self.config.models[model].vram_bytes
+        self._emit(
+            "learn",
+            model=model,
+            bytes_after=fp.high_water_bytes,
+            detail=f"{kind}: measured {format_gib(measured_bytes)}, configured {format_gib(configured)} "
+            f"(drift {'+' if measured_bytes >= configured else ''}{format_gib(measured_bytes - configured)})",
+        )
+
+    def _note_use_peak(self, model: str) -> None:
+        self._learn(model, self.backends[model].peak_bytes(), "peak")
 
     async def _load(self, p: Plan) -> None:
         backend = self.backends[p.load]
         resident = p.after.loading
         assert resident is not None
+        self._check_room(p.load, resident.vram_bytes)
         self._ledger = self._ledger.begin_load(resident)
         t0 = self.now_s()
         try:
+            # The backend may not take more than the bytes the ledger reserves for it: a
+            # model bigger than its estimate fails to load (and is learned) instead of
+            # pushing the device past the budget.
             with anyio.fail_after(self.config.load_timeout_s):
                 if p.from_tier is Tier.HOST:
-                    await backend.restore()
+                    await backend.restore(limit_bytes=resident.vram_bytes)
                 else:
-                    await backend.load()
+                    await backend.load(limit_bytes=resident.vram_bytes)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(self.config.unload_timeout_s):
@@ -798,8 +986,18 @@ class Orchestrator:
                     # foreign until the device shows it gone (see _refresh_foreign).
                     logger.error("failed load of %s left %s on the device", p.load, format_gib(still))
                 self._ledger = self._ledger.abort_load()
-            if isinstance(exc, SimulatedOOM):
-                raise BackendOutOfMemory(p.load, str(exc)) from exc
+            if isinstance(exc, DeviceOutOfMemory):
+                self._learn(p.load, exc.requested_bytes, "peak")
+                est = self.estimate(p.load)
+                nxt = (
+                    f"; it needs {format_gib(exc.requested_bytes)}, learned: it is planned at "
+                    f"{format_gib(est.estimated_vram_bytes)} from now on"
+                    if est.source == "measured"
+                    else ""
+                )
+                raise BackendOutOfMemory(p.load, f"{exc}{nxt}") from exc
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                raise BackendOutOfMemory(p.load, str(exc).splitlines()[0]) from exc
             if isinstance(exc, TimeoutError):
                 raise LoadFailed(
                     p.load, f"did not finish within load_timeout_s={self.config.load_timeout_s:g}"
@@ -812,7 +1010,14 @@ class Orchestrator:
             self._restores += 1
         else:
             self._loads += 1
-        self._emit("load", model=p.load, duration_s=self.now_s() - t0, detail=f"from {p.from_tier.value}")
+        self._emit(
+            "load",
+            model=p.load,
+            duration_s=self.now_s() - t0,
+            detail=f"from {p.from_tier.value}",
+            bytes_after=resident.vram_bytes,  # what the ledger holds for it
+        )
+        self._learn(p.load, backend.measured_bytes(live_only=True), "load")
 
     def _record_failure(self, model: str, exc: Exception) -> None:
         n = self._failures.get(model, 0) + 1

@@ -3,7 +3,8 @@
 Each agent does LLM plans -> SDXL draws -> TTS speaks -> LLM reviews through one
 orchestrator. Switches are shown as they run; at the end a summary (switches, time switching
 versus working, peak VRAM against the budget) is printed and the outputs are written to a
-folder (the event log as JSON lines, the summary, each agent's transcript).
+folder (the event log as JSON lines, the summary, each agent's transcript and, when
+matplotlib is installed, the VRAM timeline chart).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import anyio
 from orchestrator.core import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
+from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable, render_timeline
 from states.units import format_gib
 
 SCENES = [
@@ -140,6 +142,7 @@ async def run_demo(
         "agents": agents,
         "device": device.source,
         "budget_bytes": budget,
+        "time_scale": orch.config.time_scale,
         "peak_vram_bytes": peak,
         "peak_committed_bytes": stats.peak_committed_bytes,
         "switches": stats.switches,
@@ -161,11 +164,20 @@ async def run_demo(
             f.write(f"agent {log.agent}: {log.scene}\n")
             for line in log.lines:
                 f.write(f"  {line}\n")
-    print(_format_summary(summary, out_dir), file=stream)
+    chart = _write_chart(events_path, out_dir / "timeline.png", budget, orch.config.time_scale)
+    print(_format_summary(summary, out_dir, chart), file=stream)
     return summary
 
 
-def _format_summary(s: dict[str, Any], out_dir: Path) -> str:
+def _write_chart(events_path: Path, out: Path, budget_bytes: int, time_scale: float) -> Path | None:
+    """The VRAM timeline chart, when matplotlib (the ``charts`` extra) is installed."""
+    try:
+        return render_timeline(events_path, out, budget_bytes=budget_bytes, time_scale=time_scale or 1.0)
+    except ChartsUnavailable:
+        return None
+
+
+def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str:
     ok = "within" if s["peak_vram_bytes"] <= s["budget_bytes"] else "OVER"
     lines = [
         "",
@@ -179,6 +191,15 @@ def _format_summary(s: dict[str, Any], out_dir: Path) -> str:
         f"  wait p50 / max      {s['wait_p50_real_speed_s']:.1f} s / {s['wait_max_real_speed_s']:.1f} s",
         f"  peak VRAM           {format_gib(s['peak_vram_bytes'])} of the {format_gib(s['budget_bytes'])} "
         f"budget ({ok})",
-        f"outputs: {out_dir}/ (events.jsonl, summary.json, transcripts.txt)",
     ]
+    if chart is not None:
+        lines.append(
+            f"outputs: {out_dir}/ (events.jsonl, summary.json, transcripts.txt); VRAM timeline chart: {chart}"
+        )
+    else:
+        lines += [
+            f"outputs: {out_dir}/ (events.jsonl, summary.json, transcripts.txt)",
+            f"no timeline chart: matplotlib is missing; {CHARTS_HINT}, then "
+            f"vram-orchestrator timeline {out_dir}/events.jsonl",
+        ]
     return "\n".join(lines)

@@ -109,12 +109,16 @@ class OrchestratorMachine(RuleBasedStateMachine):
     def start(self) -> None:
         self.cfg = scaled(self.config, self.time_scale, footprint_factor=self.footprint_factor)
         self.device = SimulatedDevice(self.cfg.total_bytes)
-        self.orch = Orchestrator(self.cfg, device=self.device)
+        self.orch = self.make_orchestrator(self.cfg, self.device)
         self.orch.add_listener(self._on_event)
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
         self._orch_cm = self.portal.wrap_async_context_manager(self.orch)
         self._orch_cm.__enter__()
+
+    def make_orchestrator(self, config: Config, device: SimulatedDevice) -> Orchestrator:
+        """Override to test your own backends (they must allocate on ``device``)."""
+        return Orchestrator(config, device=device)
 
     def teardown(self) -> None:
         if not hasattr(self, "portal"):

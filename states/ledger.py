@@ -6,7 +6,9 @@ ledger after this plan" without touching the real one.
 
 Invariants (kept by the orchestrator, checked by the property tests):
 
-- ``committed_bytes <= budget_bytes`` at all times;
+- ``committed_bytes <= budget_bytes`` at all times, unless a resident turns out larger than it
+  was planned at (``resize``) or foreign memory grows: then the orchestrator evicts idle
+  models until it fits again;
 - when a load begins, ``committed_bytes <= available_bytes`` (the budget less foreign memory);
 - a model appears at most once, in exactly one tier;
 - ``loading`` is not listed among ``residents``.
@@ -40,6 +42,12 @@ class Resident:
     offloadable: bool = False  # its backend can keep a host copy (Tier.HOST)
     host_bytes: int = 0  # host RAM its host copy takes
     last_used: int = 0  # logical clock: larger means used more recently
+    configured_bytes: int = 0  # the config's estimate, when vram_bytes comes from a measurement
+
+    @property
+    def drift_bytes(self) -> int:
+        """Planned (measured) minus configured: how far off the config's estimate is."""
+        return self.vram_bytes - self.configured_bytes if self.configured_bytes else 0
 
 
 @dataclass(frozen=True)
@@ -172,6 +180,19 @@ class Ledger:
             self,
             residents=tuple(replace(x, last_used=clock) if x.model == model else x for x in self.residents),
             clock=clock,
+        )
+
+    def resize(self, model: str, vram_bytes: int) -> Ledger:
+        """A resident was measured at another size than it was planned at."""
+        if self.get(model) is None:
+            raise ValueError(f"{model!r} is not in the ledger")
+        if vram_bytes < 0:
+            raise ValueError(f"vram_bytes must be >= 0, got {vram_bytes}")
+        return replace(
+            self,
+            residents=tuple(
+                replace(x, vram_bytes=vram_bytes) if x.model == model else x for x in self.residents
+            ),
         )
 
     def with_foreign(self, foreign_bytes: int) -> Ledger:

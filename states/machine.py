@@ -139,7 +139,10 @@ class ModelMachine:
         return ledger
 
     def plan_fits_budget(self, event: EventData) -> bool:
-        return self._ledger(event).fits()
+        # A switch that loads nothing only frees memory: it is always allowed (it is how the
+        # orchestrator gets back under the budget when foreign memory grows).
+        ledger = self._ledger(event)
+        return ledger.fits() or ledger.loading is None
 
     def lands_llm(self, event: EventData) -> bool:
         return active_state(self._ledger(event)) is State.LLM_ACTIVE

@@ -46,6 +46,7 @@ class PlanRequest:
     vram_bytes: int
     offloadable: bool = False
     host_bytes: int = 0
+    configured_bytes: int = 0  # the config's estimate, when vram_bytes is a learned figure
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def plan(request: PlanRequest, ledger: Ledger, policy: Policy) -> Plan | Deferre
             exclusive=exclusive,
             offloadable=request.offloadable,
             host_bytes=request.host_bytes,
+            configured_bytes=request.configured_bytes,
         )
     )
     return Plan(

@@ -3,8 +3,11 @@
 The orchestrator's executor is the only caller of the actions, one at a time per backend,
 under the switch lock. The contract each backend keeps:
 
-- ``load()`` brings the model from disk onto the GPU and returns the live handle that leases
-  hand out (``lease.handle``). If it raises or is cancelled, the executor calls ``unload()``
+- ``load(limit_bytes)`` brings the model from disk onto the GPU and returns the live handle
+  that leases hand out (``lease.handle``). It must not hold more than ``limit_bytes`` (what the
+  ledger reserved for it): a model larger than its estimate fails with an out-of-memory that
+  says how much it needed (vLLM's ``--gpu-memory-utilization`` and torch's per-process memory
+  fraction are such caps). If it raises or is cancelled, the executor calls ``unload()``
   (shielded, with a deadline) to release whatever was partly allocated.
 - ``unload()`` drops the model from every tier. It is idempotent: unloading an unloaded
   model does nothing. It returns once the backend has let go; the executor then waits for
@@ -70,7 +73,8 @@ class Backend(abc.ABC):
     # -- async actions ---------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def load(self) -> Any: ...
+    async def load(self, limit_bytes: int | None = None) -> Any:
+        """Load from disk; never hold more than ``limit_bytes`` on the device (fail instead)."""
 
     @abc.abstractmethod
     async def unload(self) -> None: ...
@@ -81,8 +85,8 @@ class Backend(abc.ABC):
             return
         raise TypeError(f"{type(self).__name__} keeps no host copy; unload() it instead")
 
-    async def restore(self) -> Any:
-        return await self.load()
+    async def restore(self, limit_bytes: int | None = None) -> Any:
+        return await self.load(limit_bytes)
 
     async def aclose(self) -> None:
         """Release everything for good (the orchestrator is shutting down)."""

@@ -14,7 +14,7 @@ import anyio
 
 from orchestrator.backends.base import Backend
 from orchestrator.config import ModelSpec, SimSpec
-from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from states.ledger import Tier
 
 
@@ -34,15 +34,26 @@ class Faults:
 
 @dataclass
 class SimulatedModel:
-    """The handle of a simulated model: it "runs" for a scaled time and says what it did."""
+    """The handle of a simulated model: it "runs" for a scaled time and says what it did.
+
+    While it runs it holds its use peak (``simulation.use_peak_gb``: SDXL's VAE decode) on top
+    of its weights, within the limit it was loaded with, or fails with ``SimulatedOOM`` as
+    torch would.
+    """
 
     name: str
     kind: str
     time_scale: float
+    backend: SimulatedBackend | None = None
     calls: int = 0
 
     async def run(self, prompt: str, work_s: float = 1.0) -> str:
-        await anyio.sleep(work_s * self.time_scale)
+        extra = self.backend.begin_use() if self.backend is not None else 0
+        try:
+            await anyio.sleep(work_s * self.time_scale)
+        finally:
+            if self.backend is not None:
+                self.backend.end_use(extra)
         self.calls += 1
         return f"[{self.name} (simulated {self.kind})] {prompt}"
 
@@ -58,6 +69,8 @@ class SimulatedBackend(Backend):
         self.loads = 0
         self.restores = 0
         self.unloads = 0
+        self.limit_bytes: int | None = None
+        self._peak = 0  # the most it held, or wanted to, since loaded
 
     @property
     def supports_host_tier(self) -> bool:
@@ -66,13 +79,37 @@ class SimulatedBackend(Backend):
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         return self.device.held_by(self.owner, live_only=live_only)
 
+    def peak_bytes(self) -> int | None:
+        return self._peak or None
+
+    def begin_use(self) -> int:
+        """Take the use peak's extra bytes for the duration of one run (or fail as torch would)."""
+        extra = self.sim.use_peak_bytes
+        if not extra:
+            return 0
+        held = self.device.held_by(self.owner, live_only=True)
+        self._peak = max(self._peak, held + extra)
+        if self.limit_bytes is not None and held + extra > self.limit_bytes:
+            raise SimulatedOOM(self.owner, held + extra, self.limit_bytes, limit=True)
+        self.device.allocate(self.owner, extra)
+        return extra
+
+    def end_use(self, extra: int) -> None:
+        if extra:
+            self.device.shrink(self.owner, extra)
+
     async def _sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds * self.time_scale)
 
-    async def _bring_in(self, seconds: float) -> Any:
+    async def _bring_in(self, seconds: float, limit_bytes: int | None) -> Any:
         # Allocate first, then spend the time: a load cancelled or failing midway leaves
         # memory behind, as a real one does, and the executor's cleanup must free it.
-        self.device.allocate(self.owner, self.sim.true_vram_bytes)
+        need = self.sim.true_vram_bytes
+        self._peak = max(self._peak, need)
+        if limit_bytes is not None and need > limit_bytes:
+            raise SimulatedOOM(self.owner, need, limit_bytes, limit=True)
+        self.limit_bytes = limit_bytes
+        self.device.allocate(self.owner, need)
         self._tier = Tier.GPU
         self._handle = None
         if self.faults.hang_loads > 0:
@@ -83,20 +120,20 @@ class SimulatedBackend(Backend):
             self.faults.fail_loads -= 1
             raise SimulatedLoadError(f"injected load failure in {self.name!r}")
         await self._sleep(seconds / 2)
-        self._handle = SimulatedModel(self.name, self.kind, self.time_scale)
+        self._handle = SimulatedModel(self.name, self.kind, self.time_scale, self)
         return self._handle
 
-    async def load(self) -> Any:
+    async def load(self, limit_bytes: int | None = None) -> Any:
         if self._tier is Tier.GPU and self._handle is not None:
             return self._handle
-        handle = await self._bring_in(self.sim.load_s)
+        handle = await self._bring_in(self.sim.load_s, limit_bytes)
         self.loads += 1
         return handle
 
-    async def restore(self) -> Any:
+    async def restore(self, limit_bytes: int | None = None) -> Any:
         if self._tier is not Tier.HOST:
-            return await self.load()
-        handle = await self._bring_in(self.sim.restore_s)
+            return await self.load(limit_bytes)
+        handle = await self._bring_in(self.sim.restore_s, limit_bytes)
         self.restores += 1
         return handle
 
@@ -126,4 +163,6 @@ class SimulatedBackend(Backend):
 
     def _free(self) -> None:
         self._handle = None
+        self._peak = 0
+        self.limit_bytes = None
         self.device.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)

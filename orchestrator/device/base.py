@@ -43,5 +43,21 @@ class Device(Protocol):
         ...
 
 
+class DeviceOutOfMemory(MemoryError):
+    """An allocation failed (on the device, or past the limit a backend was loaded with).
+
+    ``requested_bytes`` is the total the owner needed, so the orchestrator can learn it.
+    """
+
+    def __init__(self, owner: str, requested_bytes: int, free_bytes: int, *, limit: bool = False) -> None:
+        from states.units import format_gib
+
+        self.owner, self.requested_bytes, self.free_bytes = owner, requested_bytes, free_bytes
+        where = "of its reserved limit" if limit else "free on the device"
+        super().__init__(
+            f"out of memory: {owner} needs {format_gib(requested_bytes)}, {format_gib(free_bytes)} {where}"
+        )
+
+
 class DeviceUnavailable(RuntimeError):
     """The requested source cannot be used on this machine (no driver, no CUDA, no package)."""

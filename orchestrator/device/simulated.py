@@ -12,19 +12,17 @@ import os
 import threading
 import time
 
-from orchestrator.device.base import DeviceReading, ProcessUse
-from states.units import format_gib
+from orchestrator.device.base import DeviceOutOfMemory, DeviceReading, ProcessUse
 
 FOREIGN_PREFIX = "foreign:"
 
 
-class SimulatedOOM(MemoryError):
-    def __init__(self, owner: str, requested_bytes: int, free_bytes: int) -> None:
-        self.owner, self.requested_bytes, self.free_bytes = owner, requested_bytes, free_bytes
-        super().__init__(
-            f"simulated CUDA out of memory: {owner} asked for {format_gib(requested_bytes)}, "
-            f"{format_gib(free_bytes)} free"
-        )
+class SimulatedOOM(DeviceOutOfMemory):
+    """The simulated device's CUDA out-of-memory."""
+
+    def __init__(self, owner: str, requested_bytes: int, free_bytes: int, *, limit: bool = False) -> None:
+        super().__init__(owner, requested_bytes, free_bytes, limit=limit)
+        self.args = (f"simulated CUDA {self.args[0]}",)
 
 
 class SimulatedDevice:
@@ -51,6 +49,13 @@ class SimulatedDevice:
                 raise SimulatedOOM(owner, n_bytes, self.total_bytes - used)
             self._held[owner] = self._held.get(owner, 0) + n_bytes
             self._note_peaks()
+
+    def shrink(self, owner: str, n_bytes: int) -> None:
+        """Free part of what ``owner`` holds (a transient buffer)."""
+        with self._lock:
+            self._held[owner] = max(0, self._held.get(owner, 0) - n_bytes)
+            if not self._held[owner]:
+                del self._held[owner]
 
     def free(self, owner: str, *, after_s: float = 0.0) -> int:
         """Free what ``owner`` holds, now or (a slow release) ``after_s`` seconds later."""

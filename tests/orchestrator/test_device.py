@@ -72,7 +72,7 @@ def test_an_allocation_past_the_total_raises_oom_and_changes_nothing(device: Sim
     err = info.value
     assert isinstance(err, MemoryError)
     assert (err.owner, err.requested_bytes, err.free_bytes) == ("sdxl-base", SDXL, TOTAL - QWEN)
-    assert str(err) == "simulated CUDA out of memory: sdxl-base asked for 10.50 GiB, 4.50 GiB free"
+    assert str(err) == "simulated CUDA out of memory: sdxl-base needs 10.50 GiB, 4.50 GiB free on the device"
     assert device.held_by("sdxl-base") == 0
     assert device.used_bytes() == QWEN
     assert device.peak_bytes == QWEN

@@ -1,0 +1,175 @@
+"""Learned footprints: what each model really took, kept across runs.
+
+Estimates in a config are wrong in both directions (FIELD-NOTES: the full SDXL pipeline peaks
+at 11.65 GiB on NVML against the design document's 10.5 GB). After each load, and after the
+first use (to catch peaks such as SDXL's VAE decode), the orchestrator records what the model
+really held. The estimate it plans with is then the larger of the configured figure and the
+learned high-water mark plus a margin.
+
+The store is a small JSON file in the user's cache directory. It is safe against concurrent
+writers (an exclusive ``fcntl`` lock on a side file around read-modify-write, then an atomic
+replace) and against a corrupt file (it is set aside as ``*.corrupt`` with a warning, and
+learning starts again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger("orchestrator.footprints")
+
+try:  # POSIX; elsewhere the store still works, without the cross-process lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+FORMAT_VERSION = 1
+
+
+def default_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vram-orchestrator" / "footprints.json"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one model (variant) was seen to hold."""
+
+    model: str
+    load_bytes: int  # held right after loading
+    peak_bytes: int  # the high-water mark, loads and uses included
+    samples: int
+    updated: float  # unix time
+
+    @property
+    def high_water_bytes(self) -> int:
+        return max(self.load_bytes, self.peak_bytes)
+
+
+class FootprintStore:
+    """Persisted footprints, keyed by model name (a variant is its own model).
+
+    :param path: the JSON file; ``None`` keeps footprints in memory only.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path).expanduser() if path is not None else None
+        self._cache: dict[str, Footprint] = {}
+        if self.path is not None:
+            self._cache = self._read()
+
+    def get(self, model: str) -> Footprint | None:
+        return self._cache.get(model)
+
+    def all(self) -> Mapping[str, Footprint]:
+        return dict(self._cache)
+
+    def record(self, model: str, measured_bytes: int, *, kind: str = "load") -> Footprint:
+        """Merge one measurement (``kind``: "load" or "peak") and persist it."""
+        if measured_bytes < 0:
+            raise ValueError(f"a footprint cannot be negative ({measured_bytes} bytes)")
+        with self._locked():
+            latest = self._read() if self.path is not None else dict(self._cache)
+            old = latest.get(model)
+            load = measured_bytes if kind == "load" else (old.load_bytes if old else 0)
+            if old is not None and kind == "load":
+                load = max(old.load_bytes, measured_bytes)
+            peak = max(measured_bytes, old.peak_bytes if old else 0)
+            fp = Footprint(model, load, peak, (old.samples if old else 0) + 1, time.time())
+            latest[model] = fp
+            if self.path is not None:
+                self._write(latest)
+            self._cache = latest
+        return fp
+
+    def forget(self, model: str) -> None:
+        with self._locked():
+            latest = self._read() if self.path is not None else dict(self._cache)
+            latest.pop(model, None)
+            if self.path is not None:
+                self._write(latest)
+            self._cache = latest
+
+    # -- file handling -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self.path is None or fcntl is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Footprint]:
+        assert self.path is not None
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            logger.warning(
+                "cannot read learned footprints %s (%s); using the config's estimates", self.path, exc
+            )
+            return {}
+        try:
+            raw = json.loads(text)
+            if raw.get("version") != FORMAT_VERSION:
+                raise ValueError(f"unknown format version {raw.get('version')!r}")
+            out = {}
+            for name, v in raw["models"].items():
+                fp = Footprint(
+                    model=str(name),
+                    load_bytes=int(v["load_bytes"]),
+                    peak_bytes=int(v["peak_bytes"]),
+                    samples=int(v["samples"]),
+                    updated=float(v["updated"]),
+                )
+                if fp.load_bytes < 0 or fp.peak_bytes < 0:
+                    raise ValueError(f"negative bytes for {name!r}")
+                out[fp.model] = fp
+            return out
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            aside = self.path.with_suffix(self.path.suffix + ".corrupt")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            logger.warning(
+                "learned footprints %s are corrupt (%s); moved aside to %s, learning again",
+                self.path,
+                exc,
+                aside,
+            )
+            return {}
+
+    def _write(self, data: Mapping[str, Footprint]) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "version": FORMAT_VERSION,
+            "models": {
+                k: {f: v for f, v in asdict(fp).items() if f != "model"} for k, fp in sorted(data.items())
+            },
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

@@ -1,0 +1,119 @@
+"""What an orchestrator holds now, as plain data: ``status_report(orch)``.
+
+The ``status`` command prints it as a table or as JSON; the daemon will serve the same dict.
+It reads only: the device (its used bytes), the ledger (a frozen snapshot), the backends'
+own measurements and the lease and wait counts. Bytes are ints.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from states.units import format_gib
+
+if TYPE_CHECKING:
+    from orchestrator.core import Orchestrator
+
+
+def status_report(orch: Orchestrator) -> dict[str, Any]:
+    """The device, the budget, the state and every model's tier and bytes.
+
+    ``measured_bytes`` is what the model's backend says it holds on the device now, or
+    ``None`` when the backend cannot tell. ``foreign_bytes`` is the device's used memory
+    that no model of ours accounts for (other processes).
+    """
+    config = orch.config
+    ledger = orch.ledger()
+    device = orch.device
+    used = device.used_bytes()
+    # As the scheduler counts it: what our residents hold (measured where the backend can
+    # tell, else the estimate) is ours; the rest of the device's used memory is foreign.
+    ours = 0
+    for res in ledger.gpu_residents:
+        b = orch.backends.get(res.model)
+        held = b.measured_bytes(live_only=True) if b is not None else None
+        ours += res.vram_bytes if held is None else held
+    leases = dict(orch.leases())
+    waiting: dict[str, int] = {}
+    for model, _priority, _waited in orch.waiting():
+        waiting[model] = waiting.get(model, 0) + 1
+
+    models = []
+    for name, spec in config.models.items():
+        tier = ledger.tier_of(name)
+        if ledger.loading is not None and ledger.loading.model == name:
+            tier_name = "loading"
+        else:
+            tier_name = tier.value
+        backend = orch.backends.get(name)
+        models.append(
+            {
+                "name": name,
+                "kind": spec.kind,
+                "class": "heavy" if spec.kind in config.exclusive_kinds else "light",
+                "default": config.defaults.get(spec.kind) == name,
+                "tier": tier_name,
+                "estimated_bytes": spec.vram_bytes,
+                "measured_bytes": backend.measured_bytes() if backend is not None else None,
+                "host_bytes": spec.host_bytes if spec.offload else None,
+                "confidence": spec.confidence,
+                "backend": spec.backend,
+                "leases": leases.get(name, 0),
+                "waiting": waiting.get(name, 0),
+            }
+        )
+    return {
+        "config": config.source,
+        "device": {
+            "name": device.name,
+            "source": device.source,
+            "total_bytes": device.total_bytes,
+            "used_bytes": used,
+        },
+        "budget_bytes": ledger.budget_bytes,
+        "host_budget_bytes": ledger.host_budget_bytes,
+        "committed_bytes": ledger.committed_bytes,
+        "foreign_bytes": max(0, used - ours),
+        "state": orch.state.name,
+        "scheduling": config.mode.value,
+        "models": models,
+    }
+
+
+def format_status(report: dict[str, Any], *, running: bool = False) -> str:
+    """The report as the ``status`` command prints it: a header and an aligned table."""
+    dev = report["device"]
+    lines = [
+        f"{report['config']}" + ("" if running else " (not running: the config's view; no daemon yet)"),
+        f"device   {dev['name']} (numbers from: {dev['source']})",
+        f"VRAM     total {format_gib(dev['total_bytes'])}, budget {format_gib(report['budget_bytes'])}, "
+        f"used on the device {format_gib(dev['used_bytes'])} "
+        f"(other processes {format_gib(report['foreign_bytes'])})",
+        f"state    {report['state']}, committed {format_gib(report['committed_bytes'])} of the budget",
+        "",
+    ]
+    # Leases and waiters exist only while it runs; the config's view leaves them out.
+    head = ("model", "kind", "class", "tier", "estimated", "measured", "leases", "waiting", "")
+    keep = [i for i in range(len(head)) if running or head[i] not in ("leases", "waiting")]
+    rows = [head]
+    for m in report["models"]:
+        measured = m["measured_bytes"]
+        rows.append(
+            (
+                m["name"],
+                m["kind"],
+                m["class"],
+                m["tier"],
+                format_gib(m["estimated_bytes"]),
+                "-" if measured is None else format_gib(measured),
+                str(m["leases"]),
+                str(m["waiting"]),
+                "default" if m["default"] else "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    right = {4, 5, 6, 7}  # numbers align right
+    for r in rows:
+        cells = [r[i].rjust(widths[i]) if i in right else r[i].ljust(widths[i]) for i in keep]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""Prometheus metrics: a real orchestrator on the simulated device, the exposition parsed back."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+import orchestrator.config
+from orchestrator.backends.simulated import SimulatedBackend
+from orchestrator.core import Orchestrator
+from orchestrator.errors import AcquireTimeout, LoadFailed
+from orchestrator.metrics import OrchestratorMetrics
+from states.units import gib_to_bytes
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def fast_orch() -> Orchestrator:
+    """The embedded default (the design document's models), 1000x faster."""
+    return Orchestrator(dataclasses.replace(orchestrator.config.load_config(None), time_scale=0.001))
+
+
+def samples(metrics: OrchestratorMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """{(sample name, labels): value} from the text exposition."""
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: OrchestratorMetrics, name: str, **labels: str) -> float:
+    return samples(metrics)[(name, frozenset(labels.items()))]
+
+
+def total(metrics: OrchestratorMetrics, name: str) -> float:
+    return sum(v for (n, _), v in samples(metrics).items() if n == name)
+
+
+def iter_states(metrics: OrchestratorMetrics) -> Iterator[tuple[str, float]]:
+    for (n, labels), v in samples(metrics).items():
+        if n == "vram_orchestrator_state":
+            yield dict(labels)["vram_orchestrator_state"], v
+
+
+def current_state(metrics: OrchestratorMetrics) -> str:
+    (state,) = [s for s, v in iter_states(metrics) if v == 1]
+    return state
+
+
+async def test_metrics_follow_a_short_run() -> None:
+    orch = fast_orch()
+    metrics = OrchestratorMetrics(orch)
+    assert current_state(metrics) == "IDLE"
+    assert value(metrics, "vram_orchestrator_budget_bytes") == gib_to_bytes(15.5)
+    assert value(metrics, "vram_orchestrator_committed_bytes") == 0
+    async with orch:
+        async with orch.acquire("llm"):
+            assert current_state(metrics) == "LLM_ACTIVE"
+            assert value(
+                metrics, "vram_orchestrator_resident_bytes", model="qwen-14b", kind="llm", tier="gpu"
+            ) == gib_to_bytes(11.5)
+            assert value(metrics, "vram_orchestrator_active_leases", model="qwen-14b") == 1
+        async with orch.acquire("sdxl"), orch.acquire("tts"):  # TTS rides along with SDXL
+            assert current_state(metrics) == "SDXL_ACTIVE"
+            gpu = {
+                dict(labels)["model"]: v
+                for (n, labels), v in samples(metrics).items()
+                if n == "vram_orchestrator_resident_bytes" and dict(labels)["tier"] == "gpu" and v
+            }
+            assert gpu == {"sdxl-base": gib_to_bytes(10.5), "gpt-sovits-small": gib_to_bytes(3.5)}
+            assert value(metrics, "vram_orchestrator_committed_bytes") == gib_to_bytes(14.0)
+            assert value(metrics, "vram_orchestrator_active_leases", model="gpt-sovits-small") == 1
+            assert value(metrics, "vram_orchestrator_active_leases", model="qwen-14b") == 0
+            assert total(metrics, "vram_orchestrator_queue_depth") == 0
+        # The LLM comes back: SDXL (offload: true) keeps a host copy.
+        async with orch.acquire("llm"):
+            assert value(
+                metrics, "vram_orchestrator_resident_bytes", model="sdxl-base", kind="sdxl", tier="host"
+            ) == gib_to_bytes(6.5)
+            assert (
+                value(metrics, "vram_orchestrator_resident_bytes", model="sdxl-base", kind="sdxl", tier="gpu")
+                == 0
+            )
+        stats = orch.statistics()
+
+    assert stats.switches == 4  # qwen, sdxl, tts beside it, qwen again
+    assert total(metrics, "vram_orchestrator_switches_total") == stats.switches
+    assert value(metrics, "vram_orchestrator_switches_total", model="qwen-14b") == 2
+    assert total(metrics, "vram_orchestrator_switch_failures_total") == 0
+    # The shutdown's unload-everything is not a switch; every real one was observed.
+    assert total(metrics, "vram_orchestrator_switch_duration_seconds_count") == stats.switches
+    assert (
+        value(metrics, "vram_orchestrator_switch_duration_seconds_count", model="qwen-14b", outcome="ok") == 2
+    )
+    # statistics() times the switch apart from the event's duration: a few microseconds off.
+    assert total(metrics, "vram_orchestrator_switch_duration_seconds_sum") == pytest.approx(
+        stats.switching_s, abs=0.005
+    )
+    assert total(metrics, "vram_orchestrator_lease_wait_seconds_count") == stats.grants == 4
+    # A grant event's wait ends at the grant; statistics() times it when the waiter wakes.
+    assert (
+        0
+        < total(metrics, "vram_orchestrator_lease_wait_seconds_sum")
+        <= stats.waits.mean_s * stats.waits.count
+    )
+    assert value(metrics, "vram_orchestrator_loads_total", model="qwen-14b", source="disk") == 2
+    assert (
+        value(
+            metrics, "vram_orchestrator_evictions_total", model="sdxl-base", from_tier="gpu", to_tier="host"
+        )
+        == 1
+    )
+    # After the shutdown nothing is resident and the machine is IDLE again.
+    assert current_state(metrics) == "IDLE"
+    assert value(metrics, "vram_orchestrator_committed_bytes") == 0
+    assert value(metrics, "vram_orchestrator_device_used_bytes") == 0
+
+
+async def test_timeouts_cancellations_and_failures_are_counted() -> None:
+    orch = fast_orch()
+    metrics = OrchestratorMetrics(orch)
+    async with orch:
+        held, done = anyio.Event(), anyio.Event()
+
+        async def hold_the_llm() -> None:
+            async with orch.acquire("llm"):
+                held.set()
+                await done.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_the_llm)
+            await held.wait()
+            # A busy LLM keeps the GPU for fairness_s (5 s): SDXL cannot come in meanwhile.
+            with pytest.raises(AcquireTimeout):
+                async with orch.acquire("sdxl", timeout=0.01):
+                    pass
+            with anyio.move_on_after(0.01):
+                async with orch.acquire("sdxl"):
+                    pass
+
+            async def wait_for_sdxl() -> None:  # served once the LLM is free
+                async with orch.acquire("sdxl"):
+                    pass
+
+            tg.start_soon(wait_for_sdxl)
+            await anyio.sleep(0.01)
+            # The waiter shows in the queue depth.
+            assert value(metrics, "vram_orchestrator_queue_depth", model="sdxl-base") == 1
+            done.set()
+        # (The SDXL waiter above got SDXL once the LLM was free: fail another model's load.)
+        backend = orch.backends["sdxl-lora"]
+        assert isinstance(backend, SimulatedBackend)
+        backend.faults.fail_loads = 1
+        with pytest.raises(LoadFailed):
+            async with orch.acquire("sdxl-lora"):
+                pass
+
+    assert value(metrics, "vram_orchestrator_acquire_timeouts_total", model="sdxl-base") == 1
+    assert value(metrics, "vram_orchestrator_acquire_cancellations_total", model="sdxl-base") == 1
+    assert value(metrics, "vram_orchestrator_acquire_timeouts_total", model="qwen-14b") == 0
+    assert value(metrics, "vram_orchestrator_switch_failures_total", model="sdxl-lora") == 1
+    assert (
+        value(metrics, "vram_orchestrator_switch_duration_seconds_count", model="sdxl-lora", outcome="failed")
+        == 1
+    )
+    assert value(metrics, "vram_orchestrator_switches_total", model="sdxl-lora") == 0
+
+
+async def test_each_orchestrator_has_its_own_registry() -> None:
+    """Two orchestrators' metrics side by side: no clash, nothing in the global registry."""
+    a, b = fast_orch(), fast_orch()
+    ma, mb = OrchestratorMetrics(a), OrchestratorMetrics(b)
+    assert ma.registry is not mb.registry
+    assert not any(name.startswith("vram_orchestrator") for name in REGISTRY._names_to_collectors)
+    async with a:
+        async with a.acquire("tts"):
+            pass
+    assert total(ma, "vram_orchestrator_switches_total") == 1
+    assert total(mb, "vram_orchestrator_switches_total") == 0
+    ma.detach()
+    async with a:
+        async with a.acquire("tts"):
+            pass
+    assert total(ma, "vram_orchestrator_switches_total") == 1  # detached: no longer counting
+    info = samples(ma)[
+        ("vram_orchestrator_device_info", frozenset({("name", a.device.name), ("source", "simulated")}))
+    ]
+    assert info == 1
+    assert ma.content_type.startswith("text/plain")

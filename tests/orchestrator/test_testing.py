@@ -1,0 +1,67 @@
+"""The property-test harness (``orchestrator.testing``) finds what it is meant to find."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from orchestrator.backends.simulated import SimulatedBackend
+from orchestrator.cli import _find_violation
+from orchestrator.config import Config, load_config
+from orchestrator.core import Orchestrator
+from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.testing import InvariantViolation, machine_for, scaled
+
+SETTINGS = settings(
+    max_examples=30,
+    stateful_step_count=8,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+class LeakyBackend(SimulatedBackend):
+    """Ignores the limit it is given: takes its true footprint whatever the ledger reserved."""
+
+    async def load(self, limit_bytes: int | None = None) -> Any:
+        return await super().load(None)
+
+    async def restore(self, limit_bytes: int | None = None) -> Any:
+        return await super().restore(None)
+
+
+def test_the_harness_catches_a_backend_that_passes_the_budget() -> None:
+    base = machine_for(load_config(None), footprint_factor=1.5)
+
+    class Leaky(base):  # type: ignore[valid-type,misc]
+        def make_orchestrator(self, config: Config, device: SimulatedDevice) -> Orchestrator:
+            backends = {n: LeakyBackend(s, device, config.time_scale) for n, s in config.models.items()}
+            return Orchestrator(config, device=device, backends=backends)
+
+    # Detection is the point here, not the shortest sequence: no shrinking phase.
+    find_only = settings(SETTINGS, phases=[Phase.generate])
+    with pytest.raises(Exception) as info:  # hypothesis may wrap it (flaky replays)
+        run_state_machine_as_test(Leaky, settings=find_only)
+    found = _find_violation(info.value)
+    assert isinstance(found, InvariantViolation)
+    assert "budget" in str(found)
+
+
+def test_the_harness_passes_the_design_config_with_wrong_estimates() -> None:
+    """With true footprints 1.5x the estimates, the orchestrator learns them and keeps the budget."""
+    run_state_machine_as_test(machine_for(load_config(None), footprint_factor=1.5), settings=SETTINGS)
+
+
+def test_scaled_config_scales_every_time() -> None:
+    config = load_config(None)
+    fast = scaled(config, 0.0005, footprint_factor=2.0)
+    factor = 0.0005 / config.time_scale
+    assert fast.time_scale == 0.0005
+    assert fast.fairness_s == pytest.approx(config.fairness_s * factor)
+    assert fast.load_timeout_s == pytest.approx(config.load_timeout_s * factor)
+    sdxl = fast.models["sdxl-base"]
+    assert sdxl.sim is not None and sdxl.sim.true_vram_bytes == 2 * config.models["sdxl-base"].vram_bytes

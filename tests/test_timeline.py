@@ -1,0 +1,224 @@
+"""The VRAM timeline chart: residency rebuilt from the event log, and the PNG drawn from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import orchestrator.config
+from orchestrator.core import Orchestrator
+from orchestrator.demo import run_demo
+from orchestrator.events import Event
+from orchestrator.timeline import (
+    ChartsUnavailable,
+    Span,
+    TimelineError,
+    read_events,
+    read_run,
+    reconstruct,
+    render_timeline,
+)
+from states.units import GIB
+
+pytestmark = pytest.mark.anyio
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LLM, SDXL, TTS = int(11.5 * GIB), int(10.5 * GIB), int(3.5 * GIB)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def transition(t: float, trigger: str, model: str | None, before: int, after: int, **kw: object) -> Event:
+    to = {"begin_switch": "SWITCHING"}.get(trigger, kw.pop("to", "LLM_ACTIVE"))
+    return Event(
+        time_s=t,
+        kind="transition",
+        model=model,
+        trigger=trigger,
+        from_state=str(kw.pop("frm", "IDLE")),
+        to_state=str(to),
+        bytes_before=before,
+        bytes_after=after,
+        duration_s=kw.pop("duration_s", None),  # type: ignore[arg-type]
+    )
+
+
+# A small log written by hand: the LLM loads; SDXL replaces it (the LLM goes to disk); TTS
+# loads beside SDXL; the LLM comes back (SDXL keeps a host copy) and fails once first.
+HAND_EVENTS = [
+    transition(1.0, "begin_switch", "qwen-14b", 0, LLM),
+    Event(21.0, "load", "qwen-14b", duration_s=20.0, detail="from disk"),
+    transition(21.0, "finish_switch", "qwen-14b", LLM, LLM, duration_s=20.0),
+    Event(21.0, "grant", "qwen-14b", duration_s=20.0),
+    Event(25.0, "release", "qwen-14b"),
+    transition(25.0, "begin_switch", "sdxl-base", LLM, SDXL, frm="LLM_ACTIVE"),
+    Event(31.0, "evict", "qwen-14b", duration_s=6.0, detail="gpu -> disk for sdxl-base"),
+    Event(37.0, "load", "sdxl-base", duration_s=6.0, detail="from disk"),
+    transition(37.0, "finish_switch", "sdxl-base", SDXL, SDXL, to="SDXL_ACTIVE", duration_s=12.0),
+    transition(38.0, "begin_switch", "gpt-sovits-small", SDXL, SDXL + TTS, frm="SDXL_ACTIVE"),
+    Event(41.0, "load", "gpt-sovits-small", duration_s=3.0, detail="from disk"),
+    transition(
+        41.0, "finish_switch", "gpt-sovits-small", SDXL + TTS, SDXL + TTS, to="SDXL_ACTIVE", duration_s=3.0
+    ),
+    # A failed switch to the LLM: SDXL went to host, the load failed; TTS stays.
+    transition(45.0, "begin_switch", "qwen-14b", SDXL + TTS, LLM + TTS, frm="SDXL_ACTIVE"),
+    Event(45.1, "evict", "sdxl-base", duration_s=0.1, detail="gpu -> host for qwen-14b"),
+    Event(50.0, "fail", "qwen-14b", detail="load of 'qwen-14b' failed: injected"),
+    transition(50.0, "fail_switch", "qwen-14b", TTS, TTS, to="TTS_ACTIVE", duration_s=5.0),
+    # The retry works.
+    transition(52.0, "begin_switch", "qwen-14b", TTS, LLM + TTS, frm="TTS_ACTIVE"),
+    Event(72.0, "load", "qwen-14b", duration_s=20.0, detail="from disk"),
+    transition(72.0, "finish_switch", "qwen-14b", LLM + TTS, LLM + TTS, duration_s=20.0),
+    # Shutdown: the host copy goes (no VRAM change), then the GPU residents.
+    transition(80.0, "begin_switch", None, LLM + TTS, 0, frm="LLM_ACTIVE"),
+    Event(80.0, "evict", "sdxl-base", detail="host -> disk (shutdown)"),
+    Event(81.0, "evict", "gpt-sovits-small", detail="gpu -> disk (shutdown)"),
+    Event(87.0, "evict", "qwen-14b", detail="gpu -> disk (shutdown)"),
+    transition(87.0, "finish_switch", None, 0, 0, to="IDLE"),
+]
+
+
+def test_residency_is_rebuilt_from_the_events() -> None:
+    tl = reconstruct(HAND_EVENTS)
+    resident = [s for s in tl.spans if not s.loading]
+    assert resident == [
+        Span("qwen-14b", 21.0, 31.0, LLM),
+        Span("sdxl-base", 37.0, 45.1, SDXL),
+        Span("gpt-sovits-small", 41.0, 81.0, TTS),  # the host -> disk of SDXL changes nothing
+        Span("qwen-14b", 72.0, 87.0, LLM),
+    ]
+    loading = [(s.model, s.start_s, s.end_s) for s in tl.spans if s.loading]
+    assert loading == [
+        ("qwen-14b", 1.0, 21.0),
+        ("sdxl-base", 31.0, 37.0),
+        ("gpt-sovits-small", 38.0, 41.0),
+        ("qwen-14b", 52.0, 72.0),
+    ]
+    assert [(s.start_s, s.end_s, s.model, s.ok) for s in tl.switches] == [
+        (1.0, 21.0, "qwen-14b", True),
+        (25.0, 37.0, "sdxl-base", True),
+        (38.0, 41.0, "gpt-sovits-small", True),
+        (45.0, 50.0, "qwen-14b", False),
+        (52.0, 72.0, "qwen-14b", True),
+        (80.0, 87.0, None, True),
+    ]
+    assert tl.models == ("gpt-sovits-small", "sdxl-base", "qwen-14b")  # smallest at the bottom
+    assert tl.peak_bytes == LLM + TTS
+
+
+def test_known_sizes_win_and_a_log_cut_short_still_draws() -> None:
+    cut = HAND_EVENTS[:2]  # the load of the LLM, but not its finish_switch: bytes unknown
+    assert reconstruct(cut).spans == ()
+    tl = reconstruct(cut, sizes={"qwen-14b": LLM})
+    assert [s for s in tl.spans if not s.loading] == [Span("qwen-14b", 21.0, 21.0, LLM)]
+
+
+def test_each_load_has_its_own_bytes() -> None:
+    """A footprint learned after the first load (a larger one) shows from the next load on."""
+    bigger = LLM + GIB
+    log = [
+        *HAND_EVENTS[:3],
+        Event(30.0, "evict", "qwen-14b", detail="gpu -> disk for sdxl-base"),
+        transition(31.0, "begin_switch", "qwen-14b", 0, bigger),
+        Event(51.0, "load", "qwen-14b", duration_s=20.0, detail="from disk"),
+        transition(51.0, "finish_switch", "qwen-14b", bigger, bigger, duration_s=20.0),
+    ]
+    assert [(s.start_s, s.bytes) for s in reconstruct(log).spans if not s.loading] == [
+        (21.0, LLM),
+        (51.0, bigger),
+    ]
+
+
+def test_an_appended_log_is_drawn_run_after_run(tmp_path: Path) -> None:
+    """observability.events_path is appended to: each run's clock starts again at zero."""
+    crashed = HAND_EVENTS[:3]  # the LLM loaded, then the log ends (the process died)
+    tl = reconstruct([*crashed, *HAND_EVENTS])
+    assert tl.restarts == (22.0,)  # the second run's first event (1.0) after the first's last (21.0)
+    first = [s for s in tl.spans if s.start_s < 22.0]
+    assert [(s.model, s.start_s, s.end_s, s.loading) for s in first] == [
+        ("qwen-14b", 1.0, 21.0, True),
+        ("qwen-14b", 21.0, 22.0, False),  # closed where the next run begins
+    ]
+    assert len(tl.spans) == len(first) + len(reconstruct(HAND_EVENTS).spans)
+    assert tl.end_s == 21.0 + 87.0
+    png_ok(render_timeline([*crashed, *HAND_EVENTS], tmp_path / "appended.png"))
+
+
+def png_ok(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 10_000  # a real chart, not an empty canvas
+
+
+def test_chart_from_a_hand_written_event_list(tmp_path: Path) -> None:
+    out = render_timeline(HAND_EVENTS, tmp_path / "sub" / "chart.png", budget_bytes=int(15.5 * GIB))
+    assert out == tmp_path / "sub" / "chart.png"
+    png_ok(out)
+    # Without a budget line, at another time scale, from a file.
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in HAND_EVENTS) + "\n")
+    assert read_events(log) == HAND_EVENTS
+    png_ok(render_timeline(log, tmp_path / "b.png", time_scale=0.01))
+
+
+async def test_chart_from_a_real_demo_run(tmp_path: Path) -> None:
+    config = dataclasses.replace(orchestrator.config.load_config(None), time_scale=0.001)
+    out = io.StringIO()
+    summary = await run_demo(Orchestrator(config), agents=3, out_dir=tmp_path, stream=out)
+    chart = tmp_path / "timeline.png"
+    png_ok(chart)
+    assert out.getvalue().rstrip().splitlines()[-1].endswith(f"VRAM timeline chart: {chart}")
+    events, budget, time_scale = read_run(tmp_path / "events.jsonl")
+    assert budget == summary["budget_bytes"] == config.budget_bytes
+    assert time_scale == 0.001
+    tl = reconstruct(events)
+    assert {"qwen-14b", "sdxl-base", "gpt-sovits-small"} == set(tl.models)
+    assert tl.peak_bytes == summary["peak_committed_bytes"] <= config.budget_bytes
+    assert sum(1 for s in tl.switches if s.model is not None) == summary["switches"]
+    # Redrawn from the log, as `vram-orchestrator timeline` does.
+    png_ok(render_timeline(tmp_path / "events.jsonl", tmp_path / "again.png", budget_bytes=budget))
+
+
+async def test_demo_says_how_to_get_the_chart_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ChartsUnavailable, match=r"pip install 'vram-orchestrator\[charts\]'"):
+        render_timeline(HAND_EVENTS, tmp_path / "x.png")
+    config = dataclasses.replace(orchestrator.config.load_config(None), time_scale=0.001)
+    out = io.StringIO()
+    await run_demo(Orchestrator(config), agents=1, out_dir=tmp_path, stream=out)
+    last = out.getvalue().rstrip().splitlines()[-1]
+    assert "pip install 'vram-orchestrator[charts]'" in last
+    assert f"vram-orchestrator timeline {tmp_path}/events.jsonl" in last
+    assert not (tmp_path / "timeline.png").exists()
+
+
+def test_unreadable_logs_give_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(TimelineError, match="file not found") as e:
+        read_events(tmp_path / "missing.jsonl")
+    assert "\n" not in str(e.value)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(HAND_EVENTS[0].to_dict()) + "\n{not json\n")
+    with pytest.raises(TimelineError, match=r"bad.jsonl:2: not an event"):
+        read_events(bad)
+    bad.write_text('{"kind": "load"}\n')  # no time_s
+    with pytest.raises(TimelineError, match=r"bad.jsonl:1: not an event"):
+        read_events(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(TimelineError, match="no events to draw"):
+        render_timeline(empty, tmp_path / "x.png")
+    # Unknown fields (a later version's) are ignored.
+    newer = tmp_path / "newer.jsonl"
+    newer.write_text(json.dumps({**HAND_EVENTS[1].to_dict(), "future_field": 1}) + "\n")
+    assert read_events(newer) == [HAND_EVENTS[1]]
