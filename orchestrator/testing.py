@@ -148,10 +148,29 @@ class OrchestratorMachine(RuleBasedStateMachine):
                 raise InvariantViolation(f"memory left on the device after shutdown: {left}")
             if self.orch.state is not State.IDLE:
                 raise InvariantViolation(f"state after shutdown is {self.orch.state.name}, not IDLE")
+            self._check_learned()
             if self.violations:
                 raise InvariantViolation(self.violations[0])
         finally:
             self._portal_cm.__exit__(None, None, None)
+
+    def _check_learned(self) -> None:
+        """Every model the orchestrator tried to load is known at its true size at least
+        (when it is larger than its estimate): it noticed the difference and learned it."""
+        if not self.cfg.learn_footprints:
+            return
+        tried = {e.model for e in self.orch.hub.history if e.kind == "load" or e.kind == "fail"}
+        for name in sorted(m for m in tried if m is not None and m in self.cfg.models):
+            sim = self.cfg.models[name].sim
+            true = sim.true_vram_bytes if sim is not None else 0
+            if true <= self.cfg.models[name].vram_bytes:
+                continue
+            fp = self.orch.footprints.get(name)
+            if fp is None or fp.high_water_bytes < true:
+                raise InvariantViolation(
+                    f"{name} really takes {format_gib(true)} but the orchestrator learned "
+                    f"{format_gib(fp.high_water_bytes) if fp else 'nothing'}"
+                )
 
     def _quiesce_bound_s(self) -> float:
         sims = [s.sim for s in self.cfg.models.values() if s.sim is not None]
