@@ -197,6 +197,7 @@ class Orchestrator:
         self._deferred: dict[str, Deferred] = {}
         self._reap_after: dict[str, float] = {}
         self._rebalance_after = 0.0
+        self._refit: set[str] = set()  # residents to reload at their learned size
         self._seq = 0
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -509,6 +510,7 @@ class Orchestrator:
             len(self._waiters) == 1
             and self._machine.state is not State.SWITCHING
             and model not in self._draining
+            and model not in self._refit
             and self._ledger.on_gpu(model)
         )
 
@@ -652,11 +654,12 @@ class Orchestrator:
             )
 
         self._break_deadlocks()
-        if not self._ledger.fits():
-            if self._rebalance_after > now:
-                wake_at.append(self._rebalance_after)
-            elif await self._rebalance():
-                return 0  # residents changed: decide again from a fresh view
+        if self._rebalance_after > now:
+            wake_at.append(self._rebalance_after)
+        elif not self._ledger.fits() and await self._rebalance():
+            return 0  # residents changed: decide again from a fresh view
+        elif await self._refit_undersized():
+            return 0
 
         # Choose a target whose plan is possible now; foreign memory may defer some.
         target: str | None = None
@@ -695,8 +698,8 @@ class Orchestrator:
         evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen else frozenset()
         v = view()
         adm = admission(v, target, evictees)
-        self._draining = adm.drain
-        for w in [w for w in self._waiters if w.seq in adm.grant]:
+        self._draining = adm.drain | self._refit
+        for w in [w for w in self._waiters if w.seq in adm.grant and w.model not in self._refit]:
             self._grant(w)
 
         if chosen is None or target is None:
@@ -734,9 +737,17 @@ class Orchestrator:
         if not victims:
             return False  # every resident is in use: their releases wake the scheduler
         logger.warning("over the room (%s): evicting %s", self._ledger.describe(), ", ".join(victims))
+        await self._evict_only(victims, "over the room")
+        return True
+
+    async def _evict_only(self, victims: list[str], why: str) -> None:
+        """A switch that loads nothing: unload ``victims`` (idle GPU residents) to disk."""
+        after = self._ledger
+        for m in victims:
+            after = after.move(m, Tier.DISK)
         with self._switching():
             t0 = self.now_s()
-            self._fire("begin_switch", ledger, model=None)
+            self._fire("begin_switch", after, model=None)
             try:
                 for m in victims:
                     with anyio.fail_after(self.config.unload_timeout_s):
@@ -744,13 +755,24 @@ class Orchestrator:
                     self._ledger = self._ledger.move(m, Tier.DISK)
                     self._note_lost(m)
                     self._evictions += 1
-                    self._emit("evict", model=m, detail="gpu -> disk (over the room)")
+                    self._emit("evict", model=m, detail=f"gpu -> disk ({why})")
                 await self._wait_released(victims)
             except Exception as exc:
-                logger.error("evicting to get back under the budget failed: %s", exc)
+                logger.error("evicting %s (%s) failed: %s", ", ".join(victims), why, exc)
                 self._rebalance_after = self.now_s() + max(self.config.retry_backoff_s, RELEASE_POLL_S)
             finally:
                 self._fire("finish_switch", self._ledger, model=None, t0=t0)
+
+    async def _refit_undersized(self) -> bool:
+        """A resident that turned out to need more than it was loaded with (a learned use
+        peak) reloads at its learned size: evicted when idle, so the next lease finds it
+        loaded with room for its peak."""
+        self._refit &= {r.model for r in self._ledger.gpu_residents}
+        idle = [m for m in sorted(self._refit) if not self._leases.get(m)]
+        if not idle:
+            return False
+        self._refit -= set(idle)
+        await self._evict_only(idle, "reload at its learned size")
         return True
 
     def _side_load(self, v: SchedulerView, target: str) -> Plan | None:
@@ -767,6 +789,11 @@ class Orchestrator:
 
     def _delay(self, now: float, wake_at: list[float]) -> float | None:
         overdue_at = [w.arrived_s + self.config.max_wait_s for w in self._waiters]
+        if self._ledger.gpu_residents:
+            # Foreign memory can grow while nothing happens here: look at the device now
+            # and then (at the sampler's rate, at least once a second).
+            period = min(1.0, 1.0 / self.config.sample_hz) if self.config.sample_hz > 0 else 1.0
+            overdue_at.append(now + period)
         times = [t for t in [*wake_at, *overdue_at] if t > now]
         return max(0.0005, min(times) - now) if times else None
 
@@ -914,16 +941,19 @@ class Orchestrator:
     def _check_room(self, model: str, needed_bytes: int) -> None:
         """Before a load, the device must really have the room, not only the ledger."""
         reading = self.device.read()
-        if reading.free_bytes >= needed_bytes:
+        # Room on the card, and room within the budget for everything the card holds (ours,
+        # other processes', the driver's): the ledger's rule, checked against the device.
+        room = min(reading.free_bytes, self.config.budget_bytes - reading.used_bytes)
+        if room >= needed_bytes:
             return
         raise _NoRoom(
             InsufficientVRAM(
                 model,
                 needed_bytes,
-                reading.free_bytes,
+                max(0, room),
                 self.config.budget_bytes,
-                reason=f"the device has only {format_gib(reading.free_bytes)} free"
-                + self._foreign_pids_text(reading),
+                reason=f"the device has {format_gib(reading.free_bytes)} free and "
+                f"{format_gib(reading.used_bytes)} in use" + self._foreign_pids_text(reading),
             )
         )
 
@@ -955,7 +985,14 @@ class Orchestrator:
         )
 
     def _note_use_peak(self, model: str) -> None:
-        self._learn(model, self.backends[model].peak_bytes(), "peak")
+        peak = self.backends[model].peak_bytes()
+        self._learn(model, peak, "peak")
+        r = self._ledger.get(model)
+        if r is not None and r.tier is Tier.GPU and peak is not None and peak > r.vram_bytes:
+            # It needed more than it was loaded with: no new lease on it until it has been
+            # reloaded at its learned size (the scheduler does that once it is idle).
+            self._refit.add(model)
+            self._wake.set()
 
     async def _load(self, p: Plan) -> None:
         backend = self.backends[p.load]

@@ -74,12 +74,14 @@ class NvmlDevice:
                 logger.debug("NVML process list unavailable: %s", exc)
                 continue
             for p in found:
-                used = getattr(p, "usedGpuMemory", None)
+                raw = getattr(p, "usedGpuMemory", None)
+                used = int(raw) if raw is not None and int(raw) >= 0 else None
                 pid = int(p.pid)
-                if used is not None and int(used) >= 0:
-                    prev = procs.get(pid)
-                    used = int(used) + ((prev.used_bytes or 0) if prev else 0)
-                procs[pid] = ProcessUse(pid, int(used) if used is not None else None)
+                prev = procs.get(pid)
+                if prev is not None:  # listed as compute and graphics: add what is known
+                    known = [x for x in (prev.used_bytes, used) if x is not None]
+                    used = sum(known) if known else None
+                procs[pid] = ProcessUse(pid, used)
         return DeviceReading(
             source=self.source,
             total_bytes=int(mem.total),

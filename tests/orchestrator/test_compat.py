@@ -20,7 +20,8 @@ def fast_manager() -> ModelManager:
     """The embedded config with its simulated latencies 10x shorter again."""
     return ModelManager(orchestrator=Orchestrator(dataclasses.replace(load_config(None), time_scale=0.005)))
 
-EXAMPLE_4 = '''
+
+EXAMPLE_4 = """
 from orchestrator import ModelManager
 
 manager = ModelManager()
@@ -33,7 +34,7 @@ with manager.use_tts() as tts:
     print("TTS model ready")
 
 manager.cleanup()
-'''
+"""
 
 
 def test_example_4_runs_as_written() -> None:

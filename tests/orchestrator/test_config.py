@@ -187,8 +187,14 @@ def test_a_kind_listed_as_heavy_and_light() -> None:
 @pytest.mark.parametrize(
     ("value", "shown"),
     [
-        ("-1", "-1"), ("0", "0"), ("0.0", "0.0"), ("lots", "'lots'"), ("true", "True"),
-        (".nan", "nan"), (".inf", "inf"), ("[15]", "[15]"),
+        ("-1", "-1"),
+        ("0", "0"),
+        ("0.0", "0.0"),
+        ("lots", "'lots'"),
+        ("true", "True"),
+        (".nan", "nan"),
+        (".inf", "inf"),
+        ("[15]", "[15]"),
     ],
 )
 def test_a_bad_budget(value: str, shown: str) -> None:
@@ -208,8 +214,12 @@ def test_a_missing_hardware_section() -> None:
 
 def test_a_safe_max_above_the_total() -> None:
     err = config_error(VALID.replace("safe_max_vram_gb: 15.5", "safe_max_vram_gb: 17"))
-    assert_names(err, "hardware.safe_max_vram_gb", "17.00 GiB is more than total_vram_gb (16.00 GiB)",
-                 "at or below total_vram_gb")
+    assert_names(
+        err,
+        "hardware.safe_max_vram_gb",
+        "17.00 GiB is more than total_vram_gb (16.00 GiB)",
+        "at or below total_vram_gb",
+    )
 
 
 def test_an_estimate_larger_than_the_budget_names_the_shortfall() -> None:
@@ -281,8 +291,9 @@ def test_a_falsy_value_where_a_mapping_belongs(text: str, key: str) -> None:
 
 def test_fairness_longer_than_max_wait() -> None:
     err = config_error(VALID + "switching: {fairness_s: 30, max_wait_s: 10}\n")
-    assert_names(err, "switching.fairness_s", "30 s is longer than max_wait_s (10 s)",
-                 "at or below max_wait_s")
+    assert_names(
+        err, "switching.fairness_s", "30 s is longer than max_wait_s (10 s)", "at or below max_wait_s"
+    )
 
 
 def test_fairness_equal_to_max_wait_is_accepted() -> None:
