@@ -405,7 +405,8 @@ class Orchestrator:
             for r in target.residents:
                 target = target.move(r.model, Tier.DISK)
             if self._ledger.residents:
-                self._fire("begin_switch", target, model=None)
+                t0 = self.now_s()
+                self._fire("begin_switch", target, model=None, detail="shutdown: unloading everything")
                 for r in list(self._ledger.residents):
                     backend = self.backends[r.model]
                     try:
@@ -417,7 +418,7 @@ class Orchestrator:
                     except Exception as exc:
                         logger.error("could not unload %s at shutdown: %s", r.model, exc)
                 trigger = "fail_switch" if self._ledger.residents else "finish_switch"
-                self._fire(trigger, self._ledger, model=None)
+                self._fire(trigger, self._ledger, model=None, t0=t0)
             for b in self.backends.values():
                 try:
                     with anyio.fail_after(self.config.unload_timeout_s):
@@ -747,7 +748,7 @@ class Orchestrator:
             after = after.move(m, Tier.DISK)
         with self._switching():
             t0 = self.now_s()
-            self._fire("begin_switch", after, model=None)
+            self._fire("begin_switch", after, model=None, detail=f"unloading {', '.join(victims)} ({why})")
             try:
                 for m in victims:
                     with anyio.fail_after(self.config.unload_timeout_s):
@@ -816,7 +817,15 @@ class Orchestrator:
 
     # -- the executor ------------------------------------------------------------------------
 
-    def _fire(self, trigger: str, ledger: Ledger, *, model: str | None, t0: float | None = None) -> None:
+    def _fire(
+        self,
+        trigger: str,
+        ledger: Ledger,
+        *,
+        model: str | None,
+        t0: float | None = None,
+        detail: str | None = None,
+    ) -> None:
         before_state = self._machine.state
         before_bytes = self._ledger.committed_bytes
         self._machine.fire(trigger, ledger)
@@ -829,6 +838,7 @@ class Orchestrator:
             bytes_before=before_bytes,
             bytes_after=ledger.committed_bytes,
             duration_s=None if t0 is None else self.now_s() - t0,
+            detail=detail,
         )
 
     def _emit(self, kind: str, **kw: Any) -> None:

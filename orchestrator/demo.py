@@ -76,7 +76,8 @@ class Progress:
     def __call__(self, e: Event) -> None:
         stamp = f"[{e.time_s:7.2f} s]"
         if e.kind == "transition" and e.trigger == "begin_switch":
-            print(f"{stamp} switching: {e.from_state} -> loading {e.model or 'nothing'} ...", file=self.out)
+            what = f"loading {e.model}" if e.model else (e.detail or "unloading")
+            print(f"{stamp} switching: {e.from_state} -> {what} ...", file=self.out)
         elif e.kind == "transition" and e.trigger in ("finish_switch", "fail_switch"):
             dur = (e.duration_s or 0.0) / self.time_scale if self.time_scale else 0.0
             verb = "now" if e.trigger == "finish_switch" else "FAILED, back to"
@@ -182,14 +183,14 @@ def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str
     lines = [
         "",
         "summary (times at real speed)",
-        f"  switches            {s['switches']} ({s['cold_loads']} cold loads, {s['restores_from_host']} "
+        f"  switches             {s['switches']} ({s['cold_loads']} cold loads, {s['restores_from_host']} "
         f"restores from host RAM, {s['evictions']} evictions, {s['failed_switches']} failed)",
-        f"  leases              {s['leases']}",
-        f"  total time          {s['real_speed_s']:.1f} s",
-        f"  switching           {s['switching_real_speed_s']:.1f} s",
+        f"  leases               {s['leases']}",
+        f"  total time           {s['real_speed_s']:.1f} s",
+        f"  switching            {s['switching_real_speed_s']:.1f} s",
         f"  working (all agents) {s['working_real_speed_s']:.1f} s",
-        f"  wait p50 / max      {s['wait_p50_real_speed_s']:.1f} s / {s['wait_max_real_speed_s']:.1f} s",
-        f"  peak VRAM           {format_gib(s['peak_vram_bytes'])} of the {format_gib(s['budget_bytes'])} "
+        f"  wait p50 / max       {s['wait_p50_real_speed_s']:.1f} s / {s['wait_max_real_speed_s']:.1f} s",
+        f"  peak VRAM            {format_gib(s['peak_vram_bytes'])} of the {format_gib(s['budget_bytes'])} "
         f"budget ({ok})",
     ]
     if chart is not None:
