@@ -321,6 +321,10 @@ class Orchestrator:
         now = self.now_s()
         return [(w.model, w.priority, now - w.arrived_s) for w in list(self._waiters)]
 
+    def last_errors(self) -> Mapping[str, BaseException]:
+        """The error of each model whose last switch failed (cleared by its next success)."""
+        return dict(self._last_error)
+
     def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``fn(event)`` for every event; returns a function that unsubscribes."""
         return self.hub.add_listener(fn)
@@ -871,6 +875,7 @@ class Orchestrator:
             self._switching_s += self.now_s() - t0
             self._switches += 1
             self._failures.pop(target, None)
+            self._last_error.pop(target, None)
             self._backoff_until.pop(target, None)
             self._fire("finish_switch", self._ledger, model=target, t0=t0)
             if self.config.mode is not Mode.FCFS:

@@ -400,11 +400,13 @@ async def test_a_load_that_raises_fails_its_waiter_and_a_retry_succeeds(orch: Or
         assert device_of(orch).held_by("sdxl-base") == 0
         assert orch.statistics().failed_switches == 1
         assert orch.waiting() == []
+        assert orch.last_errors()["sdxl-base"] is err  # the model records its error
         # The next request waits out retry_backoff_s, then loads.
         with anyio.fail_after(2):
             async with orch.acquire("sdxl") as lease:
                 assert lease.model == "sdxl-base"
         assert_settled(orch)
+        assert "sdxl-base" not in orch.last_errors()  # cleared by the success
     fail = next(e for e in events if e.kind == "fail")
     load = next(e for e in events if e.kind == "load" and e.model == "sdxl-base")
     assert load.time_s - fail.time_s >= orch.config.retry_backoff_s
