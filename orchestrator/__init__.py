@@ -6,11 +6,12 @@ heavy dependencies lazily, when a config uses them).
 
 from __future__ import annotations
 
-from orchestrator.compat import ModelManager
+from orchestrator.compat import LLMStatus, ModelManager, ServiceController
 from orchestrator.config import Config, ModelSpec, load_config, parse_config
 from orchestrator.core import Lease, Orchestrator, Statistics
 from orchestrator.errors import (
     AcquireTimeout,
+    BackendCrashed,
     BackendError,
     BackendOutOfMemory,
     ConfigError,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AcquireTimeout",
+    "BackendCrashed",
     "BackendError",
     "BackendOutOfMemory",
     "Config",
@@ -42,6 +44,7 @@ __all__ = [
     "FootprintStore",
     "IllegalTransition",
     "InsufficientVRAM",
+    "LLMStatus",
     "Lease",
     "LeaseDeadlock",
     "Ledger",
@@ -53,6 +56,7 @@ __all__ = [
     "Orchestrator",
     "OrchestratorError",
     "PeakSampler",
+    "ServiceController",
     "State",
     "Statistics",
     "Tier",

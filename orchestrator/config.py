@@ -24,7 +24,7 @@ from states.units import format_gib, gib_to_bytes
 KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
 DEVICES = ("auto", "nvml", "torch", "simulated")
 FOREIGN_POLICIES = ("wait", "fail")
-BACKENDS = ("simulated", "synthetic")
+BACKENDS = ("simulated", "synthetic", "server")
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
 
@@ -417,7 +417,16 @@ class _Parser:
         if isinstance(b, Mapping):
             options = {str(k): v for k, v in b.items() if k != "type"}
             b = b.get("type")
-        backend = self.choice(b, f"{key}.backend", BACKENDS)
+        backend = self.choice(b, f"{key}.backend" + (".type" if options else ""), BACKENDS)
+        if backend == "server":
+            from orchestrator.backends.server import OptionError, ServerOptions
+
+            try:
+                ServerOptions.parse(options)
+            except OptionError as exc:
+                raise self.err(
+                    f"{key}.backend.{exc.key}", exc.problem, "see the server backend's keys in the README"
+                ) from None
         offload = m.get("offload", False)
         if not isinstance(offload, bool):
             raise self.err(

@@ -33,6 +33,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from orchestrator.backends.base import Backend
+from orchestrator.backends.server import ServerBackend
 from orchestrator.backends.simulated import SimulatedBackend
 from orchestrator.backends.synthetic import SyntheticBackend
 from orchestrator.config import Config, ModelSpec, load_config
@@ -41,6 +42,7 @@ from orchestrator.device.base import Device, DeviceOutOfMemory, DeviceReading
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.errors import (
     AcquireTimeout,
+    BackendCrashed,
     BackendError,
     BackendOutOfMemory,
     ConfigError,
@@ -53,7 +55,7 @@ from orchestrator.errors import (
     VRAMNotReleased,
 )
 from orchestrator.events import Event, EventHub
-from orchestrator.footprints import FootprintStore
+from orchestrator.footprints import FootprintStore, default_path
 from orchestrator.monitor import (
     ModelEstimate,
     PeakSampler,
@@ -197,7 +199,11 @@ class Orchestrator:
         self._deferred: dict[str, Deferred] = {}
         self._reap_after: dict[str, float] = {}
         self._rebalance_after = 0.0
-        self._refit: set[str] = set()  # residents to reload at their learned size
+        # residents to unload once idle (no new leases meanwhile), and why: a reload at a
+        # learned size, or unload() asked for it
+        self._to_unload: dict[str, str] = {}
+        self._lease_scopes: dict[str, dict[anyio.CancelScope, BackendCrashed | None]] = {}
+        self._watch_scopes: dict[str, anyio.CancelScope] = {}
         self._seq = 0
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -237,6 +243,8 @@ class Orchestrator:
             ) from None
 
     def _make_backend(self, spec: ModelSpec) -> Backend:
+        if spec.backend == "server":
+            return ServerBackend(spec, log_dir=default_path().parent / "logs", device=self.device)
         if spec.backend == "synthetic":
             if self.device.source == "simulated":
                 raise ConfigError(
@@ -413,6 +421,7 @@ class Orchestrator:
                 self._fire("begin_switch", target, model=None, detail="shutdown: unloading everything")
                 for r in list(self._ledger.residents):
                     backend = self.backends[r.model]
+                    self._stop_watch(r.model)
                     try:
                         with anyio.fail_after(self.config.unload_timeout_s):
                             await backend.unload()
@@ -433,6 +442,29 @@ class Orchestrator:
                 await self._wait_released(list(self.backends))
             except VRAMNotReleased as exc:
                 logger.error("at shutdown: %s", exc)
+
+    async def unload(self, name_or_kind: str, *, timeout: float | None = None) -> None:
+        """Unload a model (from the GPU and the host tier) as soon as its leases end; no new
+        lease is granted on it meanwhile. Returns when its memory is back.
+
+        :raises AcquireTimeout: the model's leases did not end within ``timeout``.
+        """
+        spec = self.resolve(name_or_kind)
+        if not self.running:
+            raise NotRunning()
+        if self._ledger.get(spec.name) is None:
+            return
+        self._to_unload[spec.name] = "unload requested"
+        self._wake.set()
+        try:
+            with anyio.fail_after(timeout):
+                while self._ledger.get(spec.name) is not None:  # noqa: ASYNC110 - the scheduler does it
+                    await anyio.sleep(RELEASE_POLL_S)
+        except TimeoutError:
+            self._to_unload.pop(spec.name, None)
+            raise AcquireTimeout(
+                spec.name, timeout or 0.0, 0, sum(self.leases().values()), "its leases did not end"
+            ) from None
 
     # -- acquire -----------------------------------------------------------------------------
 
@@ -498,10 +530,18 @@ class Orchestrator:
         self._wait_sum_s += waited
         self._wait_max_s = max(self._wait_max_s, waited)
         lease = Lease(spec.name, spec.kind, self.backends[spec.name].handle, waited, priority)
+        # If the model's process dies while the block runs, the block is cancelled and
+        # BackendCrashed raised from it (see _on_crash).
+        scope = anyio.CancelScope()
+        self._lease_scopes.setdefault(spec.name, {})[scope] = None
         try:
-            yield lease
+            with scope:
+                yield lease
         finally:
+            crash = self._lease_scopes.get(spec.name, {}).pop(scope, None)
             self._release(spec.name, w.task_id)
+        if crash is not None and scope.cancelled_caught:
+            raise crash
 
     def _holding_text(self, model: str) -> str:
         text = self._ledger.describe()
@@ -515,7 +555,7 @@ class Orchestrator:
             len(self._waiters) == 1
             and self._machine.state is not State.SWITCHING
             and model not in self._draining
-            and model not in self._refit
+            and model not in self._to_unload
             and self._ledger.on_gpu(model)
         )
 
@@ -663,7 +703,7 @@ class Orchestrator:
             wake_at.append(self._rebalance_after)
         elif not self._ledger.fits() and await self._rebalance():
             return 0  # residents changed: decide again from a fresh view
-        elif await self._refit_undersized():
+        elif await self._unload_requested():
             return 0
 
         # Choose a target whose plan is possible now; foreign memory may defer some.
@@ -703,8 +743,8 @@ class Orchestrator:
         evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen else frozenset()
         v = view()
         adm = admission(v, target, evictees)
-        self._draining = adm.drain | self._refit
-        for w in [w for w in self._waiters if w.seq in adm.grant and w.model not in self._refit]:
+        self._draining = adm.drain | set(self._to_unload)
+        for w in [w for w in self._waiters if w.seq in adm.grant and w.model not in self._to_unload]:
             self._grant(w)
 
         if chosen is None or target is None:
@@ -755,6 +795,7 @@ class Orchestrator:
             self._fire("begin_switch", after, model=None, detail=f"unloading {', '.join(victims)} ({why})")
             try:
                 for m in victims:
+                    self._stop_watch(m)
                     with anyio.fail_after(self.config.unload_timeout_s):
                         await self.backends[m].unload()
                     self._ledger = self._ledger.move(m, Tier.DISK)
@@ -768,16 +809,16 @@ class Orchestrator:
             finally:
                 self._fire("finish_switch", self._ledger, model=None, t0=t0)
 
-    async def _refit_undersized(self) -> bool:
-        """A resident that turned out to need more than it was loaded with (a learned use
-        peak) reloads at its learned size: evicted when idle, so the next lease finds it
-        loaded with room for its peak."""
-        self._refit &= {r.model for r in self._ledger.gpu_residents}
-        idle = [m for m in sorted(self._refit) if not self._leases.get(m)]
+    async def _unload_requested(self) -> bool:
+        """Unload the residents marked for it (``unload()``, or a use peak that outgrew the
+        model's reservation: it reloads at its learned size on its next acquire) once idle."""
+        for m in [m for m in self._to_unload if self._ledger.get(m) is None]:
+            del self._to_unload[m]
+        idle = sorted(m for m in self._to_unload if not self._leases.get(m))
         if not idle:
             return False
-        self._refit -= set(idle)
-        await self._evict_only(idle, "reload at its learned size")
+        reasons = {self._to_unload.pop(m) for m in idle}
+        await self._evict_only(idle, "; ".join(sorted(reasons)))
         return True
 
     def _side_load(self, v: SchedulerView, target: str) -> Plan | None:
@@ -888,6 +929,7 @@ class Orchestrator:
         freed: list[str] = []
         for e in p.evictions:
             backend = self.backends[e.model]
+            self._stop_watch(e.model)
             t0 = self.now_s()
             try:
                 with anyio.fail_after(self.config.unload_timeout_s):
@@ -939,6 +981,49 @@ class Orchestrator:
             yield
         finally:
             self._switch_lock.release()
+
+    def _start_watch(self, model: str) -> None:
+        """Notice the model's process exit at once, not at the next health check."""
+        backend = self.backends[model]
+        if type(backend).wait_exit is Backend.wait_exit or self._tg is None:
+            return  # this backend has no process of its own
+        self._stop_watch(model)
+        scope = anyio.CancelScope()
+        self._watch_scopes[model] = scope
+        self._tg.start_soon(self._watch, model, scope, name=f"vram-orchestrator watch {model}")
+
+    def _stop_watch(self, model: str) -> None:
+        scope = self._watch_scopes.pop(model, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _watch(self, model: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            reason = await self.backends[model].wait_exit()
+            self._watch_scopes.pop(model, None)
+            self._on_crash(model, reason)
+
+    def _on_crash(self, model: str, reason: str) -> None:
+        """A resident's process died: the ledger and the machine are made true again at once,
+        its leases get BackendCrashed, and the next acquire starts it again."""
+        if self._ledger.get(model) is None:
+            return
+        err = BackendCrashed(model, reason)
+        self._ledger = self._ledger.move(model, Tier.DISK)
+        self._note_lost(model)
+        for scope in self._lease_scopes.get(model, {}):
+            self._lease_scopes[model][scope] = err
+            scope.cancel()
+        if self._machine.state is not State.SWITCHING:
+            self._fire("settle", self._ledger, model=model, detail="crashed")
+        n = self._failures.get(model, 0) + 1
+        self._failures[model] = n
+        self._last_error[model] = err
+        backoff = min(self.config.retry_backoff_s * 2 ** (n - 1), self.config.max_wait_s / 4)
+        self._backoff_until[model] = self.now_s() + backoff
+        logger.error("%s crashed (%d in a row; restart allowed in %.2f s): %s", model, n, backoff, reason)
+        self._emit("crash", model=model, detail=reason)
+        self._wake.set()  # the reaper stops what is left of it; waiters get it restarted
 
     def _note_lost(self, model: str) -> None:
         self._lost_gpu_s[model] = self.now_s()
@@ -1006,7 +1091,7 @@ class Orchestrator:
         if r is not None and r.tier is Tier.GPU and peak is not None and peak > r.vram_bytes:
             # It needed more than it was loaded with: no new lease on it until it has been
             # reloaded at its learned size (the scheduler does that once it is idle).
-            self._refit.add(model)
+            self._to_unload[model] = "reload at its learned size"
             self._wake.set()
 
     async def _load(self, p: Plan) -> None:
@@ -1070,6 +1155,7 @@ class Orchestrator:
             bytes_after=resident.vram_bytes,  # what the ledger holds for it
         )
         self._learn(p.load, backend.measured_bytes(live_only=True), "load")
+        self._start_watch(p.load)
 
     def _record_failure(self, model: str, exc: Exception) -> None:
         n = self._failures.get(model, 0) + 1

@@ -14,6 +14,7 @@ The hierarchy::
           └── BackendError                 a backend failed; ``model`` names it
                ├── LoadFailed              loading (or restoring) raised
                ├── UnloadFailed            unloading (or offloading) raised or timed out
+               ├── BackendCrashed          a resident's process died while it was in use
                ├── BackendOutOfMemory      the device refused an allocation
                └── VRAMNotReleased         unloaded, but the device still shows the bytes
 """
@@ -26,6 +27,7 @@ from states.errors import IllegalTransition, InsufficientVRAM, OrchestratorError
 
 __all__ = [
     "AcquireTimeout",
+    "BackendCrashed",
     "BackendError",
     "BackendOutOfMemory",
     "ConfigError",
@@ -106,6 +108,13 @@ class LoadFailed(BackendError):
 
 class UnloadFailed(BackendError):
     action = "unload"
+
+
+class BackendCrashed(BackendError):
+    """The model's process died; raised from the ``async with acquire(...)`` blocks that held
+    it. The next acquire starts it again (after a back-off when it keeps crashing)."""
+
+    action = "serving"
 
 
 class BackendOutOfMemory(BackendError):

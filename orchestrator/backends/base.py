@@ -23,6 +23,8 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import anyio
+
 from states.ledger import Tier
 
 
@@ -87,6 +89,12 @@ class Backend(abc.ABC):
 
     async def restore(self, limit_bytes: int | None = None) -> Any:
         return await self.load(limit_bytes)
+
+    async def wait_exit(self) -> str:
+        """Return (with the reason) when the loaded model dies on its own: a server process
+        that exits. Backends without a process of their own never return."""
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         """Release everything for good (the orchestrator is shutting down)."""
