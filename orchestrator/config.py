@@ -24,7 +24,7 @@ from states.units import format_gib, gib_to_bytes
 KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
 DEVICES = ("auto", "nvml", "torch", "simulated")
 FOREIGN_POLICIES = ("wait", "fail")
-BACKENDS = ("simulated", "synthetic", "server")
+BACKENDS = ("simulated", "synthetic", "server", "vllm")
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
 
@@ -418,11 +418,15 @@ class _Parser:
             options = {str(k): v for k, v in b.items() if k != "type"}
             b = b.get("type")
         backend = self.choice(b, f"{key}.backend" + (".type" if options else ""), BACKENDS)
-        if backend == "server":
+        if backend in ("server", "vllm"):
             from orchestrator.backends.server import OptionError, ServerOptions
+            from orchestrator.backends.vllm import check_vllm_options
 
             try:
-                ServerOptions.parse(options)
+                if backend == "server":
+                    ServerOptions.parse(options)
+                else:
+                    check_vllm_options(options)
             except OptionError as exc:
                 raise self.err(
                     f"{key}.backend.{exc.key}", exc.problem, "see the server backend's keys in the README"

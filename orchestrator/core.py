@@ -36,6 +36,7 @@ from orchestrator.backends.base import Backend
 from orchestrator.backends.server import ServerBackend
 from orchestrator.backends.simulated import SimulatedBackend
 from orchestrator.backends.synthetic import SyntheticBackend
+from orchestrator.backends.vllm import VllmBackend
 from orchestrator.config import Config, ModelSpec, load_config
 from orchestrator.device import DeviceUnavailable, open_device
 from orchestrator.device.base import Device, DeviceOutOfMemory, DeviceReading
@@ -245,6 +246,8 @@ class Orchestrator:
     def _make_backend(self, spec: ModelSpec) -> Backend:
         if spec.backend == "server":
             return ServerBackend(spec, log_dir=default_path().parent / "logs", device=self.device)
+        if spec.backend == "vllm":
+            return VllmBackend(spec, log_dir=default_path().parent / "logs", device=self.device)
         if spec.backend == "synthetic":
             if self.device.source == "simulated":
                 raise ConfigError(
@@ -955,7 +958,10 @@ class Orchestrator:
                     detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
                     raise UnloadFailed(e.model, f"{detail} while evicting it for {p.load!r}") from exc
                 raise
-            self._ledger = self._ledger.move(e.model, e.to_tier)
+            # A backend may fall back from keeping a host copy to dropping it (a vLLM server
+            # that cannot sleep): the ledger follows what it really did.
+            landed = backend.tier if backend.tier is not Tier.GPU else e.to_tier
+            self._ledger = self._ledger.move(e.model, landed)
             self._evictions += 1
             if e.from_tier is Tier.GPU:
                 self._note_lost(e.model)
@@ -964,7 +970,7 @@ class Orchestrator:
                 "evict",
                 model=e.model,
                 duration_s=self.now_s() - t0,
-                detail=f"{e.from_tier.value} -> {e.to_tier.value} for {p.load}",
+                detail=f"{e.from_tier.value} -> {landed.value} for {p.load}",
             )
         await self._wait_released(freed)
 

@@ -279,6 +279,10 @@ class ServerBackend(Backend):
             )  # fmt: skip
         except OSError as exc:
             self._close_log()
+            if o.cwd is not None and not os.path.isdir(o.cwd):  # noqa: ASYNC240 - after a failed start
+                raise LoadFailed(
+                    self.name, f"the working folder {o.cwd} (backend.cwd) does not exist"
+                ) from None
             raise LoadFailed(self.name, f"cannot start {argv[0]!r}: {exc.strerror}") from None
         self._tier = Tier.GPU  # from here on, unload() has a process to stop
         self.started_at = time.monotonic()
@@ -305,7 +309,8 @@ class ServerBackend(Backend):
                         f"the server exited with code {code} before it was ready; last lines of "
                         f"{self.log_path}:\n{log_tail(self.log_path)}",
                     )
-                if await self._healthy(client):
+                why = await self._not_ready(client)
+                if why is None:
                     return
                 if time.monotonic() >= deadline:
                     where = (
@@ -313,27 +318,26 @@ class ServerBackend(Backend):
                         if self.log_path
                         else ""
                     )
-                    raise LoadFailed(
-                        self.name,
-                        f"{self.base_url}{o.health_path} did not answer 200 within start_timeout_s="
-                        f"{o.start_timeout_s:g}{where}",
-                    )
+                    raise LoadFailed(self.name, f"{why} within start_timeout_s={o.start_timeout_s:g}{where}")
                 await anyio.sleep(POLL_S)
 
-    async def _healthy(self, client: httpx.AsyncClient) -> bool:
+    async def _not_ready(self, client: httpx.AsyncClient) -> str | None:
+        """None when ready; otherwise what is missing, for the timeout's message."""
         o = self.options
+        health = f"{self.base_url}{o.health_path} did not answer 200"
         try:
             r = await client.get(o.health_path)
             if r.status_code != 200:
-                return False
+                return health
             if o.served_model is None:
-                return True
+                return None
             m = await client.get("/v1/models")
-            return m.status_code == 200 and any(
-                d.get("id") == o.served_model for d in m.json().get("data", [])
-            )
+            listed = [d.get("id") for d in m.json().get("data", [])] if m.status_code == 200 else []
+            if o.served_model in listed:
+                return None
+            return f"{self.base_url}/v1/models did not list the served model {o.served_model!r} ({listed})"
         except (httpx.HTTPError, ValueError):
-            return False
+            return health
 
     async def wait_exit(self) -> str:
         """Return when the server process exits (a crash, unless we stopped it): the reason."""
@@ -362,6 +366,12 @@ class ServerBackend(Backend):
     async def _stop(self, proc: Process) -> None:
         """The stop signal to the whole group, a grace period, SIGKILL, and every member gone."""
         pgid = proc.pid
+        if proc.returncode is not None and not group_alive(pgid):
+            # Already gone, children included (a crash): its pid may belong to a new process
+            # group by now, so no signal is sent at all.
+            self.exit_code = proc.returncode
+            await proc.aclose()
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, self.options.stop_signal)
         with anyio.move_on_after(self.options.stop_grace_s):

