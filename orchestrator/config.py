@@ -7,6 +7,7 @@ kept in bytes. Every error names the file, the key, the bad value and the fix.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -110,8 +111,18 @@ class Config:
 # -- loading -----------------------------------------------------------------------------------
 
 
+CONFIG_ENV = "VRAM_ORCHESTRATOR_CONFIG"
+
+
 def load_config(path: str | Path | None = None) -> Config:
-    """Read and validate a YAML config. ``None`` means the embedded default."""
+    """Read and validate a YAML config.
+
+    ``None`` means the file named by the ``VRAM_ORCHESTRATOR_CONFIG`` environment variable when
+    it is set (so the design document's ``ModelManager()`` and ``ServiceController()`` find a
+    machine's config with no code change), else the embedded default.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
     if path is None:
         text = resources.files("orchestrator").joinpath("defaults", DEFAULT_CONFIG_NAME).read_text()
         return parse_config(text, source=f"<embedded {DEFAULT_CONFIG_NAME}>")

@@ -180,3 +180,72 @@ def test_the_tiny_model_builder_is_a_command(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "tiny-llm" / "model.safetensors").stat().st_size > 0
     assert (tmp_path / "tiny-llm" / "tokenizer.json").exists()
+
+
+EXAMPLE_3 = """
+from orchestrator import ServiceController
+
+controller = ServiceController()
+
+# Check current status
+print("Checking LLM status...")
+if controller.is_llm_running():
+    print("LLM is running")
+else:
+    print("LLM is not running")
+
+    # Start LLM
+    print("Starting LLM backend...")
+    success = controller.start_llm(model="qwen-14b", wait=True)
+
+    if success:
+        print("LLM started successfully")
+        status = controller.get_llm_status()
+        print(f"pid {status.pid} url {status.url}")
+    else:
+        print("Failed to start LLM")
+
+# Later: Stop LLM to free VRAM for SDXL
+print("Stopping LLM to load SDXL...")
+controller.stop_llm(wait=True)
+
+# Verify stopped
+assert not controller.is_llm_running()
+print("LLM stopped, VRAM freed")
+"""
+
+
+def test_design_example_3_against_the_real_server(tiny_model: Path, tmp_path: Path) -> None:
+    """The design document's Example 3 (plus a status line), only the import line changed, its
+    "qwen-14b" served by the real vLLM through the config named in VRAM_ORCHESTRATOR_CONFIG."""
+    import subprocess
+
+    cfg = tmp_path / "machine.yaml"
+    cfg.write_text(config(tiny_model, tmp_path, sleep_level=None).replace("tiny-llm:", "qwen-14b:", 1))
+    env = {**os.environ, "VRAM_ORCHESTRATOR_CONFIG": str(cfg)}
+    out = subprocess.run(
+        [sys.executable, "-c", EXAMPLE_3], capture_output=True, text=True, timeout=400, env=env
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[:4] == ["Checking LLM status...", "LLM is not running", "Starting LLM backend...",
+                         "LLM started successfully"]  # fmt: skip
+    pid = int(lines[4].split()[1])
+    assert lines[4].split()[3].startswith("http://127.0.0.1:")
+    assert lines[-1] == "LLM stopped, VRAM freed"
+    assert not group_alive(pid)
+
+
+async def test_a_fixed_port_already_taken_starts_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        orch = Orchestrator(parse_config(config(tiny_model, tmp_path, port=port)))
+        async with orch:
+            with pytest.raises(LoadFailed, match=f"port {port} on 127.0.0.1 is taken"):
+                async with orch.acquire("llm"):
+                    pass
+            assert vllm(orch).pid is None
