@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.backends.server import ServerBackend
 from states.units import format_gib
 
 if TYPE_CHECKING:
@@ -54,7 +55,14 @@ def status_report(orch: Orchestrator) -> dict[str, Any]:
                 "default": config.defaults.get(spec.kind) == name,
                 "tier": tier_name,
                 "estimated_bytes": spec.vram_bytes,
+                "learned_bytes": (fp.high_water_bytes if (fp := orch.footprints.get(name)) else None),
+                "planned_bytes": orch.estimate(name).estimated_vram_bytes,
                 "measured_bytes": backend.measured_bytes() if backend is not None else None,
+                "server": (
+                    {"pid": backend.pid, "url": backend.base_url, "log": str(backend.log_path or "")}
+                    if isinstance(backend, ServerBackend)
+                    else None
+                ),
                 "host_bytes": spec.host_bytes if spec.offload else None,
                 "confidence": spec.confidence,
                 "backend": spec.backend,
@@ -93,7 +101,7 @@ def format_status(report: dict[str, Any], *, running: bool = False) -> str:
         "",
     ]
     # Leases and waiters exist only while it runs; the config's view leaves them out.
-    head = ("model", "kind", "class", "tier", "estimated", "measured", "leases", "waiting", "")
+    head = ("model", "kind", "class", "tier", "estimated", "learned", "measured", "leases", "waiting", "")
     keep = [i for i in range(len(head)) if running or head[i] not in ("leases", "waiting")]
     rows = [head]
     for m in report["models"]:
@@ -105,6 +113,7 @@ def format_status(report: dict[str, Any], *, running: bool = False) -> str:
                 m["class"],
                 m["tier"],
                 format_gib(m["estimated_bytes"]),
+                "-" if m["learned_bytes"] is None else format_gib(m["learned_bytes"]),
                 "-" if measured is None else format_gib(measured),
                 str(m["leases"]),
                 str(m["waiting"]),
@@ -112,8 +121,12 @@ def format_status(report: dict[str, Any], *, running: bool = False) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    right = {4, 5, 6, 7}  # numbers align right
+    right = {4, 5, 6, 7, 8}  # numbers align right
     for r in rows:
         cells = [r[i].rjust(widths[i]) if i in right else r[i].ljust(widths[i]) for i in keep]
         lines.append("  " + "  ".join(cells).rstrip())
+    for m in report["models"]:
+        srv = m["server"]
+        if srv and srv["log"]:
+            lines.append(f"  {m['name']}: server pid {srv['pid']} at {srv['url']}, log {srv['log']}")
     return "\n".join(lines)

@@ -121,7 +121,7 @@ def test_status_prints_an_aligned_table() -> None:
     assert lines[3].startswith("state    IDLE")
     table = lines[lines.index("") + 1 :]
     head = table[0]
-    assert head.split() == ["model", "kind", "class", "tier", "estimated", "measured"]
+    assert head.split() == ["model", "kind", "class", "tier", "estimated", "learned", "measured"]
     rows = {r.split()[0]: r for r in table[1:]}
     assert set(rows) == {
         "qwen-14b",
