@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,49 @@ QUIET_ENV = {
     "VLLM_HOST_IP": "127.0.0.1",
     "HF_HUB_OFFLINE": "1",
 }
+
+
+SHM_PREFIXES = ("psm_", "torch_", "vllm")  # multiprocessing.shared_memory, torch, vLLM
+
+
+def remove_stale_shm(since: float, shm: Path = Path("/dev/shm")) -> list[str]:
+    """Remove what a stopped server left in /dev/shm: entries with the names Python's shared
+    memory, torch and vLLM use, made since it started, that no process has open any more.
+    (A SIGKILLed engine never unlinks its segments.)"""
+    try:
+        entries = [e for e in shm.iterdir() if e.name.startswith(SHM_PREFIXES)]
+    except OSError:
+        return []
+    fresh = [e for e in entries if _mtime(e) >= since - 1.0]
+    if not fresh:
+        return []
+    held: set[str] = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                target = os.readlink(fd)
+                if target.startswith(str(shm)):
+                    held.add(target)
+        except OSError:
+            continue
+    removed = []
+    for e in fresh:
+        if str(e) not in held:
+            try:
+                e.unlink()
+                removed.append(e.name)
+            except OSError:
+                continue
+    if removed:
+        logger.info("removed %d shared-memory segments a stopped server left: %s", len(removed), removed)
+    return removed
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def split_options(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -148,14 +192,24 @@ class VllmBackend(ServerBackend):
         return await super().load(limit_bytes)
 
     async def unload(self) -> None:
+        started = self.started_at_wall
         try:
             await super().unload()
         finally:
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
+            if started is not None and self._proc is None:
+                remove_stale_shm(since=started)
 
     # -- the sleep tier ------------------------------------------------------------------------
+
+    @property
+    def started_at_wall(self) -> float | None:
+        """When the running server was started, in wall-clock time (None if none runs)."""
+        if self.started_at is None or self._proc is None:
+            return None
+        return time.time() - (time.monotonic() - self.started_at)
 
     async def offload(self, tier: Tier) -> None:
         if tier is Tier.DISK or not self.supports_host_tier or self.base_url is None:
