@@ -159,8 +159,10 @@ class OrchestratorMachine(RuleBasedStateMachine):
         (when it is larger than its estimate): it noticed the difference and learned it."""
         if not self.cfg.learn_footprints:
             return
-        tried = {e.model for e in self.orch.hub.history if e.kind == "load" or e.kind == "fail"}
-        for name in sorted(m for m in tried if m is not None and m in self.cfg.models):
+        # Only models that really began a load could be measured (a switch may fail before:
+        # an eviction that fails, foreign memory that appears).
+        tried = [n for n, b in self.orch.backends.items() if getattr(b, "attempts", 0)]
+        for name in sorted(tried):
             sim = self.cfg.models[name].sim
             true = sim.true_vram_bytes if sim is not None else 0
             if true <= self.cfg.models[name].vram_bytes:

@@ -66,6 +66,7 @@ class SimulatedBackend(Backend):
         self.device = device
         self.time_scale = time_scale
         self.faults = Faults()
+        self.attempts = 0  # loads and restores begun (including those that failed)
         self.loads = 0
         self.restores = 0
         self.unloads = 0
@@ -105,6 +106,7 @@ class SimulatedBackend(Backend):
         # Allocate first, then spend the time: a load cancelled or failing midway leaves
         # memory behind, as a real one does, and the executor's cleanup must free it.
         need = self.sim.true_vram_bytes
+        self.attempts += 1
         self._peak = max(self._peak, need)
         if limit_bytes is not None and need > limit_bytes:
             raise SimulatedOOM(self.owner, need, limit_bytes, limit=True)
