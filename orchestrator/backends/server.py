@@ -39,7 +39,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -158,22 +158,29 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
+def live_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process that is not a zombie (Linux /proc;
+    nothing elsewhere)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # it exited meanwhile
+        # after the command name in parentheses: state, ppid, pgrp, ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z":
+            yield int(entry), int(fields[1]), int(fields[2])
+
+
 def group_members(pgid: int) -> list[int]:
-    """The pids of the process group (Linux /proc; empty elsewhere or when it is gone)."""
-    out = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            # fields[0] is the state, fields[2] the process group; zombies are gone already
-            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
+    """The live pids of the process group (empty when it is gone)."""
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def group_alive(pgid: int) -> bool:

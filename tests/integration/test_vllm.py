@@ -20,6 +20,7 @@ from orchestrator import BackendCrashed, LoadFailed, Orchestrator, State, parse_
 from orchestrator.backends.server import group_alive
 from orchestrator.backends.vllm import VllmBackend
 from states.machine import active_state
+from tests.fixtures.design_examples import EXAMPLE_3
 
 pytestmark = [
     pytest.mark.anyio,
@@ -182,39 +183,6 @@ def test_the_tiny_model_builder_is_a_command(tmp_path: Path) -> None:
     assert (tmp_path / "tiny-llm" / "tokenizer.json").exists()
 
 
-EXAMPLE_3 = """
-from orchestrator import ServiceController
-
-controller = ServiceController()
-
-# Check current status
-print("Checking LLM status...")
-if controller.is_llm_running():
-    print("LLM is running")
-else:
-    print("LLM is not running")
-
-    # Start LLM
-    print("Starting LLM backend...")
-    success = controller.start_llm(model="qwen-14b", wait=True)
-
-    if success:
-        print("LLM started successfully")
-        status = controller.get_llm_status()
-        print(f"pid {status.pid} url {status.url}")
-    else:
-        print("Failed to start LLM")
-
-# Later: Stop LLM to free VRAM for SDXL
-print("Stopping LLM to load SDXL...")
-controller.stop_llm(wait=True)
-
-# Verify stopped
-assert not controller.is_llm_running()
-print("LLM stopped, VRAM freed")
-"""
-
-
 def test_design_example_3_against_the_real_server(tiny_model: Path, tmp_path: Path) -> None:
     """The design document's Example 3 (plus a status line), only the import line changed, its
     "qwen-14b" served by the real vLLM through the config named in VRAM_ORCHESTRATOR_CONFIG."""
@@ -230,8 +198,10 @@ def test_design_example_3_against_the_real_server(tiny_model: Path, tmp_path: Pa
     lines = out.stdout.strip().splitlines()
     assert lines[:4] == ["Checking LLM status...", "LLM is not running", "Starting LLM backend...",
                          "LLM started successfully"]  # fmt: skip
-    pid = int(lines[4].split()[1])
-    assert lines[4].split()[3].startswith("http://127.0.0.1:")
+    words = lines[4].split()
+    assert words[:2] == ["Running:", "True"]
+    pid = int(words[3])
+    assert words[5].startswith("http://127.0.0.1:")
     assert lines[-1] == "LLM stopped, VRAM freed"
     assert not group_alive(pid)
 

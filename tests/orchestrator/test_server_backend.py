@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from orchestrator import BackendCrashed, ConfigError, LoadFailed, Orchestrator, parse_config
-from orchestrator.backends.server import ServerBackend, ServerHandle
+from orchestrator.backends.server import ServerBackend, ServerHandle, live_processes
 from states.ledger import Tier
 from states.machine import State, active_state
 from tests.orchestrator.conftest import config_yaml, wait_until
@@ -109,20 +109,8 @@ async def assert_all_gone(tmp_path: Path, within: float = 5.0, expect_some: bool
 
 def my_children() -> list[int]:
     """Live direct children of this test process."""
-    me, out = os.getpid(), list[int]()
-    if not os.path.isdir("/proc"):
-        return out
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[1]) == me and fields[0] != "Z":
-            out.append(int(entry))
-    return out
+    me = os.getpid()
+    return [pid for pid, parent, _ in live_processes() if parent == me]
 
 
 def consistent(orch: Orchestrator) -> bool:
