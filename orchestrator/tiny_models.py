@@ -73,7 +73,6 @@ def build_tiny_llm(out: Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
