@@ -1022,11 +1022,7 @@ class Orchestrator:
             scope.cancel()
         if self._machine.state is not State.SWITCHING:
             self._fire("settle", self._ledger, model=model, detail="crashed")
-        n = self._failures.get(model, 0) + 1
-        self._failures[model] = n
-        self._last_error[model] = err
-        backoff = min(self.config.retry_backoff_s * 2 ** (n - 1), self.config.max_wait_s / 4)
-        self._backoff_until[model] = self.now_s() + backoff
+        n, backoff = self._back_off(model, err)
         logger.error("%s crashed (%d in a row; restart allowed in %.2f s): %s", model, n, backoff, reason)
         self._emit("crash", model=model, detail=reason)
         self._wake.set()  # the reaper stops what is left of it; waiters get it restarted
@@ -1163,12 +1159,18 @@ class Orchestrator:
         self._learn(p.load, backend.measured_bytes(live_only=True), "load")
         self._start_watch(p.load)
 
-    def _record_failure(self, model: str, exc: Exception) -> None:
+    def _back_off(self, model: str, exc: Exception) -> tuple[int, float]:
+        """Count a failure in a row, record it, and hold the model back: the back-off doubles
+        with each failure in a row, up to a quarter of max_wait_s."""
         n = self._failures.get(model, 0) + 1
         self._failures[model] = n
         self._last_error[model] = exc
         backoff = min(self.config.retry_backoff_s * 2 ** (n - 1), self.config.max_wait_s / 4)
         self._backoff_until[model] = self.now_s() + backoff
+        return n, backoff
+
+    def _record_failure(self, model: str, exc: Exception) -> None:
+        n, backoff = self._back_off(model, exc)
         logger.warning("switch to %s failed (%d in a row; retry in %.2f s): %s", model, n, backoff, exc)
         self._emit("fail", model=model, detail=str(exc))
         # The waiters of the target get the error (not the ones that come later).
