@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -61,11 +60,13 @@ from orchestrator.monitor import (
     ModelEstimate,
     PeakSampler,
     VRAMMonitor,
+    describe_processes,
+    foreign_processes,
     open_store,
     planning_estimate,
     wait_released,
 )
-from states.ledger import Ledger, Tier
+from states.ledger import Ledger, Resident, Tier
 from states.machine import ModelMachine, State
 from states.plan import Deferred, Plan, PlanRequest, Policy, plan
 from states.scheduling import Mode, SchedulerView, WaiterView, admission, choose_target, rank_targets
@@ -612,12 +613,21 @@ class Orchestrator:
             with anyio.move_on_after(delay):
                 await self._wake.wait()
 
+    def accounted_bytes(self) -> int:
+        """What our GPU residents hold: measured where the backend can tell, else what the
+        ledger planned. The rest of the device's used memory is foreign."""
+        return sum(r.vram_bytes if held is None else held for r, held in self._holdings())
+
+    def _holdings(self) -> list[tuple[Resident, int | None]]:
+        return [
+            (r, self.backends[r.model].measured_bytes(live_only=True)) for r in self._ledger.gpu_residents
+        ]
+
     def _refresh_foreign(self) -> None:
         """Bytes on the device that the ledger does not account for shrink the room; a
         resident measured larger than planned is entered at its measured size."""
         accounted = 0
-        for r in self._ledger.gpu_residents:
-            held = self.backends[r.model].measured_bytes(live_only=True)
+        for r, held in self._holdings():
             accounted += r.vram_bytes if held is None else held
             if held is not None and held > r.vram_bytes:
                 self._ledger = self._ledger.resize(r.model, held)
@@ -1060,14 +1070,8 @@ class Orchestrator:
         )
 
     def _foreign_pids_text(self, reading: DeviceReading | None = None) -> str:
-        reading = reading or self.device.read()
-        me = os.getpid()
-        others = [p for p in reading.processes or () if p.pid != me and p.used_bytes]
-        if not others:
-            return ""
-        return "; other processes hold it: " + ", ".join(
-            f"pid {p.pid} ({format_gib(p.used_bytes or 0)})" for p in others
-        )
+        others = foreign_processes(reading or self.device.read())
+        return f"; other processes: {describe_processes(others)}" if others else ""
 
     def _learn(self, model: str, measured_bytes: int | None, kind: str) -> None:
         """Keep what a model really took, when it is more than known (file IO only then)."""

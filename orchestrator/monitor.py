@@ -96,6 +96,17 @@ class ModelEstimate:
         return None if self.learned_bytes is None else self.learned_bytes - self.configured_bytes
 
 
+def foreign_processes(reading: DeviceReading) -> tuple[tuple[int, int], ...]:
+    """(pid, bytes) of the processes other than this one that hold memory on the device."""
+    me = os.getpid()
+    return tuple((p.pid, p.used_bytes) for p in reading.processes or () if p.pid != me and p.used_bytes)
+
+
+def describe_processes(procs: Iterable[tuple[int, int]]) -> str:
+    """``pid 4242 holds 4.00 GiB, pid 77 holds 0.50 GiB`` for messages."""
+    return ", ".join(f"pid {pid} holds {format_gib(n)}" for pid, n in procs)
+
+
 def planning_estimate(spec: ModelSpec, store: FootprintStore | None, config: Config) -> ModelEstimate:
     """The estimate to plan with: the configured figure, or, when a measurement found the model
     larger (and learning is on), the learned high-water mark plus the margin."""
@@ -157,14 +168,7 @@ class VRAMMonitor:
     def get_snapshot(self) -> VRAMSnapshot:
         reading: DeviceReading = self.device.read()
         me = os.getpid()
-        own = None
-        foreign: list[tuple[int, int]] = []
-        if reading.processes is not None:
-            for p in reading.processes:
-                if p.pid == me:
-                    own = p.used_bytes
-                elif p.used_bytes:
-                    foreign.append((p.pid, p.used_bytes))
+        own = next((p.used_bytes for p in reading.processes or () if p.pid == me), None)
         alloc: AllocatorStats | None = self._torch.allocator() if self._torch is not None else None
         return VRAMSnapshot(
             source=reading.source,
@@ -176,7 +180,7 @@ class VRAMMonitor:
             process_bytes=own,
             allocated_bytes=alloc.allocated_bytes if alloc else None,
             reserved_bytes=alloc.reserved_bytes if alloc else None,
-            foreign=tuple(foreign),
+            foreign=foreign_processes(reading),
         )
 
     # -- estimates ---------------------------------------------------------------------------
@@ -202,7 +206,7 @@ class VRAMMonitor:
         room = snap.budget_free_bytes
         if need <= room:
             return
-        who = ", ".join(f"pid {pid} holds {format_gib(n)}" for pid, n in snap.foreign)
+        who = describe_processes(snap.foreign)
         raise InsufficientVRAM(
             model_name,
             need,

@@ -27,13 +27,7 @@ def status_report(orch: Orchestrator) -> dict[str, Any]:
     ledger = orch.ledger()
     device = orch.device
     used = device.used_bytes()
-    # As the scheduler counts it: what our residents hold (measured where the backend can
-    # tell, else the estimate) is ours; the rest of the device's used memory is foreign.
-    ours = 0
-    for res in ledger.gpu_residents:
-        b = orch.backends.get(res.model)
-        held = b.measured_bytes(live_only=True) if b is not None else None
-        ours += res.vram_bytes if held is None else held
+    ours = orch.accounted_bytes()  # as the scheduler counts it; the rest of `used` is foreign
     leases = dict(orch.leases())
     waiting: dict[str, int] = {}
     for model, _priority, _waited in orch.waiting():
