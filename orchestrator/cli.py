@@ -109,6 +109,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         config = dataclasses.replace(config, time_scale=args.time_scale)
     out_dir = Path(args.out) if args.out else Path(f"vram-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.tiny_models != "off":
+        from orchestrator.demo import TINY_HINT, default_tiny_dir, tiny_models_missing, with_tiny_models
+
+        missing = tiny_models_missing()
+        if missing is None:
+            root = default_tiny_dir() if args.tiny_models == "auto" else Path(args.tiny_models)
+            print(f"the real tiny models (SDXL, TTS) from {root} (built there on first use) ...")
+            config, _ = with_tiny_models(config, root)
+        elif args.tiny_models != "auto":
+            print(
+                f"vram-orchestrator demo: error: --tiny-models {args.tiny_models}: {missing}; {TINY_HINT}",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
     orch = Orchestrator(config)
     summary = anyio.run(lambda: run_demo(orch, agents=args.agents, out_dir=out_dir, seed=args.seed))
     return EXIT_OK if summary["peak_vram_bytes"] <= summary["budget_bytes"] else EXIT_ERROR
@@ -117,10 +131,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from orchestrator.core import Orchestrator
     from orchestrator.status import format_status, status_report
 
-    # No daemon yet: build the orchestrator from the config without starting it (nothing is
+    if args.url:
+        from orchestrator.client import fetch_status
+
+        if args.config:
+            raise OrchestratorError(
+                "give --url (a running daemon) or --config (its view of a config), not both"
+            )
+        report = fetch_status(args.url, args.token)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(format_status(report, running=True))
+            for lease in report.get("leases", []):
+                what = lease["model"] or f"{lease['bytes']} bytes"
+                holder = lease["holder"] or "-"
+                print(f"  lease {lease['id']} on {what}: holder {holder}, ttl {lease['ttl_s']:g} s")
+        return EXIT_OK
+
+    from orchestrator.core import Orchestrator
+
+    # Without --url: build the orchestrator from the config without starting it (nothing is
     # loaded) and report what it sees.
     orch = Orchestrator(load_config(args.config))
     report = status_report(orch)
@@ -128,6 +161,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_status(report))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import anyio
+
+    from orchestrator.daemon import resolve_token, serve
+
+    config = load_config(args.config)
+    host = args.host or config.daemon.host
+    resolve_token(config, host, args.token)  # refuse a non-loopback bind without a token first
+
+    def ready(url: str) -> None:
+        print(f"vram-orchestrator serving {config.source} on {url} (pid {os.getpid()})", flush=True)
+
+    anyio.run(lambda: serve(config, host=host, port=args.port, token=args.token, on_ready=ready))
+    print("vram-orchestrator: stopped; everything unloaded", flush=True)
     return EXIT_OK
 
 
@@ -233,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (default: ./vram-demo-<time>)")
     d.add_argument("--time-scale", type=float, help="simulated latency multiplier (default: the config's)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--tiny-models",
+        default="auto",
+        metavar="auto|off|DIR",
+        help="run the real tiny SDXL and TTS models on the CPU in place of the simulated ones "
+        "(auto: when torch and diffusers are installed, built in the cache folder; DIR: built there)",
+    )
     d.set_defaults(func=cmd_demo)
 
     pl = sub.add_parser("plan", help="validate a config and print its budget table")
@@ -242,7 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show the device, the budget, the state and every model's tier")
     st.add_argument("--config", help="YAML config (default: the embedded one)")
     st.add_argument("--json", action="store_true", help="print one JSON object (bytes as integers)")
+    st.add_argument(
+        "--url", help="ask a running daemon (vram-orchestrator serve), e.g. http://127.0.0.1:8470"
+    )
+    st.add_argument("--token", help="the daemon's bearer token (default: $VRAM_ORCHESTRATOR_TOKEN)")
     st.set_defaults(func=cmd_status)
+
+    sv = sub.add_parser(
+        "serve", help="run the daemon: one owner for the GPU across processes, an OpenAI-compatible gateway"
+    )
+    sv.add_argument("--config", help="YAML config (default: the embedded one)")
+    sv.add_argument("--host", help="address to bind (default: daemon.host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default: daemon.port, 8470; 0 picks a free one)")
+    sv.add_argument(
+        "--token",
+        help="bearer token clients must send (default: $VRAM_ORCHESTRATOR_TOKEN, then daemon.token); "
+        "required to bind a non-loopback address",
+    )
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("timeline", help="draw the VRAM timeline chart of an event log (PNG)")
     t.add_argument("events", metavar="EVENTS.jsonl", help="the event log (the demo's events.jsonl)")

@@ -25,7 +25,7 @@ from states.units import format_gib, gib_to_bytes
 KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
 DEVICES = ("auto", "nvml", "torch", "simulated")
 FOREIGN_POLICIES = ("wait", "fail")
-BACKENDS = ("simulated", "synthetic", "server", "vllm")
+BACKENDS = ("simulated", "synthetic", "server", "vllm", "diffusers", "tts")
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
 
@@ -68,6 +68,20 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class DaemonSpec:
+    """The ``daemon:`` section: how ``vram-orchestrator serve`` listens and treats leases."""
+
+    host: str = "127.0.0.1"
+    port: int = 8470
+    token: str | None = None  # bearer token; VRAM_ORCHESTRATOR_TOKEN overrides it
+    lease_ttl_s: float = 30.0  # a remote lease not renewed within this expires
+    max_lease_ttl_s: float = 3600.0  # the longest ttl a client may ask for
+    grace_s: float = 10.0  # at shutdown, how long requests in flight may take to finish
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    request_timeout_s: float = 600.0  # a gateway request waits this long for its model
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     gpu_name: str
@@ -94,6 +108,7 @@ class Config:
     footprints_path: str | None = None  # None: in memory only
     footprint_margin: float = 0.05  # plan with the learned high-water mark plus this fraction
     sample_hz: float = 20.0  # the peak sampler's rate (0: off)
+    daemon: DaemonSpec = field(default_factory=DaemonSpec)
 
     def resolve(self, name_or_kind: str) -> ModelSpec | None:
         """A model by name or alias, or the default model of a kind."""
@@ -159,7 +174,11 @@ def _typename(v: object) -> str:
 
 
 class _Parser:
-    TOP = ("hardware", "switching", "models", "defaults", "simulation", "observability", "monitor")
+    TOP = ("hardware", "switching", "models", "defaults", "simulation", "observability", "monitor", "daemon")
+    DAEMON_KEYS = (
+        "host", "port", "token", "lease_ttl_s", "max_lease_ttl_s", "grace_s", "max_body_bytes",
+        "request_timeout_s",
+    )  # fmt: skip
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -389,6 +408,47 @@ class _Parser:
             else footprints_path,
             footprint_margin=self.number(mon.get("footprint_margin", 0.05), "monitor.footprint_margin"),
             sample_hz=self.number(mon.get("sample_hz", 20.0), "monitor.sample_hz"),
+            daemon=self.daemon(self.section(raw, "daemon", self.DAEMON_KEYS, False)),
+        )
+
+    def daemon(self, d: Mapping[str, Any]) -> DaemonSpec:
+        host = d.get("host", "127.0.0.1")
+        if not isinstance(host, str) or not host:
+            raise self.err("daemon.host", f"expected a host name or address, got {host!r}", "e.g. 127.0.0.1")
+        port = d.get("port", 8470)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise self.err("daemon.port", f"expected a port number 1-65535, got {port!r}", "e.g. 8470")
+        token = d.get("token")
+        if token is not None and (not isinstance(token, str) or len(token) < 8):
+            raise self.err(
+                "daemon.token",
+                "expected a string of at least 8 characters",
+                "generate one: python -c 'import secrets; print(secrets.token_urlsafe(24))'",
+            )
+        max_body = d.get("max_body_bytes", 1 << 20)
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1024:
+            raise self.err(
+                "daemon.max_body_bytes", f"expected an integer >= 1024, got {max_body!r}", "e.g. 1048576"
+            )
+        ttl = self.number(d.get("lease_ttl_s", 30.0), "daemon.lease_ttl_s", strict=True)
+        max_ttl = self.number(d.get("max_lease_ttl_s", 3600.0), "daemon.max_lease_ttl_s", strict=True)
+        if ttl > max_ttl:
+            raise self.err(
+                "daemon.lease_ttl_s",
+                f"{ttl:g} s is longer than max_lease_ttl_s ({max_ttl:g} s)",
+                "keep lease_ttl_s at or below max_lease_ttl_s",
+            )
+        return DaemonSpec(
+            host=host,
+            port=port,
+            token=token,
+            lease_ttl_s=ttl,
+            max_lease_ttl_s=max_ttl,
+            grace_s=self.number(d.get("grace_s", 10.0), "daemon.grace_s"),
+            max_body_bytes=max_body,
+            request_timeout_s=self.number(
+                d.get("request_timeout_s", 600.0), "daemon.request_timeout_s", strict=True
+            ),
         )
 
     MODEL_KEYS = ("kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases")
@@ -441,6 +501,17 @@ class _Parser:
             except OptionError as exc:
                 raise self.err(
                     f"{key}.backend.{exc.key}", exc.problem, "see the server backend's keys in the README"
+                ) from None
+        elif backend in ("diffusers", "tts"):
+            from orchestrator.backends.diffusers import check_diffusers_options
+            from orchestrator.backends.server import OptionError as _OptionError
+            from orchestrator.backends.tts import check_tts_options
+
+            try:
+                (check_diffusers_options if backend == "diffusers" else check_tts_options)(options)
+            except _OptionError as exc:
+                raise self.err(
+                    f"{key}.backend.{exc.key}", exc.problem, f"see the {backend} backend's keys in the README"
                 ) from None
         offload = m.get("offload", False)
         if not isinstance(offload, bool):

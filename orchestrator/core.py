@@ -48,6 +48,7 @@ from orchestrator.errors import (
     ConfigError,
     InsufficientVRAM,
     LeaseDeadlock,
+    LeaseEnded,
     LoadFailed,
     NotRunning,
     UnknownModel,
@@ -77,6 +78,7 @@ logger = logging.getLogger("orchestrator")
 RELEASE_POLL_S = 0.002  # how often the release wait reads the device
 DEFERRED_POLL_S = 0.05  # how often a request blocked by foreign memory looks again
 WAIT_SAMPLES = 10_000  # the latest waits kept for the percentiles in statistics()
+EXTERNAL_KIND = "external"  # the kind of a reservation for a program outside the orchestrator
 
 
 class _NoRoom(Exception):
@@ -99,15 +101,77 @@ class _Waiter:
     error: BaseException | None = None
 
 
-@dataclass(frozen=True)
 class Lease:
-    """A granted slot on a resident model. ``handle`` is the backend's live object."""
+    """A granted slot on a resident model. ``handle`` is the backend's live object.
 
-    model: str
-    kind: str
-    handle: Any
-    waited_s: float
-    priority: int
+    The lease lets go of the handle when its block ends: a lease object kept past its block
+    (a variable, a list of results) must not keep a pipeline, and its GPU memory, alive after
+    the model is evicted. ``handle`` then raises ``LeaseEnded``.
+    """
+
+    __slots__ = ("_handle", "ended", "kind", "model", "priority", "waited_s")
+
+    def __init__(self, model: str, kind: str, handle: Any, waited_s: float, priority: int) -> None:
+        self.model, self.kind, self.waited_s, self.priority = model, kind, waited_s, priority
+        self._handle = handle
+        self.ended = False
+
+    @property
+    def handle(self) -> Any:
+        if self.ended:
+            raise LeaseEnded(self.model)
+        return self._handle
+
+    def _end(self) -> None:
+        self._handle = None
+        self.ended = True
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "held"
+        return f"Lease(model={self.model!r}, kind={self.kind!r}, {state}, waited_s={self.waited_s:.3f})"
+
+
+@dataclass(frozen=True)
+class ExternalReservation:
+    """VRAM reserved for a program outside the orchestrator (``orch.reserve()``).
+
+    It is in the ledger as a resident named ``id`` while its lease is held: the planner makes
+    room for it by evicting our models, and the budget invariant covers it. ``pid``, when
+    given, is the program whose real use on the device is checked against ``vram_bytes``.
+    """
+
+    id: str
+    vram_bytes: int
+    pid: int | None
+    holder: str
+    created_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "vram_bytes": self.vram_bytes,
+            "pid": self.pid,
+            "holder": self.holder,
+            "created_s": self.created_s,
+        }
+
+
+class _ExternalBackend(Backend):
+    """An external reservation's stand-in: loading it moves no bytes (the program allocates
+    its own memory); what it really uses is checked by pid (``check_external_usage``)."""
+
+    def __init__(self, reservation: ExternalReservation) -> None:
+        super().__init__(reservation.id, EXTERNAL_KIND, reservation.vram_bytes)
+        self.reservation = reservation
+
+    async def load(self, limit_bytes: int | None = None) -> Any:
+        self._tier = Tier.GPU
+        self._handle = self.reservation
+        return self.reservation
+
+    async def unload(self) -> None:
+        self._handle = None
+        self._tier = Tier.DISK
 
 
 @dataclass(frozen=True)
@@ -212,6 +276,11 @@ class Orchestrator:
         self._running = False
         self._closing = False
         self._on_close: list[Callable[[], None]] = []
+        # Reservations for external programs (reserve()): id -> reservation, while held or
+        # waited for; and the ids whose program was seen using more than it reserved.
+        self._externals: dict[str, ExternalReservation] = {}
+        self._overusing: set[str] = set()
+        self._external_seq = 0
 
         self._switches = self._failed_switches = self._loads = self._restores = 0
         self._evictions = self._grants = self._releases = self._timeouts = self._cancellations = 0
@@ -249,6 +318,12 @@ class Orchestrator:
             return ServerBackend(spec, log_dir=default_path().parent / "logs", device=self.device)
         if spec.backend == "vllm":
             return VllmBackend(spec, log_dir=default_path().parent / "logs", device=self.device)
+        if spec.backend in ("diffusers", "tts"):
+            from orchestrator.backends.diffusers import DiffusersBackend
+            from orchestrator.backends.tts import TtsBackend
+
+            cls = DiffusersBackend if spec.backend == "diffusers" else TtsBackend
+            return cls(spec, self.device, self.config.device_index)
         if spec.backend == "synthetic":
             if self.device.source == "simulated":
                 raise ConfigError(
@@ -264,8 +339,8 @@ class Orchestrator:
             self.config.source,
             f"models.{spec.name}.backend",
             f"a simulated backend cannot run on the real device ({self.device.source}: {self.device.name})",
-            "set hardware.device: simulated to run the simulated models; the vLLM, diffusers and TTS "
-            "backends are not in this release yet",
+            "set hardware.device: simulated to run the simulated models, or give the model a real "
+            "backend (vllm, server, diffusers, tts)",
         )
 
     # -- reading -----------------------------------------------------------------------------
@@ -436,7 +511,7 @@ class Orchestrator:
                         logger.error("could not unload %s at shutdown: %s", r.model, exc)
                 trigger = "fail_switch" if self._ledger.residents else "finish_switch"
                 self._fire(trigger, self._ledger, model=None, t0=t0)
-            for b in self.backends.values():
+            for b in list(self.backends.values()):
                 try:
                     with anyio.fail_after(self.config.unload_timeout_s):
                         await b.aclose()
@@ -497,12 +572,146 @@ class Orchestrator:
             )
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        async with self._hold(spec.name, spec.kind, timeout, priority) as lease:
+            yield lease
+
+    @asynccontextmanager
+    async def reserve(
+        self,
+        n_bytes: int,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        pid: int | None = None,
+        holder: str = "",
+    ) -> AsyncIterator[Lease]:
+        """Reserve ``n_bytes`` of VRAM for a program outside the orchestrator, for the block.
+
+        The reservation waits in the queue like any acquire; the scheduler makes room for it
+        by evicting our models (idle ones at once, busy ones after the fairness bound), and
+        the ledger counts it like a resident until the block ends. The lease's ``model`` is
+        the reservation's id and its ``handle`` the ``ExternalReservation``. With ``pid``,
+        that program's real use is checked against ``n_bytes`` (``check_external_usage``).
+
+        :raises ValueError: ``n_bytes`` is not a positive integer, or ``pid`` not a pid.
+        :raises InsufficientVRAM: ``n_bytes`` is larger than the whole budget.
+        :raises AcquireTimeout, NotRunning: as ``acquire()``.
+        """
+        if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes <= 0:
+            raise ValueError(f"a reservation needs a positive number of bytes, got {n_bytes!r}")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+            raise ValueError(f"pid must be a positive process id, got {pid!r}")
+        if not self._running or self._closing:
+            raise NotRunning()
+        if n_bytes > self.config.budget_bytes:
+            raise InsufficientVRAM(
+                "external reservation",
+                n_bytes,
+                self.config.budget_bytes,
+                self.config.budget_bytes,
+                advice="ask for less, or raise hardware.safe_max_vram_gb",
+            )
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        self._external_seq += 1
+        rid = f"external-{self._external_seq}"
+        reservation = ExternalReservation(rid, n_bytes, pid, holder, self.now_s())
+        self._externals[rid] = reservation
+        self.backends[rid] = _ExternalBackend(reservation)
+        try:
+            async with self._hold(rid, EXTERNAL_KIND, timeout, priority) as lease:
+                yield lease
+        finally:
+            self._end_external(rid)
+
+    def external_reservations(self) -> list[ExternalReservation]:
+        """The reservations for external programs, held or waited for (a copy)."""
+        return list(self._externals.values())
+
+    def _end_external(self, rid: str) -> None:
+        """The reservation's lease ended (or it never got one): its bytes leave the ledger."""
+        self._externals.pop(rid, None)
+        self._overusing.discard(rid)
+        planned = self._ledger.get(rid) is not None or (
+            self._ledger.loading is not None and self._ledger.loading.model == rid
+        )
+        if self._machine.state is State.SWITCHING:
+            # A switch is under way (perhaps the one that admits this very reservation): the
+            # scheduler drops it once that switch is over (see _unload_requested).
+            self._to_unload[rid] = "external reservation ended"
+            self._wake.set()
+            return
+        if planned:
+            before = self._ledger.committed_bytes
+            self._ledger = self._ledger.move(rid, Tier.DISK)
+            self._emit(
+                "external_end",
+                model=rid,
+                bytes_before=before,
+                bytes_after=self._ledger.committed_bytes,
+                detail="reservation ended: its bytes are free for our models again",
+            )
+            self._wake.set()
+        backend = self.backends.get(rid)
+        if isinstance(backend, _ExternalBackend) and backend.tier is Tier.GPU:
+            backend._tier = Tier.DISK
+        self.backends.pop(rid, None)
+
+    def _forget_ended_externals(self) -> None:
+        """Drop the stand-ins of reservations that ended during a switch, once unloaded."""
+        for name in [n for n, b in self.backends.items() if isinstance(b, _ExternalBackend)]:
+            if name not in self._externals and self._ledger.get(name) is None and name not in self._to_unload:
+                del self.backends[name]
+
+    def check_external_usage(self) -> list[tuple[ExternalReservation, int]]:
+        """(reservation, bytes its program uses now) for each held reservation with a pid.
+
+        A program seen using more than it reserved gets an ``external_overuse`` event (once
+        per episode); its memory beyond the reservation counts as foreign meanwhile, so the
+        budget stays safe, but our models may have to wait or be evicted for it.
+        """
+        held = [r for r in self._externals.values() if r.pid is not None and self._ledger.on_gpu(r.id)]
+        if not held:
+            return []
+        procs = dict(foreign_processes(self.device.read()))
+        out = []
+        for r in held:
+            assert r.pid is not None
+            used = procs.get(r.pid, 0)
+            out.append((r, used))
+            if used > r.vram_bytes and r.id not in self._overusing:
+                self._overusing.add(r.id)
+                logger.warning(
+                    "external program pid %d uses %s, more than its reservation %s of %s",
+                    r.pid, format_gib(used), r.id, format_gib(r.vram_bytes),
+                )  # fmt: skip
+                self._emit(
+                    "external_overuse",
+                    model=r.id,
+                    bytes_after=used,
+                    detail=f"pid {r.pid} uses {format_gib(used)}, reserved {format_gib(r.vram_bytes)} "
+                    f"(over by {format_gib(used - r.vram_bytes)})",
+                )
+            elif used <= r.vram_bytes:
+                self._overusing.discard(r.id)
+        return out
+
+    def emit_event(self, kind: str, *, model: str | None = None, detail: str | None = None) -> None:
+        """Add an event of the caller's (the daemon's lease expiry, for one) to the stream."""
+        self._emit(kind, model=model, detail=detail)
+
+    @asynccontextmanager
+    async def _hold(
+        self, model: str, kind: str, timeout: float | None, priority: int
+    ) -> AsyncIterator[Lease]:
+        """Queue a waiter for ``model``, wait for the grant, hold the lease for the block."""
+        spec_name = model
         await anyio.lowlevel.checkpoint_if_cancelled()
         self._seq += 1
         task = anyio.get_current_task()
-        w = _Waiter(self._seq, spec.name, priority, self.now_s(), task.id)
+        w = _Waiter(self._seq, spec_name, priority, self.now_s(), task.id)
         self._waiters.append(w)
-        if self._uncontended(spec.name):
+        if self._uncontended(spec_name):
             # What the scheduler would decide anyway, without the round trip through it: the
             # model is on the GPU, nothing drains it and nobody else waits for anything.
             self._grant(w)
@@ -533,17 +742,18 @@ class Orchestrator:
         self._wait_count += 1
         self._wait_sum_s += waited
         self._wait_max_s = max(self._wait_max_s, waited)
-        lease = Lease(spec.name, spec.kind, self.backends[spec.name].handle, waited, priority)
+        lease = Lease(spec_name, kind, self.backends[spec_name].handle, waited, priority)
         # If the model's process dies while the block runs, the block is cancelled and
         # BackendCrashed raised from it (see _on_crash).
         scope = anyio.CancelScope()
-        self._lease_scopes.setdefault(spec.name, {})[scope] = None
+        self._lease_scopes.setdefault(spec_name, {})[scope] = None
         try:
             with scope:
                 yield lease
         finally:
-            crash = self._lease_scopes.get(spec.name, {}).pop(scope, None)
-            self._release(spec.name, w.task_id)
+            lease._end()
+            crash = self._lease_scopes.get(spec_name, {}).pop(scope, None)
+            self._release(spec_name, w.task_id)
         if crash is not None and scope.cancelled_caught:
             raise crash
 
@@ -647,6 +857,9 @@ class Orchestrator:
         return planning_estimate(self.resolve(name_or_kind), self.footprints, self.config)
 
     def _request(self, model: str) -> PlanRequest:
+        external = self._externals.get(model)
+        if external is not None:
+            return PlanRequest(model=model, kind=EXTERNAL_KIND, vram_bytes=external.vram_bytes, external=True)
         spec = self.config.models[model]
         return PlanRequest(
             model=model,
@@ -664,7 +877,7 @@ class Orchestrator:
         Returns the times at which to try again.
         """
         retry_at: list[float] = []
-        for name, b in self.backends.items():
+        for name, b in list(self.backends.items()):
             if b.tier is Tier.DISK or self._ledger.get(name) is not None:
                 continue
             until = self._reap_after.get(name, 0.0)
@@ -686,8 +899,10 @@ class Orchestrator:
     async def _step(self) -> float | None:
         """Decide once: grant, drain, switch. Returns how long to sleep (None: until poked)."""
         now = self.now_s()
+        self._forget_ended_externals()
         reap_at = await self._reap_leftovers(now)
         self._refresh_foreign()
+        self.check_external_usage()
         blocked = {m for m, until in self._backoff_until.items() if until > now}
         wake_at: list[float] = [u for m, u in self._backoff_until.items() if u > now] + reap_at
         on_gpu = frozenset(r.model for r in self._ledger.gpu_residents)
@@ -856,6 +1071,15 @@ class Orchestrator:
         times = [t for t in [*wake_at, *overdue_at] if t > now]
         return max(0.0005, min(times) - now) if times else None
 
+    def _kind_bytes(self, model: str) -> tuple[str, int]:
+        external = self._externals.get(model)
+        if external is not None:
+            return EXTERNAL_KIND, external.vram_bytes
+        spec = self.config.models.get(model)
+        if spec is None:  # a reservation that ended meanwhile
+            return EXTERNAL_KIND, 0
+        return spec.kind, spec.vram_bytes
+
     def _break_deadlocks(self) -> None:
         """Fail a waiter whose own task holds a lease on a model that must leave for it.
 
@@ -863,13 +1087,13 @@ class Orchestrator:
         waiter is served: it would wait forever (and hold up everyone behind it).
         """
         for w in list(self._waiters):
-            spec = self.config.models[w.model]
+            kind, n_bytes = self._kind_bytes(w.model)
             for held, by_task in self._holders.items():
                 if held == w.model or not by_task.get(w.task_id):
                     continue
-                other = self.config.models[held]
-                both_heavy = self.policy.is_exclusive(spec.kind) and self.policy.is_exclusive(other.kind)
-                if both_heavy or spec.vram_bytes + other.vram_bytes > self.config.budget_bytes:
+                other_kind, other_bytes = self._kind_bytes(held)
+                both_heavy = self.policy.is_exclusive(kind) and self.policy.is_exclusive(other_kind)
+                if both_heavy or n_bytes + other_bytes > self.config.budget_bytes:
                     self._fail_waiter(w, LeaseDeadlock(w.model, held))
                     break
 
@@ -901,6 +1125,10 @@ class Orchestrator:
 
     def _emit(self, kind: str, **kw: Any) -> None:
         self._peak_committed = max(self._peak_committed, self._ledger.committed_bytes)
+        # Every event carries the ledger's committed bytes and budget as they are now: the
+        # budget invariant can be checked from the event stream alone.
+        kw.setdefault("committed_bytes", self._ledger.committed_bytes)
+        kw.setdefault("budget_bytes", self._ledger.budget_bytes)
         self.hub.emit(Event(time_s=self.now_s(), kind=kind, **kw))
 
     async def _switch(self, p: Plan) -> None:

@@ -84,6 +84,17 @@ class LeaseDeadlock(OrchestratorError):
         )
 
 
+class LeaseEnded(OrchestratorError):
+    """``lease.handle`` was used after the lease's block ended."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(
+            f"the lease on {model!r} ended with its block, and its handle with it; "
+            f"use the handle inside `async with orch.acquire({model!r}) as lease:`"
+        )
+
+
 class NotRunning(OrchestratorError):
     def __init__(self) -> None:
         super().__init__(

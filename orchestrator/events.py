@@ -23,7 +23,10 @@ logger = logging.getLogger("orchestrator.events")
 @dataclass(frozen=True)
 class Event:
     time_s: float  # seconds since the orchestrator started
-    kind: str  # "transition", "evict", "load", "grant", "release", "fail", "timeout", "cancel"
+    # "transition", "evict", "load", "grant", "release", "fail", "timeout", "cancel", and for
+    # external reservations "external_end", "external_overuse" (the daemon adds its own:
+    # "lease_expired")
+    kind: str
     model: str | None = None
     trigger: str | None = None
     from_state: str | None = None
@@ -32,6 +35,8 @@ class Event:
     bytes_after: int | None = None
     duration_s: float | None = None
     detail: str | None = None
+    committed_bytes: int | None = None  # the ledger's committed bytes when the event happened
+    budget_bytes: int | None = None  # the ledger's budget then
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

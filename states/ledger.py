@@ -43,6 +43,10 @@ class Resident:
     host_bytes: int = 0  # host RAM its host copy takes
     last_used: int = 0  # logical clock: larger means used more recently
     configured_bytes: int = 0  # the config's estimate, when vram_bytes comes from a measurement
+    # A reservation for a program outside the orchestrator (a remote lease of raw bytes): it
+    # counts against the budget like a model, names no state, and is never evicted (it ends
+    # when its lease does).
+    external: bool = False
 
     @property
     def drift_bytes(self) -> int:
@@ -86,6 +90,11 @@ class Ledger:
     def resident_bytes(self) -> int:
         """VRAM held by models on the GPU."""
         return sum(r.vram_bytes for r in self.gpu_residents)
+
+    @property
+    def external_bytes(self) -> int:
+        """VRAM reserved for external programs (part of ``resident_bytes``)."""
+        return sum(r.vram_bytes for r in self.gpu_residents if r.external)
 
     @property
     def committed_bytes(self) -> int:

@@ -9,7 +9,8 @@ Which ACTIVE state is reported: a kind's ACTIVE state means a model of that kind
 *primary* resident. When an exclusive ("heavy") model is on the GPU it is the primary, and a
 light model riding along with it (TTS beside an LLM) does not change the state: the machine
 reports LLM_ACTIVE. TTS_ACTIVE is reported only when light models alone are resident (the
-most recently used one names the state). IDLE means nothing is on the GPU.
+most recently used one names the state). IDLE means nothing is on the GPU. A reservation for
+an external program (a remote lease of raw bytes) counts against the budget but names no state.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ STABLE = [State.IDLE, State.LLM_ACTIVE, State.SDXL_ACTIVE, State.TTS_ACTIVE]
 
 def primary_resident(ledger: Ledger) -> Resident | None:
     """The resident that names the state (see the module docstring)."""
-    gpu = ledger.gpu_residents
+    gpu = [r for r in ledger.gpu_residents if not r.external]  # a reservation names no state
     heavy = [r for r in gpu if r.exclusive]
     pool = heavy or list(gpu)
     if not pool:

@@ -10,7 +10,8 @@ The rules:
 2. Exclusive ("heavy") kinds never co-reside: loading one evicts every other exclusive
    model on the GPU.
 3. Then, while the request does not fit, evict more: light models before heavy ones, least
-   recently used first.
+   recently used first; external reservations last (they cannot be unloaded, only waited
+   for: their leases end).
 4. If it still does not fit, the missing room is held by foreign processes: the request is
    ``Deferred`` (the orchestrator waits for room or times out), not failed.
 5. An evicted model goes to the HOST tier when its backend can keep a host copy and the host
@@ -47,6 +48,7 @@ class PlanRequest:
     offloadable: bool = False
     host_bytes: int = 0
     configured_bytes: int = 0  # the config's estimate, when vram_bytes is a learned figure
+    external: bool = False  # a reservation for a program outside the orchestrator
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,14 @@ def plan(request: PlanRequest, ledger: Ledger, policy: Policy) -> Plan | Deferre
     if ledger.loading is not None:
         raise ValueError(f"a load of {ledger.loading.model!r} is already in progress")
 
-    exclusive = policy.is_exclusive(request.kind)
+    exclusive = policy.is_exclusive(request.kind) and not request.external
     victims: list[Resident] = []
     keep: list[Resident] = []
     for r in ledger.gpu_residents:
         (victims if exclusive and r.exclusive else keep).append(r)
 
-    # Light before heavy, least recently used first.
-    keep.sort(key=lambda r: (r.exclusive, r.last_used))
+    # Light before heavy, least recently used first; external reservations last.
+    keep.sort(key=lambda r: (r.external, r.exclusive, r.last_used))
     room = ledger.available_bytes - sum(r.vram_bytes for r in keep)
     while room < request.vram_bytes and keep:
         r = keep.pop(0)
@@ -139,6 +141,7 @@ def plan(request: PlanRequest, ledger: Ledger, policy: Policy) -> Plan | Deferre
             offloadable=request.offloadable,
             host_bytes=request.host_bytes,
             configured_bytes=request.configured_bytes,
+            external=request.external,
         )
     )
     return Plan(
@@ -154,7 +157,7 @@ def _choose_tiers(victims: list[Resident], ledger: Ledger, request: PlanRequest)
     """Send victims to HOST where the host budget allows, keeping the most recent copies."""
     # The requested model leaves the host tier when it is restored from there.
     host_now = [r for r in ledger.host_residents if r.model != request.model]
-    candidates = host_now + [v for v in victims if v.offloadable and v.host_bytes > 0]
+    candidates = host_now + [v for v in victims if v.offloadable and v.host_bytes > 0 and not v.external]
     candidates.sort(key=lambda r: r.last_used, reverse=True)
     kept: set[str] = set()
     used = 0

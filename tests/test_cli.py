@@ -24,7 +24,8 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def test_plan_accepts_the_shipped_configs() -> None:
-    for config in ["configs/simulated-16gb.yaml", "configs/rtx5080-16gb.yaml"]:
+    shipped = ["simulated-16gb.yaml", "rtx5080-16gb.yaml", "gpt-sovits-server.yaml"]
+    for config in [f"configs/{name}" for name in shipped]:
         out = run("plan", "--config", config)
         assert out.returncode == 0, out.stderr
         assert "budget 15.50 GiB of 16.00 GiB" in out.stdout
@@ -71,7 +72,7 @@ def test_missing_config_file() -> None:
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out_dir = tmp_path / "demo"
-    out = run("demo", "--out", str(out_dir), "--time-scale", "0.005", "--agents", "4")
+    out = run("demo", "--out", str(out_dir), "--time-scale", "0.005", "--agents", "4", "--tiny-models", "off")
     assert out.returncode == 0, out.stderr
     assert "switching:" in out.stdout and "now LLM_ACTIVE" in out.stdout
     assert "budget (within)" in out.stdout
