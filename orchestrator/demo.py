@@ -9,6 +9,7 @@ matplotlib is installed, the VRAM timeline chart).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -16,14 +17,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TextIO
 
 import anyio
 
+from orchestrator.backends.simulated import SimulatedModel
+from orchestrator.config import Config
 from orchestrator.core import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
+from orchestrator.footprints import default_path
+from orchestrator.media import generate_image, synthesize_speech
 from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable, render_timeline
+from orchestrator.tiny_models import build as build_tiny
 from states.units import format_gib
 
 SCENES = [
@@ -46,13 +53,79 @@ class AgentLog:
     lines: list[str] = field(default_factory=list)
     waited_s: float = 0.0
     worked_s: float = 0.0
+    out_dir: Path = Path(".")
+
+
+TINY_HINT = (
+    "pip install torch==2.13.0 && pip install 'vram-orchestrator[diffusers]' for a real image "
+    "and waveform from tiny local models"
+)
+
+
+def tiny_models_missing() -> str | None:
+    """Why the tiny real models cannot run here (None when they can)."""
+    import importlib.util
+
+    for module in ("torch", "transformers", "diffusers", "peft", "PIL"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    return None
+
+
+def default_tiny_dir() -> Path:
+    return default_path().parent / "tiny-models"
+
+
+def with_tiny_models(config: Config, root: Path) -> tuple[Config, list[str]]:
+    """The config with its simulated SDXL and TTS defaults replaced by the real tiny models
+    (built under ``root`` on first use). On the simulated device they run on the CPU and their
+    configured sizes stand for them in VRAM. Returns the new config and the models replaced."""
+    wanted = {"sdxl": "tiny-sdxl", "tts": "tiny-tts"}
+    targets = {
+        kind: config.defaults[kind]
+        for kind in wanted
+        if kind in config.defaults and config.models[config.defaults[kind]].backend == "simulated"
+    }
+    if config.device != "simulated" or not targets:
+        return config, []
+    paths = build_tiny(root, tuple(wanted[k] for k in targets))
+    # Import the libraries now, so their import time (seconds) is not counted as a switch.
+    from orchestrator.backends.inprocess import quiet_imports
+
+    with quiet_imports():
+        import diffusers
+        import transformers
+
+        diffusers.StableDiffusionXLPipeline, transformers.VitsModel  # noqa: B018 - lazy modules
+    models = dict(config.models)
+    for kind, name in targets.items():
+        options: dict[str, Any] = {"path": str(paths[wanted[kind]])}
+        if kind == "sdxl":
+            options["steps"] = 4
+        models[name] = dataclasses.replace(
+            models[name], backend="diffusers" if kind == "sdxl" else "tts", options=MappingProxyType(options)
+        )
+    return dataclasses.replace(config, models=MappingProxyType(models)), list(targets.values())
 
 
 async def _step(orch: Orchestrator, log: AgentLog, kind: str, step: str, prompt: str) -> str:
     t0 = time.monotonic()
     async with orch.acquire(kind) as lease:
         t1 = time.monotonic()
-        out = await lease.handle.run(prompt, work_s=WORK_S[step])
+        handle = lease.handle
+        if isinstance(handle, SimulatedModel):
+            out = await handle.run(prompt, work_s=WORK_S[step])
+        elif kind == "sdxl":
+            # the scene itself: the simulated LLM's text is no prompt, and CLIP reads 77 tokens
+            png = await generate_image(handle, log.scene, width=64, height=64, seed=log.agent)
+            path = log.out_dir / f"agent-{log.agent}.png"
+            path.write_bytes(png)
+            out = f"drew {path.name} ({len(png)} bytes, a real PNG from {lease.model})"
+        else:
+            wav = await synthesize_speech(handle, prompt, seed=log.agent)
+            path = log.out_dir / f"agent-{log.agent}.wav"
+            path.write_bytes(wav)
+            out = f"spoke {path.name} ({len(wav)} bytes, a real WAV from {lease.model})"
         log.waited_s += t1 - t0
         log.worked_s += time.monotonic() - t1
     log.lines.append(f"{step:>6} [{lease.model}] {out}")
@@ -107,7 +180,7 @@ async def run_demo(
     """Run the workflow for ``agents`` agents; write the outputs; return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    logs = [AgentLog(i + 1, SCENES[(i + seed) % len(SCENES)]) for i in range(agents)]
+    logs = [AgentLog(i + 1, SCENES[(i + seed) % len(SCENES)], out_dir=out_dir) for i in range(agents)]
     events_path = out_dir / "events.jsonl"
     scale = orch.config.time_scale or 1.0
     budget = orch.config.budget_bytes
@@ -159,6 +232,11 @@ async def run_demo(
         "wait_p50_real_speed_s": stats.waits.p50_s / scale,
         "wait_max_real_speed_s": stats.waits.max_s / scale,
     }
+    summary["images"] = sorted(p.name for p in out_dir.glob("agent-*.png"))
+    summary["audio"] = sorted(p.name for p in out_dir.glob("agent-*.wav"))
+    summary["real_models"] = [
+        name for name, spec in orch.config.models.items() if spec.backend in ("diffusers", "tts")
+    ]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with (out_dir / "transcripts.txt").open("w") as f:
         for log in logs:
@@ -193,6 +271,14 @@ def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str
         f"  peak VRAM            {format_gib(s['peak_vram_bytes'])} of the {format_gib(s['budget_bytes'])} "
         f"budget ({ok})",
     ]
+    if s.get("real_models"):
+        lines.append(
+            f"  real tiny models     {', '.join(s['real_models'])} (on the CPU, standing in for the "
+            f"full-size ones; their real times are scaled like the simulated ones): "
+            f"{', '.join(s['images'] + s['audio']) or 'no outputs'}"
+        )
+    else:
+        lines.append(f"  models               all simulated (no image or audio); {TINY_HINT}")
     if chart is not None:
         lines.append(
             f"outputs: {out_dir}/ (events.jsonl, summary.json, transcripts.txt); VRAM timeline chart: {chart}"

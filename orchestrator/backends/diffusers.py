@@ -1,0 +1,114 @@
+"""SDXL (and other text-to-image) pipelines from diffusers, in this process.
+
+Config (``backend: {type: diffusers, ...}``):
+
+- ``path``: the pipeline's local folder (``save_pretrained`` layout, ``model_index.json``).
+- ``pipeline``: ``auto`` (``AutoPipelineForText2Image``, the default) or ``sdxl``
+  (``StableDiffusionXLPipeline``); with ``controlnet`` it is the SDXL ControlNet pipeline.
+- ``lora``: a folder or ``.safetensors`` file of LoRA weights, fused into the UNet at load
+  (the weights stay static, so the packed host copy holds the fused ones); ``lora_scale``.
+- ``controlnet``: a local ControlNet folder; the pipeline then needs a control image.
+- ``dtype``: ``auto`` (fp16 on a GPU, fp32 on the CPU), ``float16``, ``bfloat16``, ``float32``.
+- ``steps``: the default number of inference steps for ``orchestrator.media`` (30).
+
+Each variant (base, +LoRA, +LoRA+ControlNet) is its own model in the config with its own
+estimate, as in the design document. ``lease.handle`` is the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator.backends.inprocess import InProcessBackend, check_common_options, check_path_option
+from orchestrator.backends.server import OptionError
+
+PIPELINES = ("auto", "sdxl")
+OPTION_KEYS = ("path", "pipeline", "lora", "lora_scale", "controlnet", "dtype", "steps")
+WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "controlnet")
+
+
+def check_diffusers_options(opts: Mapping[str, Any]) -> None:
+    """Validate a ``type: diffusers`` mapping; raises ``OptionError`` naming the key."""
+    check_common_options(opts, OPTION_KEYS)
+    if opts.get("pipeline", "auto") not in PIPELINES:
+        raise OptionError("pipeline", f"expected one of {', '.join(PIPELINES)}, got {opts['pipeline']!r}")
+    check_path_option(opts, "lora", required=False)
+    check_path_option(opts, "controlnet", required=False)
+    scale = opts.get("lora_scale", 1.0)
+    if not isinstance(scale, int | float) or isinstance(scale, bool):
+        raise OptionError("lora_scale", f"expected a number, got {scale!r}")
+    steps = opts.get("steps", 30)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise OptionError("steps", f"expected a whole number of steps of at least 1, got {steps!r}")
+
+
+def _quiet_progress(diffusers: Any) -> None:
+    try:
+        diffusers.utils.logging.disable_progress_bar()
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - an older release without these switches
+        pass
+
+
+class DiffusersBackend(InProcessBackend):
+    extra = "diffusers"
+
+    def _build(self, torch: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+        try:
+            import diffusers
+        except ImportError:
+            raise RuntimeError(
+                f"model {self.name!r} uses backend: diffusers, which needs diffusers and transformers: "
+                "pip install 'vram-orchestrator[diffusers]'"
+            ) from None
+        _quiet_progress(diffusers)
+        opts = self.options
+        kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+        cn_path = check_path_option(opts, "controlnet", required=False)
+        if cn_path is not None:
+            if not cn_path.exists():
+                raise FileNotFoundError(
+                    f"model {self.name!r}: the ControlNet {cn_path} does not exist; "
+                    f"fix models.{self.name}.backend.controlnet"
+                )
+            kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(
+                cn_path, dtype=dtype, local_files_only=True
+            )
+            cls: Any = diffusers.StableDiffusionXLControlNetPipeline
+        elif opts.get("pipeline", "auto") == "sdxl":
+            cls = diffusers.StableDiffusionXLPipeline
+        else:
+            cls = diffusers.AutoPipelineForText2Image
+        pipe = cls.from_pretrained(self.path, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        lora = check_path_option(opts, "lora", required=False)
+        if lora is not None:
+            if not lora.exists():
+                raise FileNotFoundError(
+                    f"model {self.name!r}: the LoRA weights {lora} do not exist; "
+                    f"fix models.{self.name}.backend.lora"
+                )
+            # Fused, then the adapter layers removed: the UNet's weights stay plain static
+            # tensors (what the packed host copy needs), with the LoRA folded in.
+            level = diffusers.utils.logging.get_verbosity()
+            diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoders"
+            try:
+                pipe.load_lora_weights(str(lora), adapter_name="lora")
+            finally:
+                diffusers.utils.logging.set_verbosity(level)
+            pipe.fuse_lora(lora_scale=float(opts.get("lora_scale", 1.0)))
+            pipe.unload_lora_weights()
+        pipe.vram_orchestrator_steps = int(opts.get("steps", 30))
+        # A pipeline is not thread-safe (its scheduler keeps the step index): the tasks that
+        # share a lease take turns (orchestrator.media holds this lock around each call).
+        pipe.vram_orchestrator_lock = threading.Lock()
+        modules = {
+            name: getattr(pipe, name)
+            for name in WEIGHT_COMPONENTS
+            if isinstance(getattr(pipe, name, None), torch.nn.Module)
+        }
+        return pipe, modules
