@@ -109,6 +109,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         config = dataclasses.replace(config, time_scale=args.time_scale)
     out_dir = Path(args.out) if args.out else Path(f"vram-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.device == "auto" and not args.config and config.device == "simulated":
+        from orchestrator.demo import real_gpu_variant
+
+        variant, why = real_gpu_variant(config)
+        if variant is not None:
+            print(f"a GPU is here: the demo runs on the real device ({variant.gpu_name})")
+            config = variant
+        else:
+            print(f"no GPU to use ({why}): the demo runs on the simulated device")
     if args.tiny_models != "off":
         from orchestrator.demo import TINY_HINT, default_tiny_dir, tiny_models_missing, with_tiny_models
 
@@ -283,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (default: ./vram-demo-<time>)")
     d.add_argument("--time-scale", type=float, help="simulated latency multiplier (default: the config's)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--device",
+        choices=("auto", "simulated"),
+        default="auto",
+        help="auto: the real GPU when there is one with room for the budget (the embedded config "
+        "only), else the simulated device",
+    )
     d.add_argument(
         "--tiny-models",
         default="auto",

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import anyio
 
 from orchestrator.backends.simulated import SimulatedModel
+from orchestrator.backends.synthetic import SyntheticHandle
 from orchestrator.config import Config
 from orchestrator.core import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
@@ -77,16 +78,18 @@ def default_tiny_dir() -> Path:
 
 
 def with_tiny_models(config: Config, root: Path) -> tuple[Config, list[str]]:
-    """The config with its simulated SDXL and TTS defaults replaced by the real tiny models
-    (built under ``root`` on first use). On the simulated device they run on the CPU and their
-    configured sizes stand for them in VRAM. Returns the new config and the models replaced."""
+    """The config with its simulated (or synthetic) SDXL and TTS defaults replaced by the real
+    tiny models (built under ``root`` on first use). On the simulated device they run on the
+    CPU and their configured sizes stand for them in VRAM; on a real one they run on the GPU.
+    Returns the new config and the models replaced."""
     wanted = {"sdxl": "tiny-sdxl", "tts": "tiny-tts"}
     targets = {
         kind: config.defaults[kind]
         for kind in wanted
-        if kind in config.defaults and config.models[config.defaults[kind]].backend == "simulated"
+        if kind in config.defaults
+        and config.models[config.defaults[kind]].backend in ("simulated", "synthetic")
     }
-    if config.device != "simulated" or not targets:
+    if not targets:
         return config, []
     paths = build_tiny(root, tuple(wanted[k] for k in targets))
     # Import the libraries now, so their import time (seconds) is not counted as a switch.
@@ -108,6 +111,57 @@ def with_tiny_models(config: Config, root: Path) -> tuple[Config, list[str]]:
     return dataclasses.replace(config, models=MappingProxyType(models)), list(targets.values())
 
 
+def real_gpu_variant(config: Config) -> tuple[Config | None, str]:
+    """The embedded demo on this machine's GPU, when it has one with room for the budget.
+
+    The same models and budget on the real device (NVML, or torch): the LLMs (and the
+    variants the workflow does not use) are ``synthetic`` (real CUDA memory of their size,
+    really allocated and freed at each switch); the default SDXL and TTS become the real tiny
+    models (``with_tiny_models``) when their libraries are installed, synthetic otherwise.
+    Returns ``(None, why)`` when there is no usable GPU.
+    """
+    if config.device != "simulated":
+        return config, ""
+    from orchestrator.device.base import DeviceUnavailable
+    from orchestrator.device.nvml import NvmlDevice
+    from orchestrator.device.torchmem import TorchDevice
+
+    device: Any = None
+    errors = []
+    for opener in (NvmlDevice, TorchDevice):
+        try:
+            device = opener(config.device_index)
+            break
+        except DeviceUnavailable as exc:
+            errors.append(str(exc))
+    if device is None:
+        return None, "; ".join(errors)
+    try:
+        reading = device.read()
+        name = device.name
+    finally:
+        close = getattr(device, "close", None)
+        if close is not None:
+            close()
+    if reading.free_bytes < config.budget_bytes:
+        return None, (
+            f"{name} has {format_gib(reading.free_bytes)} free, the demo's budget is "
+            f"{format_gib(config.budget_bytes)}"
+        )
+    models = {
+        name_: dataclasses.replace(spec, backend="synthetic", options=MappingProxyType({}))
+        for name_, spec in config.models.items()
+    }
+    variant = dataclasses.replace(
+        config,
+        device="auto",
+        gpu_name=f"{name} (a {format_gib(config.total_bytes)} slice)",
+        models=MappingProxyType(models),
+        footprints_path=None,  # the demo's figures must not mix with the user's own
+    )
+    return variant, ""
+
+
 async def _step(orch: Orchestrator, log: AgentLog, kind: str, step: str, prompt: str) -> str:
     t0 = time.monotonic()
     async with orch.acquire(kind) as lease:
@@ -115,6 +169,10 @@ async def _step(orch: Orchestrator, log: AgentLog, kind: str, step: str, prompt:
         handle = lease.handle
         if isinstance(handle, SimulatedModel):
             out = await handle.run(prompt, work_s=WORK_S[step])
+        elif isinstance(handle, SyntheticHandle):  # real CUDA memory standing for the model
+            touched = await anyio.to_thread.run_sync(handle.run)
+            await anyio.sleep(WORK_S[step] * orch.config.time_scale)
+            out = f"[{lease.model} (synthetic: wrote {format_gib(touched)} of real GPU memory)] {prompt}"
         elif kind == "sdxl":
             # the scene itself: the simulated LLM's text is no prompt, and CLIP reads 77 tokens
             png = await generate_image(handle, log.scene, width=64, height=64, seed=log.agent)
@@ -201,6 +259,7 @@ async def run_demo(
             orch.add_listener(on_event)
         if isinstance(device, SimulatedDevice):
             device.reset_peaks()
+        baseline_bytes = device.read().used_bytes
         t0 = time.monotonic()
         async with orch:
             async with anyio.create_task_group() as tg:
@@ -210,7 +269,10 @@ async def run_demo(
             stats = orch.statistics()
         wall_s = time.monotonic() - t0
 
-    peak = device.peak_owned_bytes if isinstance(device, SimulatedDevice) else stats.peak_committed_bytes
+    if isinstance(device, SimulatedDevice):
+        peak = device.peak_owned_bytes
+    else:  # the real device: what NVML (or torch) saw in use, over what was in use before
+        peak = max(0, orch.sampler.peak_bytes - baseline_bytes)
     worked = sum(log.worked_s for log in logs)
     summary = {
         "agents": agents,

@@ -55,10 +55,23 @@ def quiet_imports() -> Iterator[None]:
     deprecates with a warning at import: not ours to fix, and under ``-W error`` it would stop
     the import. Only that warning is silenced, only while importing.
     """
+    # transformers also logs, once per class, that image processors fall back on PIL without
+    # torchvision: noise for text-to-image and TTS, which use none of them.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        yield
+        try:  # imported first: transformers sets its loggers' level when it is first imported
+            import transformers
+        except ImportError:
+            yield
+            return
+        hf_logging = transformers.utils.logging
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
 
 
 def import_torch(what: str, extra: str) -> Any:

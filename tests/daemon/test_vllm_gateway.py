@@ -43,7 +43,12 @@ def test_streaming_and_plain_completions_through_the_gateway(tmp_path: Path, sta
         d.watch_servers()
         chunks: list[dict[str, Any]] = []
         t0 = time.monotonic()
-        body = {"model": "tiny-llm", "prompt": "Once upon", "max_tokens": 8, "stream": True}
+        # Long enough (200 tokens, no early stop) that the lease is still held when the first
+        # chunk has been read: 8 tokens were all sent, and the lease released, before the
+        # client's status request arrived on a busy machine.
+        body = {
+            "model": "tiny-llm", "prompt": "Once upon", "max_tokens": 200, "ignore_eos": True, "stream": True,
+        }  # fmt: skip
         with c.stream("POST", "/v1/completions", json=body) as s:
             assert s.status_code == 200
             assert s.headers["content-type"].startswith("text/event-stream")
