@@ -193,8 +193,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_timeline(args: argparse.Namespace) -> int:
     from orchestrator.timeline import read_run, reconstruct, render_timeline
 
-    events_path = Path(args.events)
-    events, budget, time_scale = read_run(events_path)
+    if args.url:
+        from orchestrator.client import fetch_events, fetch_status
+        from orchestrator.timeline import event_from_dict
+
+        if args.events:
+            raise OrchestratorError("give an events file or --url, not both")
+        events = [event_from_dict(e) for e in fetch_events(args.url, args.token)]
+        budget: int | None = int(fetch_status(args.url, args.token)["budget_bytes"])
+        time_scale = 1.0  # a daemon's events are in real seconds
+        events_path = Path("timeline.png")  # the default output goes to the current folder
+    elif args.events:
+        events_path = Path(args.events)
+        events, budget, time_scale = read_run(events_path)
+    else:
+        raise OrchestratorError("give the events file (the demo's events.jsonl) or --url of a running daemon")
     if args.budget_gb is not None:
         if args.budget_gb <= 0:
             raise OrchestratorError(f"--budget-gb must be positive, got {args.budget_gb:g}")
@@ -335,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("timeline", help="draw the VRAM timeline chart of an event log (PNG)")
-    t.add_argument("events", metavar="EVENTS.jsonl", help="the event log (the demo's events.jsonl)")
+    t.add_argument(
+        "events", metavar="EVENTS.jsonl", nargs="?", help="the event log (the demo's events.jsonl)"
+    )
+    t.add_argument("--url", help="draw a running daemon's recent events instead (its /v1/events history)")
+    t.add_argument("--token", help="the daemon's bearer token (default: $VRAM_ORCHESTRATOR_TOKEN)")
     t.add_argument("-o", "--output", help="the PNG to write (default: timeline.png beside the events)")
     t.add_argument(
         "--budget-gb",

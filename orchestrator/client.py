@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -101,6 +103,7 @@ class RemoteOrchestrator:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._timeout = httpx.Timeout(http_timeout_s)
         self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self._timeout)
+        self._holder_prefix = f"{socket.gethostname()}:pid-{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     async def __aenter__(self) -> RemoteOrchestrator:
         return self
@@ -179,7 +182,10 @@ class RemoteOrchestrator:
     async def _lease(
         self, what: dict[str, Any], timeout: float | None, priority: int, ttl_s: float | None
     ) -> AsyncIterator[RemoteLease]:
-        body = {**what, "priority": priority, "timeout": timeout}
+        # This task's own name: the daemon tells it at once (409, LeaseDeadlock's message) when
+        # it waits for a model that one of its own leases keeps out, as acquire() does in process.
+        holder = f"{self._holder_prefix}:task-{anyio.get_current_task().id}"
+        body = {**what, "priority": priority, "timeout": timeout, "holder": holder}
         if ttl_s is not None:
             body["ttl_s"] = ttl_s
         wait = httpx.Timeout(self._timeout.connect, read=None if timeout is None else timeout + 30.0)
@@ -232,3 +238,27 @@ def fetch_status(url: str, token: str | None = None, *, timeout_s: float = 10.0)
         raise DaemonUnreachable(url, exc) from exc
     _raise_for(r)
     return dict(r.json())
+
+
+def fetch_events(url: str, token: str | None = None, *, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """The daemon's recent events (its history), synchronously (the CLI's ``timeline --url``)."""
+    token = token if token is not None else os.environ.get("VRAM_ORCHESTRATOR_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    out: list[dict[str, Any]] = []
+    try:
+        with httpx.stream(
+            "GET",
+            url.rstrip("/") + "/v1/events",
+            params={"history": "1", "follow": "0"},
+            headers=headers,
+            timeout=timeout_s,
+        ) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_for(r)
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(json.loads(line[6:]))
+    except httpx.TransportError as exc:
+        raise DaemonUnreachable(url, exc) from exc
+    return out

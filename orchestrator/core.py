@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +95,7 @@ class _Waiter:
     model: str
     priority: int
     arrived_s: float
-    task_id: int
+    task_id: Hashable  # the task (or the remote holder) that waits: deadlock detection
     event: anyio.Event = field(default_factory=anyio.Event)
     granted: bool = False
     error: BaseException | None = None
@@ -256,7 +256,7 @@ class Orchestrator:
         self._switch_lock = anyio.Lock()
         self._waiters: list[_Waiter] = []
         self._leases: dict[str, int] = {}
-        self._holders: dict[str, dict[int, int]] = {}  # model -> task id -> leases it holds
+        self._holders: dict[str, dict[Hashable, int]] = {}  # model -> task id -> leases it holds
         self._draining: frozenset[str] = frozenset()
         self._lost_gpu_s: dict[str, float] = {}
         self._backoff_until: dict[str, float] = {}
@@ -549,12 +549,18 @@ class Orchestrator:
 
     @asynccontextmanager
     async def acquire(
-        self, name_or_kind: str, *, timeout: float | None = None, priority: int = 0
+        self,
+        name_or_kind: str,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        owner: Hashable | None = None,
     ) -> AsyncIterator[Lease]:
         """Wait for ``name_or_kind`` to be resident and hold it for the block.
 
         A kind ("sdxl") means the config's default model of that kind. Several leases on one
-        model run concurrently. Higher ``priority`` is served first.
+        model run concurrently. Higher ``priority`` is served first. ``owner`` names who holds
+        the lease for deadlock detection (default: the current task).
 
         :raises UnknownModel: the name is neither a model nor a kind with a default.
         :raises InsufficientVRAM: the model can never fit the budget.
@@ -572,7 +578,7 @@ class Orchestrator:
             )
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
-        async with self._hold(spec.name, spec.kind, timeout, priority) as lease:
+        async with self._hold(spec.name, spec.kind, timeout, priority, owner) as lease:
             yield lease
 
     @asynccontextmanager
@@ -584,6 +590,7 @@ class Orchestrator:
         priority: int = 0,
         pid: int | None = None,
         holder: str = "",
+        owner: Hashable | None = None,
     ) -> AsyncIterator[Lease]:
         """Reserve ``n_bytes`` of VRAM for a program outside the orchestrator, for the block.
 
@@ -619,7 +626,7 @@ class Orchestrator:
         self._externals[rid] = reservation
         self.backends[rid] = _ExternalBackend(reservation)
         try:
-            async with self._hold(rid, EXTERNAL_KIND, timeout, priority) as lease:
+            async with self._hold(rid, EXTERNAL_KIND, timeout, priority, owner) as lease:
                 yield lease
         finally:
             self._end_external(rid)
@@ -702,14 +709,19 @@ class Orchestrator:
 
     @asynccontextmanager
     async def _hold(
-        self, model: str, kind: str, timeout: float | None, priority: int
+        self, model: str, kind: str, timeout: float | None, priority: int, owner: Hashable | None = None
     ) -> AsyncIterator[Lease]:
-        """Queue a waiter for ``model``, wait for the grant, hold the lease for the block."""
+        """Queue a waiter for ``model``, wait for the grant, hold the lease for the block.
+
+        ``owner`` is who holds the lease for deadlock detection: the current task unless
+        given (the daemon gives a remote client's task, whose leases it holds in tasks of its
+        own).
+        """
         spec_name = model
         await anyio.lowlevel.checkpoint_if_cancelled()
         self._seq += 1
         task = anyio.get_current_task()
-        w = _Waiter(self._seq, spec_name, priority, self.now_s(), task.id)
+        w = _Waiter(self._seq, spec_name, priority, self.now_s(), task.id if owner is None else owner)
         self._waiters.append(w)
         if self._uncontended(spec_name):
             # What the scheduler would decide anyway, without the round trip through it: the
@@ -782,7 +794,7 @@ class Orchestrator:
             self._waiters.remove(w)
             self._wake.set()
 
-    def _release(self, model: str, task_id: int) -> None:
+    def _release(self, model: str, task_id: Hashable) -> None:
         self._leases[model] -= 1
         holders = self._holders[model]
         holders[task_id] -= 1

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, MutableMapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,6 +291,7 @@ class LeaseManager:
         ttl_s: float,
         pid: int | None,
         holder: str,
+        owner: Hashable | None = None,
     ) -> RemoteLease:
         """Wait for the lease (cancelled with the request) and return it, granted."""
         if self._tg is None:
@@ -299,7 +300,7 @@ class LeaseManager:
         cm: AbstractAsyncContextManager[Lease]
         if model is not None:
             spec = self.orch.resolve(model)
-            cm = self.orch.acquire(spec.name, timeout=timeout_s, priority=priority)
+            cm = self.orch.acquire(spec.name, timeout=timeout_s, priority=priority, owner=owner)
             rl = RemoteLease(
                 f"lease-{self._seq}",
                 spec.name,
@@ -312,7 +313,9 @@ class LeaseManager:
             )
         else:
             assert n_bytes is not None
-            cm = self.orch.reserve(n_bytes, timeout=timeout_s, priority=priority, pid=pid, holder=holder)
+            cm = self.orch.reserve(
+                n_bytes, timeout=timeout_s, priority=priority, pid=pid, holder=holder, owner=owner
+            )
             rl = RemoteLease(f"lease-{self._seq}", "", EXTERNAL_KIND, n_bytes, ttl_s, priority, pid, holder)
         self._leases[rl.id] = rl
         self._tg.start_soon(self._hold, rl, cm, name=f"vram-orchestrator {rl.id}")
@@ -525,6 +528,8 @@ def create_app(d: Daemon) -> ASGIApp:
 
     async def events(request: Request) -> HeldResponse:
         history = request.query_params.get("history", "").lower() in ("1", "true", "yes")
+        # follow=0: the recent events, then the end of the response (the timeline command)
+        follow = request.query_params.get("follow", "1").lower() not in ("0", "false", "no")
         send_events, receive_events = anyio.create_memory_object_stream[Event](10_000)
         backlog = list(orch.hub.history) if history else []
 
@@ -551,6 +556,9 @@ def create_app(d: Daemon) -> ASGIApp:
                 )
                 for e in backlog:
                     await send({"type": "http.response.body", "body": _sse(e), "more_body": True})
+                if not follow:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
                 while True:
                     with anyio.move_on_after(KEEPALIVE_S) as keepalive:
                         e = await receive_events.receive()
@@ -628,6 +636,10 @@ def create_app(d: Daemon) -> ASGIApp:
                 ttl_s=ttl_s,
                 pid=pid,
                 holder=holder or (request.client.host if request.client else ""),
+                # Leases of one named holder (RemoteOrchestrator names each of its tasks) count
+                # as one owner: a holder that waits for a model its own lease keeps out is
+                # told at once (409), as a task in process is.
+                owner=("remote", holder) if holder else None,
             )
             await send_json(send, 200, rl.to_dict())
 

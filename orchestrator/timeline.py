@@ -118,13 +118,17 @@ def read_events(path: str | Path) -> list[Event]:
             raw = json.loads(line)
             if not isinstance(raw, dict):
                 raise ValueError(f"expected an object, got {type(raw).__name__}")
-            # Fields a later version adds are ignored, not an error.
-            events.append(Event(**{k: v for k, v in raw.items() if k in _EVENT_FIELDS}))
+            events.append(event_from_dict(raw))
         except (ValueError, TypeError) as exc:
             raise TimelineError(
                 f"{p}:{lineno}: not an event ({exc}); the file should hold one JSON event per line"
             ) from None
     return events
+
+
+def event_from_dict(raw: Mapping[str, Any]) -> Event:
+    """An event from its ``to_dict()`` form; fields a later version adds are ignored."""
+    return Event(**{k: v for k, v in raw.items() if k in _EVENT_FIELDS})
 
 
 def read_run(events_path: str | Path) -> tuple[list[Event], int | None, float]:

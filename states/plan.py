@@ -11,7 +11,7 @@ The rules:
    model on the GPU.
 3. Then, while the request does not fit, evict more: light models before heavy ones, least
    recently used first; external reservations last (they cannot be unloaded, only waited
-   for: their leases end).
+   for: their leases end). Of those, any that a later, larger one made unnecessary stays.
 4. If it still does not fit, the missing room is held by foreign processes: the request is
    ``Deferred`` (the orchestrator waits for room or times out), not failed.
 5. An evicted model goes to the HOST tier when its backend can keep a host copy and the host
@@ -120,12 +120,20 @@ def plan(request: PlanRequest, ledger: Ledger, policy: Policy) -> Plan | Deferre
     # Light before heavy, least recently used first; external reservations last.
     keep.sort(key=lambda r: (r.external, r.exclusive, r.last_used))
     room = ledger.available_bytes - sum(r.vram_bytes for r in keep)
+    chosen: list[Resident] = []
     while room < request.vram_bytes and keep:
         r = keep.pop(0)
-        victims.append(r)
+        chosen.append(r)
         room += r.vram_bytes
     if room < request.vram_bytes:
         return Deferred(request.model, request.vram_bytes, ledger.available_bytes, ledger.foreign_bytes)
+    # Keep any chosen one that the later, larger choices made unnecessary (the TTS picked
+    # first, then the LLM, whose room alone was enough): evict no more than needed.
+    for r in reversed(chosen[:-1]):
+        if room - r.vram_bytes >= request.vram_bytes:
+            chosen.remove(r)
+            room -= r.vram_bytes
+    victims += chosen
 
     evictions = _choose_tiers(victims, ledger, request)
     after = ledger

@@ -3,6 +3,7 @@ with SIGKILL, the budget invariant from the event stream, auth, bad input, statu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -175,6 +176,17 @@ def test_auth_bad_input_and_status(tmp_path: Path, start_daemon: Any) -> None:
             capture_output=True, text=True, timeout=30, cwd=ROOT,
         )  # fmt: skip
         assert out.returncode == 0 and "tts-small" in out.stdout and f"lease {lease['id']}" in out.stdout
+        # ... and timeline --url draws its recent events (the request ends after the history).
+        if importlib.util.find_spec("matplotlib") is not None:
+            chart = tmp_path / "daemon-timeline.png"
+            out = subprocess.run(
+                [sys.executable, "-m", "orchestrator", "timeline", "--url", d.url, "--token", TOKEN,
+                 "-o", str(chart)],
+                capture_output=True, text=True, timeout=60, cwd=ROOT,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert "1 switches" in out.stdout and "budget 15.50 GiB" in out.stdout, out.stdout
         assert c.delete(f"/v1/leases/{lease['id']}").json()["released"] is True
         r = c.post(f"/v1/leases/{lease['id']}/renew")
         assert r.status_code == 410 and "released by its holder" in r.json()["error"]["message"]

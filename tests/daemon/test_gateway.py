@@ -152,12 +152,28 @@ async def test_remote_orchestrator_acquire_reserve_renew_and_cancel(
             assert st["external_bytes"] == 8 * 2**30
             assert {m["name"]: m["tier"] for m in st["models"]}["fake-llm"] == "disk"
             assert st["external"][0]["pid"] == 999_999
-        # Cancelled while waiting: the request is withdrawn, nothing is left queued.
+        # Cancelled while waiting (in another task): the request is withdrawn, nothing is left.
         async with remote.acquire("sdxl", timeout=10):
-            with anyio.move_on_after(0.5):
+
+            async def other_task() -> None:
+                with anyio.move_on_after(0.5):
+                    async with remote.reserve(10 * 2**30, timeout=10):
+                        raise AssertionError("granted beside a held 10.5 GiB model")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(other_task)
+            await anyio.sleep(0.2)
+            st = await remote.status()
+            assert len(st["leases"]) == 1 and st["external"] == []
+            # The same task waiting for room its own lease takes: told at once, as in process.
+            t0 = anyio.current_time()
+            try:
                 async with remote.reserve(10 * 2**30, timeout=10):
                     raise AssertionError("granted beside a held 10.5 GiB model")
-            await anyio.sleep(0.2)
+            except RemoteError as exc:
+                assert exc.status == 409 and exc.type == "lease_deadlock", exc
+                assert "sdxl" in exc.message
+            assert anyio.current_time() - t0 < 5
             st = await remote.status()
             assert len(st["leases"]) == 1 and st["external"] == []
         try:

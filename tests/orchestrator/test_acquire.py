@@ -606,6 +606,33 @@ async def test_acquiring_sdxl_while_holding_the_llm_raises_lease_deadlock(orch: 
                 pass
 
 
+async def test_an_owner_spans_tasks_for_deadlock_detection(orch: Orchestrator) -> None:
+    """The daemon holds each remote lease in a task of its own; ``owner`` (one remote client
+    task) ties them together, so the deadlock is seen across those tasks, and only there."""
+    held = anyio.Event()
+    done = anyio.Event()
+
+    async def hold_llm(owner: object) -> None:
+        async with orch.acquire("llm", owner=owner):
+            held.set()
+            await done.wait()
+
+    async with orch:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_llm, "client-1")
+            await held.wait()
+            with anyio.fail_after(2), pytest.raises(LeaseDeadlock):
+                async with orch.acquire("sdxl", owner="client-1"):
+                    pytest.fail("granted sdxl while its owner holds the LLM")
+            # another owner just waits (the LLM lease will end): no deadlock
+            with anyio.move_on_after(0.2) as scope:
+                async with orch.acquire("sdxl", owner="client-2"):
+                    pytest.fail("granted sdxl while the LLM is held")
+            assert scope.cancelled_caught
+            done.set()
+        assert orch.waiting() == []
+
+
 async def test_a_light_model_held_while_acquiring_a_heavy_one_that_needs_its_room(orch: Orchestrator) -> None:
     # qwen-vl-7b (13.8 GiB) does not fit beside the TTS (3.5 GiB) in 15.5 GiB.
     async with orch:

@@ -288,8 +288,27 @@ def test_light_request_falls_back_to_evicting_the_heavy() -> None:
         ),
     )  # 14.5 used, 1 free
     p = must_plan(req("gpt-sovits"), ledger)
-    assert [e.model for e in p.evictions] == ["kokoro", "sdxl-lora-controlnet"]
-    assert p.after.gpu_residents == ()
+    # kokoro was picked first (light before heavy), but once the heavy one had to go its
+    # room alone was enough: kokoro stays.
+    assert [e.model for e in p.evictions] == ["sdxl-lora-controlnet"]
+    assert [r.model for r in p.after.gpu_residents] == ["kokoro"]
+
+
+def test_no_more_evictions_than_needed() -> None:
+    # Room for 9 GiB beside a 3.5 GiB TTS and an 11.5 GiB reservation is not enough (0.5
+    # free); the TTS goes first by the rule, then the LLM-sized one: the TTS came back.
+    ledger = Ledger(
+        BUDGET,
+        residents=(
+            res("gpt-sovits", 3.5, kind="tts", last_used=1),
+            res("qwen-14b", 11.5, last_used=2),
+        ),
+    )
+    ext = PlanRequest(model="ext", kind="external", vram_bytes=gib_to_bytes(9), external=True)
+    p = must_plan(ext, ledger)
+    assert [e.model for e in p.evictions] == ["qwen-14b"]
+    assert p.after.on_gpu("gpt-sovits")
+    assert p.after.committed_bytes <= p.after.budget_bytes
 
 
 # -- foreign memory: Deferred ----------------------------------------------------------------
