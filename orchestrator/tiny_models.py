@@ -297,6 +297,8 @@ COMPLETE = ".complete"  # written last: a folder without it was interrupted and 
 
 def build(root: Path, which: tuple[str, ...] = MODELS) -> dict[str, Path]:
     """Build the named tiny models under ``root`` (those already complete are kept)."""
+    from orchestrator.backends.inprocess import quiet_imports
+
     root.mkdir(parents=True, exist_ok=True)
     need = set(which)
     if need & {"tiny-sdxl-lora", "tiny-controlnet"}:
@@ -308,19 +310,24 @@ def build(root: Path, which: tuple[str, ...] = MODELS) -> dict[str, Path]:
         path = root / name
         if not (path / COMPLETE).exists():
             shutil.rmtree(path, ignore_errors=True)
-            if name == "tiny-llm":
-                build_tiny_llm(path)
-            elif name == "tiny-sdxl":
-                build_tiny_sdxl(path)
-            elif name == "tiny-sdxl-lora":
-                build_tiny_lora(path, root / "tiny-sdxl")
-            elif name == "tiny-controlnet":
-                build_tiny_controlnet(path, root / "tiny-sdxl")
-            else:
-                build_tiny_tts(path)
+            with quiet_imports():  # the libraries' import-time notices are not the user's concern
+                _build_one(name, path, root)
             (path / COMPLETE).write_text("")
         out[name] = path
     return out
+
+
+def _build_one(name: str, path: Path, root: Path) -> None:
+    if name == "tiny-llm":
+        build_tiny_llm(path)
+    elif name == "tiny-sdxl":
+        build_tiny_sdxl(path)
+    elif name == "tiny-sdxl-lora":
+        build_tiny_lora(path, root / "tiny-sdxl")
+    elif name == "tiny-controlnet":
+        build_tiny_controlnet(path, root / "tiny-sdxl")
+    else:
+        build_tiny_tts(path)
 
 
 def main(argv: list[str] | None = None) -> int:
