@@ -95,7 +95,8 @@ class PackedWeights:
     def _pin(self) -> None:
         torch = self._torch
         try:
-            rc = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.total_bytes, 0)
+            # flags 1 = cudaHostRegisterPortable (as torch's own cuda/_pin_memory_utils.py)
+            rc = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.total_bytes, 1)
             self._registered = int(rc) == 0
         except Exception:  # pragma: no cover - a torch without the cudart binding
             self._registered = False
