@@ -102,7 +102,7 @@ def build_sdxl_pipeline(torch: Any, architecture: Path, out: Path, *, build_on: 
     if (out / COMPLETE).exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    from orchestrator.tiny_models import _clip_tokenizer_files, _imports_for_images
+    from orchestrator.tiny_models import _clip_tokenizer_files, _imports_for_images, sdxl_scheduler
 
     _, transformers, diffusers = _imports_for_images()
     arch = json.loads(architecture.read_text())
@@ -138,13 +138,7 @@ def build_sdxl_pipeline(torch: Any, architecture: Path, out: Path, *, build_on: 
         **parts,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        scheduler=diffusers.EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            steps_offset=1,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-        ),
+        scheduler=sdxl_scheduler(diffusers),
     )
     pipe.save_pretrained(out)
     shutil.rmtree(tok_dir, ignore_errors=True)

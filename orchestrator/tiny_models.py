@@ -136,6 +136,17 @@ def _tiny_unet(diffusers: Any) -> Any:
     )
 
 
+def sdxl_scheduler(diffusers: Any) -> Any:
+    """SDXL base 1.0's scheduler: Euler, scaled-linear betas, leading timesteps."""
+    return diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+
+
 def _imports_for_images() -> tuple[Any, Any, Any]:
     try:
         import torch
@@ -192,13 +203,7 @@ def build_tiny_sdxl(out: Path, *, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=_tiny_unet(diffusers),
-        scheduler=diffusers.EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            steps_offset=1,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-        ),
+        scheduler=sdxl_scheduler(diffusers),
     )
     pipe.save_pretrained(out)
     shutil.rmtree(tok_dir, ignore_errors=True)
