@@ -152,7 +152,10 @@ class InProcessBackend(Backend):
         the orchestrator keeps a reference to it (a pipeline kept in a variable)."""
         leaked = [] if live_only else self._still_referenced()
         if self.stand_in is not None:
-            return self.stand_in.held_by(self.owner, live_only=live_only)
+            held = self.stand_in.held_by(self.owner, live_only=live_only)
+            if not live_only:
+                held += self.stand_in.held_by(self._unreleased_owner)
+            return held
         if self._tier is Tier.GPU:
             return self._weight_bytes
         return sum(
@@ -168,9 +171,15 @@ class InProcessBackend(Backend):
         alive = [m for r in self._unloaded if (m := r()) is not None]
         if not alive:
             self._unloaded = []
-            if self._tier is Tier.DISK:
-                self._drop_stand_in()
+            if self.stand_in is not None:
+                self.stand_in.free(self._unreleased_owner)
         return alive
+
+    @property
+    def _unreleased_owner(self) -> str:
+        """On the simulated device, who holds an unloaded model's bytes that something outside
+        still keeps alive: not the model (which may load again meanwhile), and not ours."""
+        return f"{self.owner} (unreleased)"
 
     def peak_bytes(self) -> int | None:
         """On a GPU: the most torch reserved since this model was loaded, over what it had
@@ -332,7 +341,7 @@ class InProcessBackend(Backend):
             self._still_referenced()
             return
         t0 = time.perf_counter()
-        self._unloaded = [weakref.ref(m) for m in self._modules.values()]
+        self._unloaded += [weakref.ref(m) for m in self._modules.values()]
         self._forget(keep_stand_in=True)
         self._tier = Tier.DISK
 
@@ -342,6 +351,11 @@ class InProcessBackend(Backend):
 
         await anyio.to_thread.run_sync(collect)
         alive = self._still_referenced()
+        if self.stand_in is not None:
+            held = self.stand_in.held_by(self.owner)
+            self.stand_in.free(self.owner)
+            if alive and held:  # still in use by whoever keeps it: as on a GPU, not free
+                self.stand_in.allocate(self._unreleased_owner, held)
         for m in alive:  # when the last of them goes, the memory is back (the stand-in too)
             weakref.finalize(m, self._still_referenced)
         if alive:
