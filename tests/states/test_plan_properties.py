@@ -183,12 +183,18 @@ def test_plan_properties(case: Case) -> None:
     assert all(v is not None for v in gpu_victims)
     optional = [v for v in gpu_victims if v is not None and not _conflict(request, v)]
     if optional:
-        last = optional[-1]
-        # Keeping the last one would not fit.
-        assert after.committed_bytes + last.vram_bytes > after.available_bytes
+        # No more than needed: keeping any one of them would not fit.
+        for v in optional:
+            assert after.committed_bytes + v.vram_bytes > after.available_bytes
+        # Chosen in the documented order (light before heavy, least recently used first) ...
         assert [_rank(v) for v in optional] == sorted(_rank(v) for v in optional)
-        kept = list(after.gpu_residents)
-        assert all(_rank(v) < _rank(k) for v in optional for k in kept)
+        # ... and the order was followed: evicting everything that ranks below the last one
+        # chosen would not have made room, so the planner had to go as far as it.
+        last = optional[-1]
+        candidates = [r for r in ledger.gpu_residents if not _conflict(request, r)]
+        room = ledger.available_bytes - sum(r.vram_bytes for r in candidates)
+        below = [r for r in candidates if _rank(r) < _rank(last)]
+        assert room + sum(r.vram_bytes for r in below) < request.vram_bytes
 
     _check_host_tier(ledger, result)
 
