@@ -122,20 +122,12 @@ def real_gpu_variant(config: Config) -> tuple[Config | None, str]:
     """
     if config.device != "simulated":
         return config, ""
-    from orchestrator.device.base import DeviceUnavailable
-    from orchestrator.device.nvml import NvmlDevice
-    from orchestrator.device.torchmem import TorchDevice
+    from orchestrator.device import DeviceUnavailable, open_real_device
 
-    device: Any = None
-    errors = []
-    for opener in (NvmlDevice, TorchDevice):
-        try:
-            device = opener(config.device_index)
-            break
-        except DeviceUnavailable as exc:
-            errors.append(str(exc))
-    if device is None:
-        return None, "; ".join(errors)
+    try:
+        device = open_real_device(config.device_index)
+    except DeviceUnavailable as exc:
+        return None, str(exc)
     try:
         reading = device.read()
         name = device.name

@@ -17,6 +17,7 @@ __all__ = [
     "SimulatedDevice",
     "SimulatedOOM",
     "open_device",
+    "open_real_device",
 ]
 
 
@@ -38,15 +39,29 @@ def open_device(kind: str, index: int = 0, *, total_bytes: int, name: str = "sim
         return TorchDevice(index)
     if kind != "auto":
         raise ValueError(f"unknown device kind {kind!r}")
+    try:
+        return open_real_device(index)
+    except DeviceUnavailable as exc:
+        logger.warning(
+            "no GPU found (%s): using the simulated device (%s). Set hardware.device to silence this.",
+            exc,
+            name,
+        )
+    return SimulatedDevice(total_bytes, name=name)
+
+
+def open_real_device(index: int = 0) -> Device:
+    """NVML when a driver answers, else torch's CUDA view.
+
+    :raises DeviceUnavailable: neither can be opened (the message says why, for each).
+    """
+    from orchestrator.device.nvml import NvmlDevice
+    from orchestrator.device.torchmem import TorchDevice
+
     errors = []
     for opener in (NvmlDevice, TorchDevice):
         try:
             return opener(index)
         except DeviceUnavailable as exc:
             errors.append(str(exc))
-    logger.warning(
-        "no GPU found (%s): using the simulated device (%s). Set hardware.device to silence this.",
-        "; ".join(errors),
-        name,
-    )
-    return SimulatedDevice(total_bytes, name=name)
+    raise DeviceUnavailable("; ".join(errors))
