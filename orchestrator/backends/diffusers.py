@@ -68,13 +68,8 @@ class DiffusersBackend(InProcessBackend):
         _quiet_progress(diffusers)
         opts = self.options
         kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-        cn_path = check_path_option(opts, "controlnet", required=False)
+        cn_path = self._local_path("controlnet", "the ControlNet")
         if cn_path is not None:
-            if not cn_path.exists():
-                raise FileNotFoundError(
-                    f"model {self.name!r}: the ControlNet {cn_path} does not exist; "
-                    f"fix models.{self.name}.backend.controlnet"
-                )
             kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(
                 cn_path, dtype=dtype, local_files_only=True
             )
@@ -85,13 +80,8 @@ class DiffusersBackend(InProcessBackend):
             cls = diffusers.AutoPipelineForText2Image
         pipe = cls.from_pretrained(self.path, **kwargs)
         pipe.set_progress_bar_config(disable=True)
-        lora = check_path_option(opts, "lora", required=False)
+        lora = self._local_path("lora", "the LoRA weights")
         if lora is not None:
-            if not lora.exists():
-                raise FileNotFoundError(
-                    f"model {self.name!r}: the LoRA weights {lora} do not exist; "
-                    f"fix models.{self.name}.backend.lora"
-                )
             # Fused, then the adapter layers removed: the UNet's weights stay plain static
             # tensors (what the packed host copy needs), with the LoRA folded in.
             level = diffusers.utils.logging.get_verbosity()

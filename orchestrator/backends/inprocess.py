@@ -197,6 +197,17 @@ class InProcessBackend(Backend):
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _local_path(self, key: str, what: str, *, hint: str = "") -> Path | None:
+        """The local path in option ``key`` (None when not given); one that does not exist is
+        a ``FileNotFoundError`` naming the model, the path and the config key to fix."""
+        path = check_path_option(self.options, key, required=key == "path")
+        if path is not None and not path.exists():
+            raise FileNotFoundError(
+                f"model {self.name!r}: {what} {path} does not exist; "
+                f"fix models.{self.name}.backend.{key} {hint}".rstrip()
+            )
+        return path
+
     def _torch(self) -> Any:
         return import_torch(f"backend: {self.spec.backend}", self.extra)
 
@@ -232,11 +243,9 @@ class InProcessBackend(Backend):
             return self._model
         if self._tier is Tier.HOST:
             return await self.restore(limit_bytes)
-        if not self.path.exists():
-            raise FileNotFoundError(
-                f"model {self.name!r}: {self.path} does not exist; set models.{self.name}.backend.path "
-                "to the model's local folder (python -m orchestrator.tiny_models DIR builds tiny ones)"
-            )
+        self._local_path(
+            "path", "the model folder", hint="(python -m orchestrator.tiny_models DIR builds tiny ones)"
+        )
         torch = self._torch()
 
         def work() -> None:

@@ -211,6 +211,25 @@ async def test_missing_path_is_a_clear_error_and_loses_nothing(tiny: dict[str, P
         assert orch.device.held_by("sdxl-gone") == 0  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(("key", "what"), [("lora", "the LoRA weights"), ("controlnet", "the ControlNet")])
+async def test_a_missing_lora_or_controlnet_names_its_key(
+    tiny: dict[str, Path], tmp_path: Path, key: str, what: str
+) -> None:
+    extra = f"""  sdxl-gone:
+    kind: sdxl
+    vram_gb: 9.0
+    backend: {{type: diffusers, path: "{tiny["tiny-sdxl"]}", {key}: "{tmp_path / "nowhere"}"}}
+"""
+    async with orch_for(tiny, extra_models=extra) as orch:
+        with pytest.raises(
+            LoadFailed, match=rf"{what} .*nowhere does not exist.*models\.sdxl-gone\.backend\.{key}"
+        ):
+            with anyio.fail_after(60):
+                async with orch.acquire("sdxl-gone"):
+                    pass
+        assert orch.device.held_by("sdxl-gone") == 0  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("backend", "key", "problem"),
     [
