@@ -84,12 +84,12 @@ class PackedWeights:
             self._pin()
         self.device_buffer: Any = None
         self.device: Any = None
-        for slot in self._slots:
+        # The host views never change: made once, filled once, an offload only assigns them.
+        self._host_views = self._views(self.host)
+        for slot, view in zip(self._slots, self._host_views, strict=True):
             module, name, is_param = slot.places[0]
             src = (module._parameters if is_param else module._buffers)[name]
-            self._view(self.host, slot).copy_(src.detach().reshape(slot.shape))
-        # The host views never change: made once, an offload only assigns them.
-        self._host_views = self._views(self.host)
+            view.copy_(src.detach().reshape(slot.shape))
         self._point(self._host_views)
 
     def _pin(self) -> None:
@@ -119,9 +119,6 @@ class PackedWeights:
     @property
     def on_device(self) -> bool:
         return self.device_buffer is not None
-
-    def _view(self, buf: Any, slot: _Slot) -> Any:
-        return buf[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
 
     def _views(self, buf: Any) -> list[Any]:
         """Every slot's view of ``buf``: one typed view of the buffer per dtype, then one
