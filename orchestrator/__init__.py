@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from orchestrator.compat import LLMStatus, ModelManager, ServiceController
 from orchestrator.config import Config, ModelSpec, load_config, parse_config
-from orchestrator.core import Lease, Orchestrator, Statistics
+from orchestrator.runtime import Lease, Orchestrator, Statistics
 from orchestrator.errors import (
     AcquireTimeout,
     BackendCrashed,

@@ -100,7 +100,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator.core import Orchestrator
+    from orchestrator.runtime import Orchestrator
     from orchestrator.demo import run_demo
 
     config = load_config(args.config)
@@ -160,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  lease {lease['id']} on {what}: holder {holder}, ttl {lease['ttl_s']:g} s")
         return EXIT_OK
 
-    from orchestrator.core import Orchestrator
+    from orchestrator.runtime import Orchestrator
 
     # Without --url: build the orchestrator from the config without starting it (nothing is
     # loaded) and report what it sees.

@@ -27,7 +27,7 @@ import anyio
 import anyio.from_thread
 
 from orchestrator.backends.server import ServerBackend
-from orchestrator.core import Lease, Orchestrator
+from orchestrator.runtime import Lease, Orchestrator
 from orchestrator.errors import OrchestratorError
 from states.ledger import Ledger
 from states.machine import State

@@ -45,7 +45,7 @@ from starlette.routing import Route
 
 from orchestrator.backends.server import ServerBackend, ServerHandle
 from orchestrator.config import Config, DaemonSpec
-from orchestrator.core import EXTERNAL_KIND, Lease, Orchestrator
+from orchestrator.runtime import EXTERNAL_KIND, Lease, Orchestrator
 from orchestrator.errors import (
     AcquireTimeout,
     BackendCrashed,

@@ -25,7 +25,7 @@ import anyio
 from orchestrator.backends.simulated import SimulatedModel
 from orchestrator.backends.synthetic import SyntheticHandle
 from orchestrator.config import Config
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
 from orchestrator.footprints import default_path

@@ -13,7 +13,7 @@ from orchestrator.backends.server import ServerBackend
 from states.units import format_gib
 
 if TYPE_CHECKING:
-    from orchestrator.core import Orchestrator
+    from orchestrator.runtime import Orchestrator
 
 
 def status_report(orch: Orchestrator) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from orchestrator.config import Config, SimSpec
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.errors import (
     AcquireTimeout,

@@ -15,7 +15,7 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
     passing request (switches are expensive). A model that must be evicted keeps taking new
     leases until the target's oldest waiter has waited ``fairness_s``; then it drains. A waiter's
     age counts from when its model last lost the GPU, not from its arrival: two models with
-    old waiters would otherwise take the GPU from each other forever (FIELD-NOTES section 3).
+    old waiters would otherwise take the GPU from each other forever.
     Targets are ordered by: overdue (waited ``max_wait_s`` since arrival) first, then priority
     (higher first), then age. A target with a higher priority than every waiter of the models
     it evicts drains them at once. While the first target waits for leases to drain, a model
@@ -32,7 +32,7 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -48,6 +48,7 @@ class WaiterView:
     model: str
     priority: int
     arrived_s: float
+    holder: Hashable = None  # who waits (a task, a remote client): re-entrance and deadlocks
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import orchestrator.config
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.demo import run_demo
 from orchestrator.events import Event
 from orchestrator.timeline import (

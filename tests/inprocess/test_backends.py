@@ -15,7 +15,7 @@ import pytest
 from orchestrator.backends.diffusers import DiffusersBackend
 from orchestrator.backends.tts import Speaker, TtsBackend
 from orchestrator.config import parse_config
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.errors import BackendOutOfMemory, ConfigError, LeaseEnded, LoadFailed
 from orchestrator.media import MediaUnsupported, generate_image, synthesize_speech
 from states.ledger import Tier

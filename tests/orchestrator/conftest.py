@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from orchestrator.config import Config, parse_config
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 
 TIME_SCALE = 0.001

@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 
 from orchestrator.backends.simulated import SimulatedBackend, SimulatedModel
 from orchestrator.config import Config
-from orchestrator.core import Lease, Orchestrator
+from orchestrator.runtime import Lease, Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.errors import (
     AcquireTimeout,

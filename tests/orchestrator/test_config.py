@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import Config, load_config, parse_config
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.errors import ConfigError, OrchestratorError
 from states.scheduling import Mode
 from states.units import gib_to_bytes

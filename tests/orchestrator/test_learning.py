@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.backends.simulated import SimulatedBackend
 from orchestrator.config import Config, parse_config
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.errors import AcquireTimeout, BackendOutOfMemory, InsufficientVRAM
 from orchestrator.events import Event

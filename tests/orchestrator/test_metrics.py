@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import orchestrator.config
 from orchestrator.backends.simulated import SimulatedBackend
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.errors import AcquireTimeout, LoadFailed
 from orchestrator.metrics import OrchestratorMetrics
 from states.units import gib_to_bytes

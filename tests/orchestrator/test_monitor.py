@@ -19,7 +19,7 @@ import pytest
 
 import orchestrator.device.nvml as nvml_module
 from orchestrator.config import Config, load_config, parse_config
-from orchestrator.core import Orchestrator
+from orchestrator.runtime import Orchestrator
 from orchestrator.device import DeviceUnavailable, ProcessUse, SimulatedDevice, open_device
 from orchestrator.device.nvml import NvmlDevice, nvml_available
 from orchestrator.errors import ConfigError, UnknownModel, VRAMNotReleased
