@@ -100,8 +100,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator.runtime import Orchestrator
     from orchestrator.demo import run_demo
+    from orchestrator.runtime import Orchestrator
 
     config = load_config(args.config)
     if args.time_scale is not None:

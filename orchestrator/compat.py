@@ -27,8 +27,8 @@ import anyio
 import anyio.from_thread
 
 from orchestrator.backends.server import ServerBackend
-from orchestrator.runtime import Lease, Orchestrator
 from orchestrator.errors import OrchestratorError
+from orchestrator.runtime import Lease, Orchestrator
 from states.ledger import Ledger
 from states.machine import State
 from states.units import GIB

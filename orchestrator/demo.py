@@ -25,11 +25,11 @@ import anyio
 from orchestrator.backends.simulated import SimulatedModel
 from orchestrator.backends.synthetic import SyntheticHandle
 from orchestrator.config import Config
-from orchestrator.runtime import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
 from orchestrator.footprints import default_path
 from orchestrator.media import generate_image, synthesize_speech
+from orchestrator.runtime import Orchestrator
 from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable, render_timeline
 from orchestrator.tiny_models import build as build_tiny
 from states.units import format_gib

@@ -35,7 +35,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from orchestrator.config import Config, SimSpec
-from orchestrator.runtime import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.errors import (
     AcquireTimeout,
@@ -45,6 +44,7 @@ from orchestrator.errors import (
     NotRunning,
 )
 from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
 from states.machine import State, active_state
 from states.units import format_gib
 

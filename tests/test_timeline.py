@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import orchestrator.config
-from orchestrator.runtime import Orchestrator
 from orchestrator.demo import run_demo
 from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
 from orchestrator.timeline import (
     ChartsUnavailable,
     Span,

@@ -15,9 +15,9 @@ import pytest
 from orchestrator.backends.diffusers import DiffusersBackend
 from orchestrator.backends.tts import Speaker, TtsBackend
 from orchestrator.config import parse_config
-from orchestrator.runtime import Orchestrator
 from orchestrator.errors import BackendOutOfMemory, ConfigError, LeaseEnded, LoadFailed
 from orchestrator.media import MediaUnsupported, generate_image, synthesize_speech
+from orchestrator.runtime import Orchestrator
 from states.ledger import Tier
 from states.units import gib_to_bytes
 from tests.inprocess.conftest import config_text

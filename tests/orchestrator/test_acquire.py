@@ -19,7 +19,6 @@ from anyio.abc import TaskStatus
 
 from orchestrator.backends.simulated import SimulatedBackend, SimulatedModel
 from orchestrator.config import Config
-from orchestrator.runtime import Lease, Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.errors import (
     AcquireTimeout,
@@ -32,6 +31,7 @@ from orchestrator.errors import (
     VRAMNotReleased,
 )
 from orchestrator.events import Event
+from orchestrator.runtime import Lease, Orchestrator
 from states.ledger import Tier
 from states.machine import State, active_state
 from states.units import gib_to_bytes

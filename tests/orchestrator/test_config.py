@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import Config, load_config, parse_config
-from orchestrator.runtime import Orchestrator
 from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.runtime import Orchestrator
 from states.scheduling import Mode
 from states.units import gib_to_bytes
 
