@@ -172,6 +172,10 @@ class Orchestrator:
         now = self.now_s()
         return [(w.model, w.priority, now - w.arrived_s) for w in list(self._book.waiters)]
 
+    def deferred(self) -> Mapping[str, str]:
+        """Models whose waiters wait for room that foreign processes hold, and why (a copy)."""
+        return {m: d.reason for m, d in self._scheduler.deferred.items()}
+
     def last_errors(self) -> Mapping[str, BaseException]:
         """The error of each model whose last switch failed (cleared by its next success)."""
         return dict(self._ctx.last_error)

@@ -14,6 +14,7 @@ from orchestrator.config import load_config
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
 from states.machine import State, active_state
+from tests.orchestrator.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -108,7 +109,7 @@ async def test_a_hot_model_does_not_starve_the_others() -> None:
         async with orch, anyio.create_task_group() as tg:
             for _ in range(8):
                 tg.start_soon(hot)
-            await anyio.sleep(0.1)  # the LLM is loaded and busy
+            await wait_until(lambda: orch.leases().get("qwen-14b", 0) > 0, what="the LLM loaded and busy")
             async with orch.acquire("sdxl") as lease:
                 sdxl_wait = lease.waited_s
             stop.set()
