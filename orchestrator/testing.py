@@ -7,9 +7,11 @@ that fail, slow releases, foreign processes taking memory) and the passage of ti
 every step, and on every event the orchestrator emits, it checks the invariants:
 
 - committed bytes (resident + loading) never exceed the budget;
+- a load begins only when its plan fits the budget less what other processes hold;
 - the simulated device's peak of our own memory never exceeds the budget;
 - outside a switch, the state matches what is resident;
-- no lease or waiter is lost: leases plus queued waiters equal the clients holding or waiting;
+- no lease or waiter is lost: a shadow of the queue (per model, the clients that wait and
+  those that hold) equals the orchestrator's queue and leases;
 - at the end, every client has finished (none starved or hung), nothing is left on the device
   and the machine is IDLE.
 
@@ -203,7 +205,16 @@ class OrchestratorMachine(RuleBasedStateMachine):
     # -- the checks ------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        self._check_budget(f"at event {event.kind} {event.trigger or ''} {event.model or ''}")
+        where = f"at event {event.kind} {event.trigger or ''} {event.model or ''}"
+        self._check_budget(where)
+        if event.kind == "transition" and event.trigger == "begin_switch" and event.model is not None:
+            # A load begins only when the plan fits the budget less what others hold now.
+            room = self.cfg.budget_bytes - self.orch.ledger().foreign_bytes
+            if (event.bytes_after or 0) > room:
+                self.violations.append(
+                    f"{where}: the plan commits {format_gib(event.bytes_after or 0)} but only "
+                    f"{format_gib(room)} of the budget is not held by other processes"
+                )
 
     def _check_budget(self, where: str) -> None:
         ledger = self.orch.ledger()
@@ -216,10 +227,23 @@ class OrchestratorMachine(RuleBasedStateMachine):
         if peak > budget:
             self.violations.append(f"{where}: device peak {format_gib(peak)} > budget {format_gib(budget)}")
 
-    def _accounting(self) -> tuple[int, int]:
-        live = sum(1 for c in self.clients.values() if c.phase in ("waiting", "holding"))
-        accounted = sum(self.orch.leases().values()) + len(self.orch.waiting())
-        return live, accounted
+    def _accounting(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+        """The shadow queue (what the clients say: per model, how many wait and hold) and
+        what the orchestrator says, to be compared."""
+        shadow: dict[str, tuple[int, int]] = {}
+        for c in self.clients.values():
+            if c.phase in ("waiting", "holding"):
+                name = self.orch.resolve(c.model).name
+                waiting, holding = shadow.get(name, (0, 0))
+                shadow[name] = (waiting + 1, holding) if c.phase == "waiting" else (waiting, holding + 1)
+        real: dict[str, tuple[int, int]] = {}
+        for name, _, _ in self.orch.waiting():
+            waiting, holding = real.get(name, (0, 0))
+            real[name] = (waiting + 1, holding)
+        for name, n in self.orch.leases().items():
+            waiting, holding = real.get(name, (0, 0))
+            real[name] = (waiting, holding + n)
+        return shadow, real
 
     async def _check_all(self) -> None:
         self._check_budget("after a step")
@@ -230,13 +254,13 @@ class OrchestratorMachine(RuleBasedStateMachine):
         # A waiter that was just failed (or granted) is out of the queue before its task runs
         # again; a lost lease or waiter stays lost. So let the tasks run a little, then compare.
         for _ in range(50):
-            live, accounted = self._accounting()
-            if live == accounted:
+            shadow, real = self._accounting()
+            if shadow == real:
                 return
             await anyio.sleep(0.001)
         self.violations.append(
-            f"{live} clients wait or hold, but the orchestrator accounts for {accounted} "
-            f"(leases {dict(self.orch.leases())}, queue {len(self.orch.waiting())})"
+            f"the clients wait and hold (per model: waiting, holding) {shadow}, but the orchestrator "
+            f"has {real} (leases {dict(self.orch.leases())}, queue {self.orch.waiting()})"
         )
 
     @invariant()
