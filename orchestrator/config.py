@@ -1,7 +1,10 @@
 """Config: YAML parsed once, at the edge, into frozen validated objects.
 
-Sizes are written in GiB (``vram_gb``: binary gigabytes, as nvidia-smi's MiB are binary) and
-kept in bytes. Every error names the file, the key, the bad value and the fix.
+The objects themselves live in ``orchestrator.spec`` (re-exported here); this module reads
+and checks. Sizes are written in GiB (``vram_gb``: binary gigabytes, as nvidia-smi's MiB are
+binary) and kept in bytes. Every error names the file, the key, the bad value and the fix.
+A model's ``backend:`` mapping is parsed by its type's parser (``orchestrator.backends.
+registry``) into that type's frozen options.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -17,15 +20,30 @@ from typing import Any
 
 import yaml
 
+from orchestrator.backends.options import OptionError
+from orchestrator.backends.registry import TYPES, parse_options
 from orchestrator.errors import ConfigError
+from orchestrator.spec import BackendOptions, Config, DaemonSpec, ModelSpec, RequestLimits, SimSpec
 from states.machine import KIND_STATES
 from states.scheduling import Mode
 from states.units import format_gib, gib_to_bytes
 
+__all__ = [
+    "BACKENDS",
+    "CONFIG_ENV",
+    "Config",
+    "DaemonSpec",
+    "ModelSpec",
+    "RequestLimits",
+    "SimSpec",
+    "load_config",
+    "parse_config",
+]
+
 KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
 DEVICES = ("auto", "nvml", "torch", "simulated")
 FOREIGN_POLICIES = ("wait", "fail")
-BACKENDS = ("simulated", "synthetic", "server", "vllm", "diffusers", "tts")
+BACKENDS = tuple(TYPES)
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
 
@@ -39,155 +57,6 @@ SIM_LATENCY_S: Mapping[str, Mapping[str, float]] = MappingProxyType(
         "tts": {"load_s": 3.0, "unload_s": 1.0, "offload_s": 0.02, "restore_s": 0.05},
     }
 )
-
-
-@dataclass(frozen=True)
-class SimSpec:
-    """How a simulated backend behaves (latencies at time scale 1, true footprint)."""
-
-    load_s: float
-    unload_s: float
-    offload_s: float
-    restore_s: float
-    true_vram_bytes: int  # what it really takes on the simulated device once loaded
-    use_peak_bytes: int = 0  # extra it takes for a moment while used (SDXL's VAE decode)
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """How much work one request may ask of a model (``limits:`` of a model); checked before
-    anything loads. ``None`` is no limit of ours."""
-
-    max_input_chars: int = 4096  # speech input, characters (OpenAI's own limit)
-    max_steps: int = 50  # image inference steps
-    max_width: int = 1024  # image pixels
-    max_height: int = 1024
-    max_n: int = 4  # images per request
-    max_tokens: int | None = None  # completion max_tokens; None: the server caps it
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    kind: str
-    vram_bytes: int
-    confidence: str = "medium"
-    backend: str = "simulated"
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    offload: bool = False  # keep a host copy on eviction when the host tier has room
-    host_bytes: int = 0
-    sim: SimSpec | None = None
-    aliases: tuple[str, ...] = ()  # other names acquire() and the monitor accept
-    max_concurrent: int | None = None  # requests in flight at once; None: unlimited
-    limits: RequestLimits = field(default_factory=RequestLimits)
-
-
-@dataclass(frozen=True)
-class DaemonSpec:
-    """The ``daemon:`` section: how ``vram-orchestrator serve`` listens and treats leases."""
-
-    host: str = "127.0.0.1"
-    port: int = 8470
-    token: str | None = None  # bearer token; VRAM_ORCHESTRATOR_TOKEN overrides it
-    lease_ttl_s: float = 30.0  # a remote lease not renewed within this expires
-    max_lease_ttl_s: float = 3600.0  # the longest ttl a client may ask for
-    grace_s: float = 10.0  # at shutdown, how long requests in flight may take to finish
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413
-    request_timeout_s: float = 600.0  # a gateway request waits this long for its model
-
-
-@dataclass(frozen=True)
-class Config:
-    source: str
-    gpu_name: str
-    device: str
-    device_index: int
-    total_bytes: int
-    budget_bytes: int
-    exclusive_kinds: frozenset[str]
-    light_kinds: frozenset[str]
-    models: Mapping[str, ModelSpec]
-    defaults: Mapping[str, str]
-    mode: Mode = Mode.FAIR
-    fairness_s: float = 5.0
-    max_wait_s: float = 300.0
-    load_timeout_s: float = 300.0
-    unload_timeout_s: float = 60.0
-    retry_backoff_s: float = 2.0
-    host_budget_bytes: int = 0
-    time_scale: float = 1.0
-    events_path: str | None = None  # JSON lines of every event, appended
-    foreign_memory: str = "wait"  # when other processes leave too little room: wait, or fail
-    # learned footprints (orchestrator/footprints.py)
-    learn_footprints: bool = True
-    footprints_path: str | None = None  # None: in memory only
-    footprint_margin: float = 0.05  # plan with the learned high-water mark plus this fraction
-    sample_hz: float = 20.0  # the peak sampler's rate (0: off)
-    daemon: DaemonSpec = field(default_factory=DaemonSpec)
-
-    def resolve(self, name_or_kind: str) -> ModelSpec | None:
-        """A model by name or alias, or the default model of a kind."""
-        if name_or_kind in self.models:
-            return self.models[name_or_kind]
-        default = self.defaults.get(name_or_kind)
-        if default is not None:
-            return self.models[default]
-        for spec in self.models.values():
-            if name_or_kind in spec.aliases:
-                return spec
-        return None
-
-
-# vLLM's own default of ``--max-num-seqs`` for its OpenAI server (vLLM 0.32,
-# ``EngineArgs._get_default_max_num_seqs_and_batched_tokens``): 1024 on a GPU of 70 GiB or
-# more other than an A100, else 256; 128 for the CPU build.
-VLLM_MAX_NUM_SEQS_LARGE_GPU = 1024
-VLLM_MAX_NUM_SEQS_GPU = 256
-VLLM_MAX_NUM_SEQS_CPU = 128
-VLLM_LARGE_GPU_BYTES = 70 * 2**30
-
-
-def vllm_max_num_seqs(args: Any) -> int | None:
-    """The ``--max-num-seqs`` a vLLM backend's ``args`` set, if any (None when absent or unreadable)."""
-    if not isinstance(args, list):
-        return None
-    for i, a in enumerate(args):
-        if not isinstance(a, str):
-            continue
-        value: str | None = None
-        if a == "--max-num-seqs" and i + 1 < len(args):
-            value = str(args[i + 1])
-        elif a.startswith("--max-num-seqs="):
-            value = a.split("=", 1)[1]
-        if value is not None:
-            try:
-                return int(value) if int(value) >= 1 else None
-            except ValueError:
-                return None
-    return None
-
-
-def default_max_concurrent(
-    backend: str, options: Mapping[str, Any], *, device: str, total_bytes: int, gpu_name: str
-) -> int | None:
-    """How many requests a model serves at once when its config does not say (``max_concurrent``).
-
-    One for an in-process pipeline (diffusers, tts: one pipeline draws one image at a time);
-    a vLLM server's own batch limit (its ``--max-num-seqs``, else vLLM's default for the
-    device); no limit of ours for the generic server, the simulated and the synthetic backend.
-    """
-    if backend in ("diffusers", "tts"):
-        return 1
-    if backend == "vllm":
-        given = vllm_max_num_seqs(options.get("args"))
-        if given is not None:
-            return given
-        if device == "simulated":  # no GPU: the server runs vLLM's CPU build
-            return VLLM_MAX_NUM_SEQS_CPU
-        if total_bytes >= VLLM_LARGE_GPU_BYTES and "a100" not in gpu_name.lower():
-            return VLLM_MAX_NUM_SEQS_LARGE_GPU
-        return VLLM_MAX_NUM_SEQS_GPU
-    return None
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -564,30 +433,10 @@ class _Parser:
             options = {str(k): v for k, v in b.items() if k != "type"}
             b = b.get("type")
         backend = self.choice(b, f"{key}.backend" + (".type" if options else ""), BACKENDS)
-        if backend in ("server", "vllm"):
-            from orchestrator.backends.server import OptionError, ServerOptions
-            from orchestrator.backends.vllm import check_vllm_options
-
-            try:
-                if backend == "server":
-                    ServerOptions.parse(options)
-                else:
-                    check_vllm_options(options)
-            except OptionError as exc:
-                raise self.err(
-                    f"{key}.backend.{exc.key}", exc.problem, "see the server backend's keys in the README"
-                ) from None
-        elif backend in ("diffusers", "tts"):
-            from orchestrator.backends.diffusers import check_diffusers_options
-            from orchestrator.backends.server import OptionError as _OptionError
-            from orchestrator.backends.tts import check_tts_options
-
-            try:
-                (check_diffusers_options if backend == "diffusers" else check_tts_options)(options)
-            except _OptionError as exc:
-                raise self.err(
-                    f"{key}.backend.{exc.key}", exc.problem, f"see the {backend} backend's keys in the README"
-                ) from None
+        try:
+            parsed = parse_options(backend, options)
+        except OptionError as exc:
+            raise self.err(f"{key}.backend.{exc.key}", exc.problem, self.backend_fix(backend)) from None
         offload = m.get("offload", False)
         if not isinstance(offload, bool):
             raise self.err(
@@ -620,25 +469,21 @@ class _Parser:
                 f"{key}.aliases", f"expected a list of names, got {aliases!r}", "e.g. [sdxl-controlnet]"
             )
         limits = self.limits(m.get("limits"), f"{key}.limits")
-        steps = options.get("steps", 30) if backend == "diffusers" else 0
-        if isinstance(steps, int) and steps > limits.max_steps:
-            raise self.err(
-                f"{key}.backend.steps",
-                f"the default of {steps} steps is more than limits.max_steps ({limits.max_steps})",
-                "lower backend.steps or raise limits.max_steps",
-            )
+        clash = parsed.limit_problem(limits)
+        if clash is not None:
+            raise self.err(f"{key}.backend.{clash[0]}", clash[1], clash[2])
         return ModelSpec(
             name=name,
             kind=kind,
             vram_bytes=vram,
             confidence=confidence,
             backend=backend,
-            options=MappingProxyType(options),
+            options=parsed,
             offload=offload,
             host_bytes=host,
             sim=sim,
             aliases=tuple(aliases),
-            max_concurrent=self.max_concurrent(m, key, backend, options),
+            max_concurrent=self.max_concurrent(m, key, parsed),
             limits=limits,
         )
 
@@ -651,9 +496,11 @@ class _Parser:
             raise self.err(key, f"expected {want}, got {v!r}", fix)
         return int(v)
 
-    def max_concurrent(
-        self, m: Mapping[str, Any], key: str, backend: str, options: Mapping[str, Any]
-    ) -> int | None:
+    @staticmethod
+    def backend_fix(backend: str) -> str:
+        return f"see the {'server' if backend == 'vllm' else backend} backend's keys in the README"
+
+    def max_concurrent(self, m: Mapping[str, Any], key: str, options: BackendOptions) -> int | None:
         if "max_concurrent" in m:
             return self.whole(
                 m["max_concurrent"],
@@ -661,8 +508,8 @@ class _Parser:
                 nullable=True,
                 fix="e.g. max_concurrent: 1 for one request at a time; null: no limit",
             )
-        return default_max_concurrent(
-            backend, options, device=self._device, total_bytes=self._total, gpu_name=self._gpu
+        return options.default_max_concurrent(
+            device=self._device, total_bytes=self._total, gpu_name=self._gpu
         )
 
     def limits(self, v: Any, key: str) -> RequestLimits:
