@@ -6,7 +6,10 @@ file per model; it is ready when ``GET <health_path>`` answers 200 (and, when co
 ``GET /v1/models`` lists the served model); it is stopped with the stop signal to the whole
 group, a grace period, then SIGKILL, and waited for until no process of the group is left.
 Whatever happens meanwhile (a start that times out, a crash, the orchestrator cancelled
-mid-start), no process is left behind.
+mid-start), no process is left behind. Not even when the orchestrator itself is SIGKILLed:
+the server gets its stop signal from the kernel when its parent dies, and every server is
+recorded in a state file that the next orchestrator to start reads to reap what is left
+(``orchestrator.backends.children``).
 
 A server started by someone else (``base_url`` without ``command``) is attached to: used,
 never killed.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +53,7 @@ import anyio
 import httpx
 from anyio.abc import Process
 
+from orchestrator.backends import children
 from orchestrator.backends.base import Backend, BackendType
 from orchestrator.backends.options import OptionError, no_unknown, options_of, positive_seconds
 from orchestrator.errors import LoadFailed
@@ -142,7 +147,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_taken(host: str, port: int) -> bool:
+    """Whether another process listens on (or is bound to) the port. Connections of a server
+    that is gone (TIME_WAIT, for a minute after it closed them first) do not count: servers
+    bind with SO_REUSEADDR, and so does this probe."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -292,22 +301,32 @@ class ServerBackend(Backend):
             f"=== {stamp} vram-orchestrator starts {self.name}: {command_preview(argv)}\n".encode()
         )
         self._log.flush()
-        env = {**os.environ, **(o.env or {})}
+        token = children.new_token()  # the server and all its descendants carry it
+        env = {**os.environ, **(o.env or {}), children.TOKEN_ENV: token}
         self.base_url = f"http://{o.host}:{port}"
+        # The checks open_process would make, made before the launcher hides them.
+        if o.cwd is not None and not os.path.isdir(o.cwd):  # noqa: ASYNC240 - two stats before a start
+            self._close_log()
+            raise LoadFailed(self.name, f"the working folder {o.cwd} (backend.cwd) does not exist")
+        program = find_program(argv[0], o.cwd, env.get("PATH"))
+        if program is None:
+            self._close_log()
+            raise LoadFailed(self.name, f"cannot start {argv[0]!r}: No such file or directory")
         try:
             self._proc = await anyio.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                children.guarded_command([program, *argv[1:]], o.stop_signal),
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                 cwd=o.cwd, env=env, start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
             self._close_log()
-            if o.cwd is not None and not os.path.isdir(o.cwd):  # noqa: ASYNC240 - after a failed start
-                raise LoadFailed(
-                    self.name, f"the working folder {o.cwd} (backend.cwd) does not exist"
-                ) from None
             raise LoadFailed(self.name, f"cannot start {argv[0]!r}: {exc.strerror}") from None
         self._tier = Tier.GPU  # from here on, unload() has a process to stop
         self.started_at = time.monotonic()
+        # Recorded so that a next orchestrator reaps it if this one is SIGKILLed.
+        await anyio.to_thread.run_sync(
+            children.BOOK.add, self.name, self._proc.pid, token, o.stop_signal, o.stop_grace_s
+        )
         await self._wait_ready(deadline=time.monotonic() + o.start_timeout_s)
         return self._ready(self._proc.pid)
 
@@ -381,6 +400,7 @@ class ServerBackend(Backend):
         if self._proc is not None:
             with anyio.CancelScope(shield=True):
                 await self._stop(self._proc)
+                await anyio.to_thread.run_sync(children.BOOK.remove, self._proc.pid)
             self._proc = None
         self._close_log()
         self._tier = Tier.DISK
@@ -426,6 +446,15 @@ class ServerBackend(Backend):
             "vram_bytes": self.measured_bytes(),
             "log": str(self.log_path) if self.log_path else None,
         }
+
+
+def find_program(name: str, cwd: str | None, path: str | None) -> str | None:
+    """The executable ``name`` resolves to (as ``exec`` would: a name with a slash is relative
+    to ``cwd``; one without is looked up on ``path``), or None when there is none."""
+    if os.sep in name:
+        full = name if os.path.isabs(name) else os.path.join(cwd or os.getcwd(), name)
+        return full if os.path.isfile(full) and os.access(full, os.X_OK) else None
+    return shutil.which(name, path=path)
 
 
 def command_preview(argv: Sequence[str]) -> str:
