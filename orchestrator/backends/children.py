@@ -154,12 +154,12 @@ def runtime_dir() -> Path:
 
 
 class ChildBook:
-    """This process's servers, mirrored in its state file (one per owner process)."""
+    """This process's servers, mirrored in its state file (one per owner process). Each server
+    stays in the folder it was recorded in, whatever ``XDG_CACHE_HOME`` says later."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._children: dict[int, Child] = {}
-        self._paths: set[Path] = set()
+        self._children: dict[int, tuple[Path, Child]] = {}
 
     def add(
         self,
@@ -175,27 +175,31 @@ class ChildBook:
         started = start_time(pid)
         if started is None:
             return  # it exited already: nothing to reap
+        child = Child(model, pid, pid, started, token, int(stop_signal), stop_grace_s)
         with self._lock:
-            self._children[pid] = Child(model, pid, pid, started, token, int(stop_signal), stop_grace_s)
-            self._write()
+            directory = runtime_dir()
+            self._children[pid] = (directory, child)
+            self._write(directory)
 
     def remove(self, pid: int) -> None:
         """Forget a server that was stopped and waited for."""
         with self._lock:
-            if self._children.pop(pid, None) is not None:
-                self._write()
+            entry = self._children.pop(pid, None)
+            if entry is not None:
+                self._write(entry[0])
 
-    def _write(self) -> None:
-        path = owner_path(runtime_dir(), os.getpid(), start_time(os.getpid()) or 0)
-        if not self._children:
+    def _write(self, directory: Path) -> None:
+        me = os.getpid()
+        path = owner_path(directory, me, start_time(me) or 0)
+        mine = [c for d, c in self._children.values() if d == directory]
+        if not mine:
             with contextlib.suppress(OSError):
                 path.unlink()
             return
-        me = os.getpid()
         record = {
             "owner": {"pid": me, "start_time": start_time(me), "argv": sys.argv[:4]},
             "boot_id": boot_id(),
-            "children": [asdict(c) for c in self._children.values()],
+            "children": [asdict(c) for c in mine],
         }
         try:
             atomic_write(path, json.dumps(record, indent=1))

@@ -325,3 +325,34 @@ def test_a_port_whose_server_is_gone_is_free_despite_its_closed_connections() ->
     client.close()
     listener.close()
     assert not port_taken("127.0.0.1", port)
+
+
+def test_the_book_keeps_each_server_in_the_folder_it_was_recorded_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    book = children.ChildBook()
+    victim = sleeper()
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
+        book.add("m", victim.pid, "t0k3n", int(signal.SIGINT), 1.5)
+        files = list((tmp_path / "a" / "vram-orchestrator" / "run").glob(f"owner-{os.getpid()}-*.json"))
+        assert len(files) == 1
+        record = json.loads(files[0].read_text())
+        assert record["owner"] == {
+            "pid": os.getpid(),
+            "start_time": start_time(os.getpid()),
+            "argv": sys.argv[:4],
+        }
+        assert record["boot_id"] == children.boot_id() != ""
+        [child] = record["children"]
+        assert child == {
+            "model": "m", "pgid": victim.pid, "pid": victim.pid, "start_time": start_time(victim.pid),
+            "token": "t0k3n", "stop_signal": int(signal.SIGINT), "stop_grace_s": 1.5,
+        }  # fmt: skip
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+        book.remove(victim.pid)
+        assert not files[0].exists()  # removed where it was written, not under the new folder
+        assert not (tmp_path / "b").exists()
+    finally:
+        victim.kill()
+        victim.wait()
