@@ -524,6 +524,10 @@ class _Parser:
             if k in v:
                 values[k] = self.whole(
                     v[k], f"{key}.{k}", nullable=k == "max_tokens",
-                    fix=f"a positive whole number (the default is {getattr(defaults, k)})",
+                    fix=(
+                        "write a whole number of at least 1, or null for the server's own cap"
+                        if k == "max_tokens"
+                        else f"write a whole number of at least 1 (the default is {getattr(defaults, k)})"
+                    ),
                 )  # fmt: skip
         return RequestLimits(**values)  # type: ignore[arg-type]

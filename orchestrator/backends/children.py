@@ -5,21 +5,25 @@ Two mechanisms, because one is not enough:
 1. **A parent-death signal.** Each server is started through a small launcher that asks the
    kernel (Linux ``prctl(PR_SET_PDEATHSIG)``) to send the server its stop signal when the
    orchestrator dies, even by SIGKILL, then ``exec``\\ s the server (same pid, same process
-   group). The signal is not inherited: the server's own children (vLLM's engine processes)
-   do not get it, and a server that ignores it lives on.
+   group). Strictly, the kernel sends it when the *thread* that started the server exits: the
+   event loop's thread, which lives as long as the orchestrator runs. The signal is not
+   inherited: the server's own children (vLLM's engine processes) do not get it, and a server
+   that ignores it lives on.
 2. **A record, and reaping at the next start.** Every server started is written to a state
    file of its owner process (``<cache>/vram-orchestrator/run/owner-<pid>-<start>.json``,
-   written atomically): its process group, its pid and start time, and a random token that
-   the server and all its descendants carry in their environment (``VRAM_ORCHESTRATOR_CHILD``).
-   ``reap_orphans()``, called when an orchestrator (a daemon or a script) starts, reads every
-   state file whose owner is dead and stops what is left of each group: the stop signal to
-   the group, a grace period, then SIGKILL, and removes the file.
+   written atomically): its process group, its pid and start time, its stop signal and grace,
+   and a random token that the server and all its descendants carry in their environment
+   (``VRAM_ORCHESTRATOR_CHILD``). ``reap_orphans()``, called when an orchestrator (a daemon or
+   a script) starts, reads every state file whose owner is dead and stops what is left of each
+   server: its stop signal, its grace period (at most ``REAP_GRACE_S``), then SIGKILL; then
+   it removes the file.
 
 A process is only ever signalled when it is provably ours: the group's leader if its pid has
-the recorded start time (field 22 of ``/proc/PID/stat``; a reused pid has another), any other
-process only if its environment carries the server's token. A file from before a reboot
-(another ``boot_id``) names nothing alive and is removed. An owner is dead when its pid is
-gone or belongs to a process with another start time.
+the recorded start time (field 22 of ``/proc/PID/stat``; a reused pid has another), and then
+the members of its group (the group id is still the leader's); any other process only if its
+environment carries the server's token. A file from before a reboot (another ``boot_id``)
+names nothing alive and is removed. An owner is dead when its pid is gone or belongs to a
+process with another start time.
 
 Linux only (``/proc``); elsewhere servers still get their own process group and the stop at
 shutdown, and ``reap_orphans`` does nothing.

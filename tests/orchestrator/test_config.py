@@ -462,10 +462,12 @@ def test_an_unknown_limit() -> None:
     assert_names(err, "models.m.limits.max_stepz", "unknown key", "max_steps")
 
 
-@pytest.mark.parametrize(("key", "value"), [("max_steps", "0"), ("max_n", "2.5"), ("max_width", "wide")])
+@pytest.mark.parametrize(
+    ("key", "value"), [("max_steps", "0"), ("max_n", "2.5"), ("max_width", "wide"), ("max_tokens", "-5")]
+)
 def test_a_bad_limit(key: str, value: str) -> None:
     err = config_error(with_model(f"{{kind: sdxl, vram_gb: 1, limits: {{{key}: {value}}}}}"))
-    assert_names(err, f"models.m.limits.{key}", "expected a whole number >= 1", "positive whole number")
+    assert_names(err, f"models.m.limits.{key}", "expected a whole number >= 1", "whole number of at least 1")
 
 
 def test_limits_that_are_not_a_mapping() -> None:
