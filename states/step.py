@@ -27,7 +27,10 @@ The rules, in the order ``decide`` applies them:
    (``InsufficientVRAM``); one that waits for foreign processes is deferred (its waiters fail
    at once under the ``fail`` foreign-memory policy).
 7. ``admission`` grants leases on resident models and says which must drain. A resident
-   marked for unloading takes no new lease and drains.
+   marked for unloading takes no new lease and drains. A model with a capacity
+   (``max_concurrent``) holds at most that many leases at once: the waiters past it keep
+   waiting in the queue (higher priority first), where the scheduler sees them, and a drain
+   waits only for the leases in progress.
 8. If the plan evicts a busy model, the switch waits (until the fairness bound, or the
    leases end); meanwhile, in fair mode, a model that fits without evicting anything is
    loaded beside it (a side load). Otherwise the switch is the action: ``Switch``.
@@ -86,6 +89,7 @@ class StepView:
     just_loaded: str | None = None  # the model the switch before this step loaded
     just_failed: tuple[str, Exception] | None = None  # the target of a switch that just failed
     foreign_text: str = ""  # "; other processes: ..." for messages (may be empty)
+    capacity: Mapping[str, int] = field(default_factory=dict)  # leases at once, per limited model
 
 
 @dataclass(frozen=True)
@@ -143,15 +147,19 @@ def grants_at_once(
     switching: bool,
     draining: frozenset[str],
     to_unload: Mapping[str, str],
+    held: int = 0,
+    capacity: int | None = None,
 ) -> bool:
     """What ``decide`` would answer for a lone waiter, without a round trip through the
-    scheduler (acquire()'s fast path): grant at once when the model is on the GPU, nothing
-    drains it, it is not marked for unloading, no switch runs and nobody else waits."""
+    scheduler (acquire()'s fast path): grant at once when the model is on the GPU with a free
+    slot (``held`` leases of its ``capacity``), nothing drains it, it is not marked for
+    unloading, no switch runs and nobody else waits."""
     return (
         queue_length == 1
         and not switching
         and model not in draining
         and model not in to_unload
+        and (capacity is None or held < capacity)
         and ledger.on_gpu(model)
     )
 
@@ -173,6 +181,16 @@ class _Step:
         self.grants.append(w.seq)
         self.leases[w.model] = self.leases.get(w.model, 0) + 1
 
+    def grant_within_capacity(self, waiters: list[WaiterView]) -> None:
+        """Grant ``waiters`` while their model has a free slot: higher priority first, then
+        arrival (arrival alone in fcfs mode); the rest keep waiting, seen by the scheduler."""
+        fcfs = self.view.settings.mode is Mode.FCFS
+        capacity = self.view.capacity
+        for w in sorted(waiters, key=lambda w: (0 if fcfs else -w.priority, w.seq)):
+            cap = capacity.get(w.model)
+            if cap is None or self.leases.get(w.model, 0) < cap:
+                self.grant(w)
+
     def fail(self, w: WaiterView, error: Exception) -> None:
         self.waiters.remove(w)
         self.failures.append((w.seq, error))
@@ -190,8 +208,7 @@ def decide(view: StepView) -> Decision:
 
     # 1. The batch the last switch was for: served by it, or given its error.
     if view.just_loaded is not None and view.settings.mode is not Mode.FCFS and view.just_loaded in s.on_gpu:
-        for w in [w for w in s.waiters if w.model == view.just_loaded]:
-            s.grant(w)
+        s.grant_within_capacity([w for w in s.waiters if w.model == view.just_loaded])
     if view.just_failed is not None:
         failed, error = view.just_failed
         for w in [w for w in s.waiters if w.model == failed]:
@@ -203,7 +220,8 @@ def decide(view: StepView) -> Decision:
         return s.decision(action=Reap(reap), wake_at_s=now, settled_unloads=settled)
     s.wake_at += [t for m, t in view.reap_after.items() if m in view.leftovers and t > now]
 
-    # 3. Re-entrant acquires.
+    # 3. Re-entrant acquires (past the model's capacity too: the holder's own slot is taken,
+    #    and refusing it a second one would have it wait for itself).
     for w in [w for w in s.waiters if w.model in s.on_gpu and view.holders.get(w.model, {}).get(w.holder)]:
         s.grant(w)
 
@@ -265,8 +283,7 @@ def decide(view: StepView) -> Decision:
     evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen is not None else frozenset()
     adm = admission(sv, target, evictees)
     drain = frozenset(adm.drain | set(view.to_unload))
-    for w in [w for w in s.waiters if w.seq in adm.grant and w.model not in view.to_unload]:
-        s.grant(w)
+    s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in view.to_unload])
 
     done = {"drain": drain, "deferred": deferred, "settled_unloads": settled}
     if chosen is None or target is None:

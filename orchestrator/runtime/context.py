@@ -43,6 +43,12 @@ class Context:
         self.clock = clock
         self.t0 = clock()
         self.policy = Policy(exclusive_kinds=config.exclusive_kinds)
+        # leases at once per model (models.<name>.max_concurrent); a model not listed: no limit
+        self.capacity: dict[str, int] = {
+            name: spec.max_concurrent
+            for name, spec in config.models.items()
+            if spec.max_concurrent is not None
+        }
         self.stats = Counters()
 
         # Invariants (checked by tests/orchestrator/test_properties.py after every step):

@@ -151,6 +151,8 @@ class LeaseBook:
             switching=ctx.switching,
             draining=self.draining,
             to_unload=ctx.to_unload,
+            held=self.leases.get(model, 0),
+            capacity=ctx.capacity.get(model),
         ):
             self.grant(w)
         else:

@@ -112,6 +112,7 @@ class Scheduler:
             just_loaded=outcome.target if outcome is not None and outcome.loaded else None,
             just_failed=failed,
             foreign_text=foreign,
+            capacity=ctx.capacity,
         )
 
     def apply(self, d: Decision) -> None:

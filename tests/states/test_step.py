@@ -304,6 +304,62 @@ def test_backoff_doubles_up_to_a_quarter_of_max_wait() -> None:
     assert [backoff_s(n, 1.0, 20.0) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
 
 
+# -- capacity (max_concurrent) ----------------------------------------------------------------
+
+
+def test_a_model_at_capacity_keeps_its_other_waiters_waiting_highest_priority_first() -> None:
+    v = view(
+        [w(1, "sdxl"), w(2, "sdxl", priority=2), w(3, "sdxl", priority=1)],
+        ledger("sdxl"),
+        leases={"sdxl": 1},
+        capacity={"sdxl": 2},
+    )
+    d = decide(v)
+    assert d.grants == (2,)  # one free slot: the highest priority
+    assert decide(view([w(1, "sdxl")], ledger("sdxl"), leases={"sdxl": 2}, capacity={"sdxl": 2})).grants == ()
+
+
+def test_the_batch_of_a_switch_is_cut_at_capacity_in_arrival_order() -> None:
+    v = view(
+        [w(1, "sdxl"), w(2, "sdxl"), w(3, "sdxl")], ledger("sdxl"), just_loaded="sdxl", capacity={"sdxl": 1}
+    )
+    assert decide(v).grants == (1,)
+
+
+def test_a_holder_acquiring_again_is_granted_past_capacity() -> None:
+    v = view(
+        [w(1, "sdxl"), w(2, "sdxl", holder="artist")],
+        ledger("sdxl"),
+        leases={"sdxl": 1},
+        holders={"sdxl": {"artist": 1}},
+        capacity={"sdxl": 1},
+    )
+    assert decide(v).grants == (2,)
+
+
+def test_a_drain_waits_only_for_the_leases_in_progress() -> None:
+    # SDXL draws one image at a time; three more wait for it. The LLM's waiter is past the
+    # fairness bound: SDXL drains; the switch waits for the one image, not for the queue.
+    v = view(
+        [w(1, "qwen", ago=10), w(2, "sdxl"), w(3, "sdxl"), w(4, "sdxl")],
+        ledger("sdxl"),
+        leases={"sdxl": 1},
+        capacity={"sdxl": 1},
+    )
+    d = decide(v)
+    assert d.grants == () and d.drain == {"sdxl"} and d.action is None
+    idle = decide(view([w(1, "qwen", ago=10), w(2, "sdxl")], ledger("sdxl"), capacity={"sdxl": 1}))
+    assert isinstance(idle.action, Switch) and idle.action.plan.load == "qwen"
+
+
+def test_the_fast_path_respects_capacity() -> None:
+    led = ledger("sdxl")
+    kw = {"queue_length": 1, "switching": False, "draining": frozenset(), "to_unload": {}}
+    assert grants_at_once(led, "sdxl", held=0, capacity=1, **kw)  # type: ignore[arg-type]
+    assert not grants_at_once(led, "sdxl", held=1, capacity=1, **kw)  # type: ignore[arg-type]
+    assert grants_at_once(led, "sdxl", held=5, capacity=None, **kw)  # type: ignore[arg-type]
+
+
 # -- the property test --------------------------------------------------------------------------
 
 MODELS = sorted(REQUESTS)
@@ -361,6 +417,7 @@ def views(draw: st.DrawFn) -> StepView:
         reap_after={m: NOW + draw(st.floats(-1, 1)) for m in draw(st.sets(st.sampled_from(MODELS)))},
         rebalance_after_s=NOW + draw(st.sampled_from([-1.0, 1.0])),
         just_loaded=draw(st.none() | st.sampled_from(gpu_names)) if gpu_names else None,
+        capacity={m: draw(st.integers(1, 3)) for m in draw(st.sets(st.sampled_from(MODELS)))},
     )
 
 
@@ -390,6 +447,12 @@ def test_decide_properties(v: StepView) -> None:
     leases_after = dict(v.leases)
     for s in granted:
         leases_after[by_seq[s].model] = leases_after.get(by_seq[s].model, 0) + 1
+    # No grant takes a model past its capacity, but a holder's own second lease.
+    for m, cap in v.capacity.items():
+        bounded = [
+            s for s in granted if by_seq[s].model == m and not v.holders.get(m, {}).get(by_seq[s].holder)
+        ]
+        assert len(bounded) <= max(0, cap - v.leases.get(m, 0))
     if isinstance(d.action, Switch):
         p = d.action.plan
         assert p.load not in on_gpu and p.after.fits()
@@ -414,7 +477,14 @@ def test_decide_properties(v: StepView) -> None:
     # right after an eviction the decision takes first).
     for m in MODELS:
         if not grants_at_once(
-            v.ledger, m, queue_length=1, switching=False, draining=frozenset(), to_unload=v.to_unload
+            v.ledger,
+            m,
+            queue_length=1,
+            switching=False,
+            draining=frozenset(),
+            to_unload=v.to_unload,
+            held=v.leases.get(m, 0),
+            capacity=v.capacity.get(m),
         ):
             continue
         alone = StepView(
@@ -426,6 +496,7 @@ def test_decide_properties(v: StepView) -> None:
             leases=v.leases,
             holders=v.holders,
             to_unload=v.to_unload,
+            capacity=v.capacity,
         )
         fast = decide(alone)
         assert 999 in fast.grants or isinstance(fast.action, Evict), (m, fast)
