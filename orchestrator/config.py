@@ -188,6 +188,7 @@ class _Parser:
                 "heavy_models",
                 "light_models",
                 "scheduling",
+                "fairness",
                 "fairness_s",
                 "max_wait_s",
                 "load_timeout_s",
@@ -304,6 +305,9 @@ class _Parser:
             return self.number(sw.get(key, default), f"switching.{key}", strict=True)
 
         fairness_s = self.number(sw.get("fairness_s", 5.0), "switching.fairness_s")
+        # A config that sets only fairness_s keeps its meaning: the time rule.
+        rule = sw.get("fairness", "time" if "fairness_s" in sw else "cost")
+        fairness = self.choice(rule, "switching.fairness", ("cost", "time"))
         max_wait_s = secs("max_wait_s", 300.0)
         if fairness_s > max_wait_s:
             raise self.err(
@@ -327,6 +331,7 @@ class _Parser:
                     sw.get("scheduling", "fair"), "switching.scheduling", tuple(m.value for m in Mode)
                 )
             ),
+            fairness=fairness,
             fairness_s=fairness_s,
             max_wait_s=max_wait_s,
             load_timeout_s=secs("load_timeout_s", 300.0),

@@ -153,6 +153,9 @@ class Config:
     models: Mapping[str, ModelSpec]
     defaults: Mapping[str, str]
     mode: Mode = Mode.FAIR
+    # When a busy model drains for another's waiters: "cost" (their accumulated wait against
+    # the measured cost of the switch, see states/scheduling.py) or "time" (fairness_s)
+    fairness: str = "cost"
     fairness_s: float = 5.0
     max_wait_s: float = 300.0
     load_timeout_s: float = 300.0

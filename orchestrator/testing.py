@@ -104,6 +104,7 @@ class OrchestratorMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.violations: list[str] = []
         self.foreign_pids: list[int] = []
+        self.measured: set[str] = set()  # models whose load was measured (see _check_learned)
 
     # -- setup and teardown ----------------------------------------------------------------
 
@@ -161,10 +162,10 @@ class OrchestratorMachine(RuleBasedStateMachine):
         (when it is larger than its estimate): it noticed the difference and learned it."""
         if not self.cfg.learn_footprints:
             return
-        # Only models that really began a load could be measured (a switch may fail before:
-        # an eviction that fails, foreign memory that appears).
-        tried = [n for n, b in self.orch.backends.items() if getattr(b, "attempts", 0)]
-        for name in sorted(tried):
+        # Only models whose load was measured: one that finished, or one the device refused for
+        # its size. A switch may fail before its load (an eviction that fails, foreign memory
+        # that appears), and an injected fault cuts a load short before anything is measured.
+        for name in sorted(self.measured):
             sim = self.cfg.models[name].sim
             true = sim.true_vram_bytes if sim is not None else 0
             if true <= self.cfg.models[name].vram_bytes:
@@ -205,6 +206,10 @@ class OrchestratorMachine(RuleBasedStateMachine):
     # -- the checks ------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
+        if event.model is not None and (
+            event.kind == "load" or (event.kind == "fail" and "out of memory" in (event.detail or ""))
+        ):
+            self.measured.add(event.model)
         where = f"at event {event.kind} {event.trigger or ''} {event.model or ''}"
         self._check_budget(where)
         if event.kind == "transition" and event.trigger == "begin_switch" and event.model is not None:

@@ -31,9 +31,11 @@ The rules, in the order ``decide`` applies them:
    (``max_concurrent``) holds at most that many leases at once: the waiters past it keep
    waiting in the queue (higher priority first), where the scheduler sees them, and a drain
    waits only for the leases in progress.
-8. If the plan evicts a busy model, the switch waits (until the fairness bound, or the
-   leases end); meanwhile, in fair mode, a model that fits without evicting anything is
-   loaded beside it (a side load). Otherwise the switch is the action: ``Switch``.
+8. If the plan evicts a busy model, the switch waits (until the target's waiters have waited
+   long enough: ``scheduling.drain_due_at``, by the measured cost of this switch or by
+   ``fairness_s``; or until the leases end); meanwhile, in fair mode, a model that fits
+   without evicting anything is loaded beside it (a side load). Otherwise the switch is the
+   action: ``Switch``.
 9. The wake time is the earliest of: a back-off ending, a reap or rebalance retry, the
    fairness bound, a deferred request's next look, a waiter becoming overdue, and (while
    models are resident) the next look at the device for foreign memory.
@@ -45,11 +47,21 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 from states.errors import InsufficientVRAM, LeaseDeadlock
-from states.ledger import Ledger, Resident
+from states.ledger import Ledger, Resident, Tier
 from states.plan import Deferred, Plan, PlanRequest, Policy, plan, victim_order
-from states.scheduling import Mode, SchedulerView, WaiterView, admission, rank_targets
+from states.scheduling import Mode, SchedulerView, WaiterView, admission, drain_due_at, rank_targets
 
 DEFERRED_POLL_S = 0.05  # how often a request blocked by foreign memory looks again
+
+
+@dataclass(frozen=True)
+class SwitchCosts:
+    """What bringing a model in and taking it out costs, in seconds (measured, or estimated
+    until measured)."""
+
+    load_s: float = 10.0  # a cold load from disk
+    restore_s: float = 1.0  # from its host copy
+    unload_s: float = 1.0  # unloading or offloading it
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class StepSettings:
     """The policy knobs one step reads (from the config)."""
 
     mode: Mode = Mode.FAIR
+    fairness_by_cost: bool = False  # the cost rule of drain_due_at (else the time rule)
     fairness_s: float = 5.0
     max_wait_s: float = 300.0
     foreign_memory_fails: bool = False  # switching.foreign_memory: fail (else wait)
@@ -90,6 +103,7 @@ class StepView:
     just_failed: tuple[str, Exception] | None = None  # the target of a switch that just failed
     foreign_text: str = ""  # "; other processes: ..." for messages (may be empty)
     capacity: Mapping[str, int] = field(default_factory=dict)  # leases at once, per limited model
+    costs: Mapping[str, SwitchCosts] = field(default_factory=dict)  # per model; absent: the defaults
 
 
 @dataclass(frozen=True)
@@ -281,7 +295,8 @@ def decide(view: StepView) -> Decision:
     # 7. Grants on resident models, and drains.
     sv = _scheduler_view(view, s.waiters, s.on_gpu, s.leases, frozenset(blocked))
     evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen is not None else frozenset()
-    adm = admission(sv, target, evictees)
+    cost_s = switch_cost_s(view, chosen) if chosen is not None and view.settings.fairness_by_cost else None
+    adm = admission(sv, target, evictees, cost_s)
     drain = frozenset(adm.drain | set(view.to_unload))
     s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in view.to_unload])
 
@@ -292,14 +307,21 @@ def decide(view: StepView) -> Decision:
     # 8. A busy evictee holds the switch back; a side load may go meanwhile.
     side = False
     if any(s.leases.get(m, 0) for m in evictees):
-        if not adm.drain:  # wake when the fairness bound passes
-            oldest = min(sv.since_s(w) for w in sv.waiters if w.model == target)
-            s.wake_at.append(oldest + view.settings.fairness_s)
+        if not adm.drain:  # wake when the waiters have waited long enough
+            s.wake_at.append(drain_due_at(sv, target, evictees, cost_s))
         beside = _side_load(view, sv, target) if view.settings.mode is Mode.FAIR else None
         if beside is None:
             return s.decision(wake_at_s=_wake_at(view, s), **done)
         chosen, side = beside, True
     return s.decision(action=Switch(chosen, side_load=side), wake_at_s=now, **done)
+
+
+def switch_cost_s(view: StepView, p: Plan) -> float:
+    """What carrying out ``p`` costs: its GPU evictions' unloads, then its load or restore."""
+    default = SwitchCosts()
+    out = sum(view.costs.get(e.model, default).unload_s for e in p.gpu_evictions)
+    target = view.costs.get(p.load, default)
+    return out + (target.restore_s if p.from_tier is Tier.HOST else target.load_s)
 
 
 def _scheduler_view(

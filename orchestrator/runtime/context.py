@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
 
 from orchestrator.backends.base import Backend
-from orchestrator.config import Config
+from orchestrator.config import Config, ModelSpec
 from orchestrator.events import Event, EventHub
 from orchestrator.runtime.lease import ExternalReservation
 from orchestrator.runtime.stats import Counters
 from states.ledger import Ledger
 from states.machine import ModelMachine, State
 from states.plan import Policy
-from states.step import backoff_s
+from states.step import SwitchCosts, backoff_s
 
 logger = logging.getLogger("orchestrator")
+
+COST_SMOOTHING = 0.3  # how far one new measurement moves a learned switch cost
 
 
 class Context:
@@ -66,7 +69,11 @@ class Context:
         # learned size, unload() asked for it, a reservation that ended during a switch
         self.to_unload: dict[str, str] = {}
         self.externals: dict[str, ExternalReservation] = {}  # held or waited for
+        self.costs: dict[str, SwitchCosts] = {
+            name: _first_costs(spec, config) for name, spec in config.models.items()
+        }
         self._wake = anyio.Event()
+        self._measured: dict[str, set[str]] = {}  # which costs are measured, not estimated
 
     # -- time and wake-ups -------------------------------------------------------------------
 
@@ -136,8 +143,36 @@ class Context:
         self.backoff_until[model] = self.now_s() + backoff
         return n, backoff
 
+    def learn_cost(self, model: str, what: str, seconds: float) -> None:
+        """A load ("load_s"), restore ("restore_s") or unload ("unload_s") of ``model`` took
+        ``seconds``: the estimate moves toward it (the decision weighs switches by these)."""
+        old = self.costs.get(model)
+        if old is None:
+            return  # a reservation: nothing to learn
+        now = getattr(old, what)
+        blended = (
+            seconds
+            if model not in self._measured.get(what, set())
+            else now + COST_SMOOTHING * (seconds - now)
+        )
+        self._measured.setdefault(what, set()).add(model)
+        self.costs[model] = replace(old, **{what: blended})
+
     def succeeded(self, model: str) -> None:
         """A switch to ``model`` worked: its failures in a row and its back-off are over."""
         self.failures.pop(model, None)
         self.last_error.pop(model, None)
         self.backoff_until.pop(model, None)
+
+
+def _first_costs(spec: ModelSpec, config: Config) -> SwitchCosts:
+    """A model's switch costs before any is measured: a simulated model's configured
+    latencies, else the defaults (``SwitchCosts``); each is replaced by the first measurement."""
+    if spec.sim is None:
+        return SwitchCosts()
+    scale = config.time_scale
+    return SwitchCosts(
+        load_s=spec.sim.load_s * scale,
+        restore_s=(spec.sim.restore_s if spec.offload else spec.sim.load_s) * scale,
+        unload_s=spec.sim.unload_s * scale,
+    )

@@ -152,6 +152,8 @@ class Executor:
         # A backend may fall back from keeping a host copy to dropping it (a vLLM server
         # that cannot sleep): the ledger follows what it really did.
         landed = backend.tier if backend.tier is not Tier.GPU else step.to_tier
+        if step.from_tier is Tier.GPU:
+            ctx.learn_cost(step.model, "unload_s", ctx.now_s() - t0)
         self._landed(step, landed, why, ctx.now_s() - t0, counted=counted)
 
     def _landed(
@@ -221,6 +223,8 @@ class Executor:
                 raise
             ctx.stats.switching_s += ctx.now_s() - t0
             ctx.stats.switches += 1
+            if p.gpu_evictions:
+                ctx.stats.exchanges += 1
             ctx.succeeded(target)
             ctx.fire("finish_switch", ctx.ledger, model=target, t0=t0)
         return SwitchOutcome(target, loaded=True)
@@ -351,6 +355,7 @@ class Executor:
             ctx.stats.restores += 1
         else:
             ctx.stats.loads += 1
+        ctx.learn_cost(p.load, "restore_s" if p.from_tier is Tier.HOST else "load_s", ctx.now_s() - t0)
         ctx.emit(
             "load",
             model=p.load,

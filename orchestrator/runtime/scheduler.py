@@ -29,6 +29,7 @@ def settings_of(config: Config) -> StepSettings:
     look = min(1.0, 1.0 / config.sample_hz) if config.sample_hz > 0 else 1.0
     return StepSettings(
         mode=config.mode,
+        fairness_by_cost=config.fairness == "cost",
         fairness_s=config.fairness_s,
         max_wait_s=config.max_wait_s,
         foreign_memory_fails=config.foreign_memory == "fail",
@@ -113,6 +114,7 @@ class Scheduler:
             just_failed=failed,
             foreign_text=foreign,
             capacity=ctx.capacity,
+            costs=ctx.costs,
         )
 
     def apply(self, d: Decision) -> None:

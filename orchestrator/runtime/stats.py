@@ -41,7 +41,7 @@ class Statistics:
     """
 
     state: State
-    switches: int  # switches that completed
+    switches: int  # switches that completed (the first cold load and side loads included)
     failed_switches: int
     loads: int  # cold loads from disk
     restores: int  # restores from the host tier
@@ -55,6 +55,7 @@ class Statistics:
     switching_s: float  # time spent inside switches
     waits: WaitStats
     peak_committed_bytes: int
+    exchanges: int = 0  # switches that took the GPU from another model (evicted one)
 
     def __str__(self) -> str:
         def per_model(counts: Mapping[str, int]) -> str:
@@ -62,7 +63,8 @@ class Statistics:
 
         lines = [
             f"state {self.state.name}",
-            f"switches {self.switches} ({self.failed_switches} failed), {self.switching_s:.2f} s switching",
+            f"switches {self.switches} ({self.exchanges} took the GPU from another model, "
+            f"{self.failed_switches} failed), {self.switching_s:.2f} s switching",
             f"loads {self.loads}, restores {self.restores}, evictions {self.evictions}",
             f"leases: {self.grants} granted, {self.releases} released, {self.timeouts} timed out, "
             f"{self.cancellations} cancelled",
@@ -85,6 +87,7 @@ class Counters:
     """The runtime's running totals (mutable; ``snapshot`` freezes them)."""
 
     switches: int = 0
+    exchanges: int = 0
     failed_switches: int = 0
     loads: int = 0
     restores: int = 0
@@ -131,4 +134,5 @@ class Counters:
                 max_s=self.wait_max_s,
             ),
             peak_committed_bytes=self.peak_committed_bytes,
+            exchanges=self.exchanges,
         )

@@ -30,6 +30,7 @@ def make(time_scale: float, fairness_s: float, max_wait_s: float) -> tuple[Orche
     config = dataclasses.replace(
         load_config(None),
         time_scale=time_scale,
+        fairness="time",  # these tests are about the fairness_s bound
         fairness_s=fairness_s,
         max_wait_s=max_wait_s,
         load_timeout_s=5.0,
