@@ -10,6 +10,7 @@ acquire() fast path (``grants_at_once``) only ever grants what the decision gran
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +33,7 @@ from states import (
     WaiterView,
     decide,
 )
-from states.step import DEFERRED_POLL_S, backoff_s, grants_at_once
+from states.step import DEFERRED_POLL_S, SwitchCosts, backoff_s, grants_at_once
 from states.units import gib_to_bytes
 
 NOW = 100.0
@@ -304,6 +305,52 @@ def test_backoff_doubles_up_to_a_quarter_of_max_wait() -> None:
     assert [backoff_s(n, 1.0, 20.0) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
 
 
+# -- switch-cost-aware fairness -----------------------------------------------------------------
+
+COSTS = {
+    "qwen": SwitchCosts(load_s=20.0, restore_s=2.0, unload_s=1.0),
+    "sdxl": SwitchCosts(load_s=6.0, restore_s=0.5, unload_s=0.5),
+}
+
+
+def cost_view(
+    waiters: Iterable[WaiterView], leases: int, costs: Mapping[str, SwitchCosts] = COSTS
+) -> StepView:
+    v = view(waiters, ledger("qwen"), leases={"qwen": leases}, costs=costs)
+    return replace(v, settings=replace(v.settings, fairness_by_cost=True))
+
+
+def test_the_cost_rule_waits_for_the_price_of_the_switch() -> None:
+    # Switching to SDXL costs the LLM's unload (1 s) and SDXL's cold load (6 s); the LLM has
+    # two leases, so the switch holds up three users: a price of 21 waiter-seconds.
+    fresh = decide(cost_view([w(1, "sdxl", ago=5)], leases=2))
+    assert fresh.drain == frozenset() and fresh.wake_at_s == pytest.approx(NOW + 16)
+    due = decide(cost_view([w(1, "sdxl", ago=21)], leases=2))
+    assert due.drain == {"qwen"}
+
+
+def test_under_the_cost_rule_many_waiters_drain_sooner() -> None:
+    # Three waiters of 4, 3 and 0 s have waited 7 s together; 14 more waiter-seconds are due,
+    # 14/3 s from now.
+    d = decide(cost_view([w(1, "sdxl", ago=4), w(2, "sdxl", ago=3), w(3, "sdxl")], leases=2))
+    assert d.drain == frozenset() and d.wake_at_s == pytest.approx(NOW + 14 / 3)
+
+
+def test_under_the_cost_rule_a_cheap_switch_drains_at_once() -> None:
+    cheap = {"qwen": SwitchCosts(unload_s=0.05), "sdxl": SwitchCosts(restore_s=0.1, load_s=0.1)}
+    d = decide(cost_view([w(1, "sdxl", ago=0.5)], leases=2, costs=cheap))
+    assert d.drain == {"qwen"}
+
+
+def test_switch_cost_counts_the_evictions_and_the_tier_the_target_comes_from() -> None:
+    from states.step import switch_cost_s
+
+    led = Ledger(BUDGET, (resident("qwen"), resident("sdxl", tier=Tier.HOST)), host_budget_bytes=GB(24))
+    d = decide(view([w(1, "sdxl")], led, costs=COSTS))
+    assert isinstance(d.action, Switch)
+    assert switch_cost_s(view([], led, costs=COSTS), d.action.plan) == pytest.approx(1.0 + 0.5)  # a restore
+
+
 # -- capacity (max_concurrent) ----------------------------------------------------------------
 
 
@@ -402,6 +449,7 @@ def views(draw: st.DrawFn) -> StepView:
         requests=REQUESTS,
         settings=StepSettings(
             mode=draw(st.sampled_from(list(Mode))),
+            fairness_by_cost=draw(st.booleans()),
             fairness_s=draw(st.sampled_from([0.0, 5.0, 60.0])),
             max_wait_s=draw(st.sampled_from([30.0, 300.0])),
             foreign_memory_fails=draw(st.booleans()),
@@ -418,6 +466,10 @@ def views(draw: st.DrawFn) -> StepView:
         rebalance_after_s=NOW + draw(st.sampled_from([-1.0, 1.0])),
         just_loaded=draw(st.none() | st.sampled_from(gpu_names)) if gpu_names else None,
         capacity={m: draw(st.integers(1, 3)) for m in draw(st.sets(st.sampled_from(MODELS)))},
+        costs={
+            m: SwitchCosts(draw(st.floats(0, 30)), draw(st.floats(0, 3)), draw(st.floats(0, 3)))
+            for m in draw(st.sets(st.sampled_from(MODELS)))
+        },
     )
 
 
