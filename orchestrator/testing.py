@@ -12,6 +12,9 @@ every step, and on every event the orchestrator emits, it checks the invariants:
 - outside a switch, the state matches what is resident;
 - no lease or waiter is lost: a shadow of the queue (per model, the clients that wait and
   those that hold) equals the orchestrator's queue and leases;
+- no model holds more leases at once than its ``max_concurrent`` (counted from the events);
+- with ``check_wait_bound`` (for runs without faults or foreign memory, which may hold a
+  request back without bound), every served client waited at most ``wait_bound_s``;
 - at the end, every client has finished (none starved or hung), nothing is left on the device
   and the machine is IDLE.
 
@@ -86,6 +89,8 @@ class _Client:
     model: str
     phase: str = "starting"  # starting -> waiting -> holding -> done
     outcome: str = ""
+    ahead: int = 0  # clients of the same model not yet done when this one started
+    waited_s: float | None = None  # the lease's wait, once served
     scope: anyio.CancelScope | None = None
     future: Future[None] | None = None
 
@@ -97,6 +102,8 @@ class OrchestratorMachine(RuleBasedStateMachine):
     time_scale = 0.0005  # the design's 20 s LLM start takes 10 ms
     footprint_factor = 1.0
     client_limit = 24
+    max_hold_s = 30.0  # the longest a client holds a lease (simulated seconds)
+    check_wait_bound = False  # check every served client against wait_bound_s (no faults)
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,6 +112,7 @@ class OrchestratorMachine(RuleBasedStateMachine):
         self.violations: list[str] = []
         self.foreign_pids: list[int] = []
         self.measured: set[str] = set()  # models whose load was measured (see _check_learned)
+        self.held: dict[str, int] = {}  # leases per model, counted from the events alone
 
     # -- setup and teardown ----------------------------------------------------------------
 
@@ -152,6 +160,8 @@ class OrchestratorMachine(RuleBasedStateMachine):
             if self.orch.state is not State.IDLE:
                 raise InvariantViolation(f"state after shutdown is {self.orch.state.name}, not IDLE")
             self._check_learned()
+            if self.check_wait_bound:
+                self._check_waits()
             if self.violations:
                 raise InvariantViolation(self.violations[0])
         finally:
@@ -175,6 +185,26 @@ class OrchestratorMachine(RuleBasedStateMachine):
                 raise InvariantViolation(
                     f"{name} really takes {format_gib(true)} but the orchestrator learned "
                     f"{format_gib(fp.high_water_bytes) if fp else 'nothing'}"
+                )
+
+    def wait_bound_s(self, c: _Client) -> float:
+        """How long a client may wait at most: ``max_wait_s``, then (once it is overdue and
+        ranked first) for each model a switch and the end of a lease in progress, then its
+        turn among those of its model ahead of it, ``max_concurrent`` at a time; plus a
+        second of slack for the test machine's scheduling."""
+        sims = [s.sim for s in self.cfg.models.values() if s.sim is not None]
+        switch_s = max((s.load_s + s.unload_s for s in sims), default=0.0) * self.cfg.time_scale
+        hold_s = self.max_hold_s * self.cfg.time_scale
+        cap = self.cfg.models[self.orch.resolve(c.model).name].max_concurrent or max(1, c.ahead)
+        turns = math.ceil(c.ahead / cap)
+        return self.cfg.max_wait_s + len(self.cfg.models) * (switch_s + hold_s) + turns * hold_s + 1.0
+
+    def _check_waits(self) -> None:
+        for c in self.clients.values():
+            if c.waited_s is not None and c.waited_s > self.wait_bound_s(c):
+                self.violations.append(
+                    f"client #{c.id} ({c.model}) waited {c.waited_s:.3f} s, past its bound "
+                    f"{self.wait_bound_s(c):.3f} s (max_wait_s {self.cfg.max_wait_s:g} s, {c.ahead} ahead)"
                 )
 
     def _quiesce_bound_s(self) -> float:
@@ -206,6 +236,13 @@ class OrchestratorMachine(RuleBasedStateMachine):
     # -- the checks ------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
+        if event.kind in ("grant", "release") and event.model in self.cfg.models:
+            self.held[event.model] = self.held.get(event.model, 0) + (1 if event.kind == "grant" else -1)
+            cap = self.cfg.models[event.model].max_concurrent
+            if cap is not None and self.held[event.model] > cap:
+                self.violations.append(
+                    f"{event.model} holds {self.held[event.model]} leases at once; max_concurrent is {cap}"
+                )
         if event.model is not None and (
             event.kind == "load" or (event.kind == "fail" and "out of memory" in (event.detail or ""))
         ):
@@ -288,6 +325,7 @@ class OrchestratorMachine(RuleBasedStateMachine):
                 c.phase = "waiting"  # acquire() queues before its first await: no gap
                 async with self.orch.acquire(c.model, timeout=timeout_s, priority=priority) as lease:
                     c.phase = "holding"
+                    c.waited_s = lease.waited_s
                     if lease.handle is None:
                         self.violations.append(f"client #{c.id} got a lease on {c.model} without a handle")
                     if not self.orch.ledger().on_gpu(lease.model):
@@ -306,6 +344,10 @@ class OrchestratorMachine(RuleBasedStateMachine):
 
     def _start_client(self, model: str, hold: float, timeout: float | None, priority: int) -> None:
         c = _Client(self.next_id, model)
+        name = self.orch.resolve(model).name
+        c.ahead = sum(
+            1 for x in self.clients.values() if x.phase != "done" and self.orch.resolve(x.model).name == name
+        )
         self.next_id += 1
         self.clients[c.id] = c
         unit = self.cfg.time_scale
@@ -324,7 +366,7 @@ class OrchestratorMachine(RuleBasedStateMachine):
         """A client asks for a model (or a kind) and holds it for a while (simulated seconds)."""
         names = self._models() + sorted(self.config.defaults)
         model = data.draw(st.sampled_from(names), label="model")
-        hold = data.draw(st.floats(0, 30), label="hold_s")
+        hold = data.draw(st.floats(0, self.max_hold_s), label="hold_s")
         timeout = data.draw(st.none() | st.floats(1, 200), label="timeout_s")
         priority = data.draw(st.integers(0, 2), label="priority")
         self._start_client(model, hold, timeout, priority)

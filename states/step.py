@@ -196,11 +196,17 @@ class _Step:
         self.leases[w.model] = self.leases.get(w.model, 0) + 1
 
     def grant_within_capacity(self, waiters: list[WaiterView]) -> None:
-        """Grant ``waiters`` while their model has a free slot: higher priority first, then
-        arrival (arrival alone in fcfs mode); the rest keep waiting, seen by the scheduler."""
+        """Grant ``waiters`` while their model has a free slot: overdue ones (waited
+        ``max_wait_s``) first, then higher priority, then arrival (arrival alone in fcfs
+        mode); the rest keep waiting, seen by the scheduler."""
         fcfs = self.view.settings.mode is Mode.FCFS
         capacity = self.view.capacity
-        for w in sorted(waiters, key=lambda w: (0 if fcfs else -w.priority, w.seq)):
+        deadline = self.view.now_s - self.view.settings.max_wait_s
+
+        def order(w: WaiterView) -> tuple[bool, int, int]:
+            return (w.arrived_s > deadline, 0 if fcfs else -w.priority, w.seq)
+
+        for w in sorted(waiters, key=order):
             cap = capacity.get(w.model)
             if cap is None or self.leases.get(w.model, 0) < cap:
                 self.grant(w)

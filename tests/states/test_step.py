@@ -366,6 +366,16 @@ def test_a_model_at_capacity_keeps_its_other_waiters_waiting_highest_priority_fi
     assert decide(view([w(1, "sdxl")], ledger("sdxl"), leases={"sdxl": 2}, capacity={"sdxl": 2})).grants == ()
 
 
+def test_at_capacity_an_overdue_waiter_goes_before_any_priority() -> None:
+    v = view(
+        [w(1, "sdxl", priority=2), w(2, "sdxl", ago=301)],
+        ledger("sdxl"),
+        leases={"sdxl": 1},
+        capacity={"sdxl": 2},
+    )
+    assert decide(v).grants == (2,)
+
+
 def test_the_batch_of_a_switch_is_cut_at_capacity_in_arrival_order() -> None:
     v = view(
         [w(1, "sdxl"), w(2, "sdxl"), w(3, "sdxl")], ledger("sdxl"), just_loaded="sdxl", capacity={"sdxl": 1}
