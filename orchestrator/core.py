@@ -236,6 +236,8 @@ class Orchestrator:
         self._clock = clock
         self._t0 = clock()
         self.device: Device = device if device is not None else self._make_device(config)
+        if device is None and isinstance(self.device, SimulatedDevice):
+            self.device.clock = clock  # its slow releases run on the orchestrator's clock
         self.backends: dict[str, Backend] = dict(backends or {})
         for name, spec in config.models.items():
             if name not in self.backends:
@@ -243,8 +245,8 @@ class Orchestrator:
         self.policy = Policy(exclusive_kinds=config.exclusive_kinds)
         self.hub = EventHub()
         self.footprints = footprints if footprints is not None else open_store(config)
-        self.monitor = VRAMMonitor(self.device, config, footprints=self.footprints)
-        self.sampler = PeakSampler(self.device, config.sample_hz)
+        self.monitor = VRAMMonitor(self.device, config, footprints=self.footprints, clock=clock)
+        self.sampler = PeakSampler(self.device, config.sample_hz, clock=clock)
 
         # Invariants (checked by tests/orchestrator/test_properties.py after every step):
         # - self._ledger.committed_bytes <= budget; a load begins only when plan.after fits;
@@ -1288,7 +1290,9 @@ class Orchestrator:
         def still_held() -> list[tuple[str, int]]:
             return [(m, self.backends[m].measured_bytes(live_only=False) or 0) for m in models]
 
-        await wait_released(still_held, timeout_s=self.config.unload_timeout_s, poll_s=RELEASE_POLL_S)
+        await wait_released(
+            still_held, timeout_s=self.config.unload_timeout_s, poll_s=RELEASE_POLL_S, clock=self._clock
+        )
 
     def _check_room(self, model: str, needed_bytes: int) -> None:
         """Before a load, the device must really have the room, not only the ledger."""
