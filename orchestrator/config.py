@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -54,6 +54,19 @@ class SimSpec:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """How much work one request may ask of a model (``limits:`` of a model); checked before
+    anything loads. ``None`` is no limit of ours."""
+
+    max_input_chars: int = 4096  # speech input, characters (OpenAI's own limit)
+    max_steps: int = 50  # image inference steps
+    max_width: int = 1024  # image pixels
+    max_height: int = 1024
+    max_n: int = 4  # images per request
+    max_tokens: int | None = None  # completion max_tokens; None: the server caps it
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     kind: str
@@ -65,6 +78,8 @@ class ModelSpec:
     host_bytes: int = 0
     sim: SimSpec | None = None
     aliases: tuple[str, ...] = ()  # other names acquire() and the monitor accept
+    max_concurrent: int | None = None  # requests in flight at once; None: unlimited
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,58 @@ class Config:
         return None
 
 
+# vLLM's own default of ``--max-num-seqs`` for its OpenAI server (vLLM 0.32,
+# ``EngineArgs._get_default_max_num_seqs_and_batched_tokens``): 1024 on a GPU of 70 GiB or
+# more other than an A100, else 256; 128 for the CPU build.
+VLLM_MAX_NUM_SEQS_LARGE_GPU = 1024
+VLLM_MAX_NUM_SEQS_GPU = 256
+VLLM_MAX_NUM_SEQS_CPU = 128
+VLLM_LARGE_GPU_BYTES = 70 * 2**30
+
+
+def vllm_max_num_seqs(args: Any) -> int | None:
+    """The ``--max-num-seqs`` a vLLM backend's ``args`` set, if any (None when absent or unreadable)."""
+    if not isinstance(args, list):
+        return None
+    for i, a in enumerate(args):
+        if not isinstance(a, str):
+            continue
+        value: str | None = None
+        if a == "--max-num-seqs" and i + 1 < len(args):
+            value = str(args[i + 1])
+        elif a.startswith("--max-num-seqs="):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            try:
+                return int(value) if int(value) >= 1 else None
+            except ValueError:
+                return None
+    return None
+
+
+def default_max_concurrent(
+    backend: str, options: Mapping[str, Any], *, device: str, total_bytes: int, gpu_name: str
+) -> int | None:
+    """How many requests a model serves at once when its config does not say (``max_concurrent``).
+
+    One for an in-process pipeline (diffusers, tts: one pipeline draws one image at a time);
+    a vLLM server's own batch limit (its ``--max-num-seqs``, else vLLM's default for the
+    device); no limit of ours for the generic server, the simulated and the synthetic backend.
+    """
+    if backend in ("diffusers", "tts"):
+        return 1
+    if backend == "vllm":
+        given = vllm_max_num_seqs(options.get("args"))
+        if given is not None:
+            return given
+        if device == "simulated":  # no GPU: the server runs vLLM's CPU build
+            return VLLM_MAX_NUM_SEQS_CPU
+        if total_bytes >= VLLM_LARGE_GPU_BYTES and "a100" not in gpu_name.lower():
+            return VLLM_MAX_NUM_SEQS_LARGE_GPU
+        return VLLM_MAX_NUM_SEQS_GPU
+    return None
+
+
 # -- loading -----------------------------------------------------------------------------------
 
 
@@ -145,7 +212,9 @@ def load_config(path: str | Path | None = None) -> Config:
     try:
         text = p.read_text()
     except FileNotFoundError:
-        raise ConfigError(str(p), "", "file not found", "check the path given with --config") from None
+        raise ConfigError(
+            str(p), "", "file not found", "check the path (a relative one starts in the current folder)"
+        ) from None
     except OSError as exc:
         raise ConfigError(str(p), "", f"cannot read it ({exc.strerror})", "check its permissions") from None
     return parse_config(text, source=str(p))
@@ -182,6 +251,7 @@ class _Parser:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self._device, self._total, self._gpu = "auto", 0, "GPU"
 
     def err(self, key: str, problem: str, fix: str) -> ConfigError:
         return ConfigError(self.source, key, problem, fix)
@@ -328,6 +398,7 @@ class _Parser:
             )
         time_scale = self.number(sim.get("time_scale", 1.0), "simulation.time_scale")
 
+        self._device, self._total, self._gpu = device, total, str(hw.get("gpu_name", "GPU"))
         models = {}
         for name, m in models_raw.items():
             models[str(name)] = self.model(str(name), m, budget, heavy | light, time_scale)
@@ -451,7 +522,11 @@ class _Parser:
             ),
         )
 
-    MODEL_KEYS = ("kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases")
+    MODEL_KEYS = (
+        "kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases",
+        "max_concurrent", "limits",
+    )  # fmt: skip
+    LIMIT_KEYS = tuple(f.name for f in fields(RequestLimits))
     SIM_KEYS = ("load_s", "unload_s", "offload_s", "restore_s", "true_vram_gb", "use_peak_gb")
 
     def model(self, name: str, m: Any, budget: int, kinds: frozenset[str], time_scale: float) -> ModelSpec:
@@ -544,6 +619,14 @@ class _Parser:
             raise self.err(
                 f"{key}.aliases", f"expected a list of names, got {aliases!r}", "e.g. [sdxl-controlnet]"
             )
+        limits = self.limits(m.get("limits"), f"{key}.limits")
+        steps = options.get("steps", 30) if backend == "diffusers" else 0
+        if isinstance(steps, int) and steps > limits.max_steps:
+            raise self.err(
+                f"{key}.backend.steps",
+                f"the default of {steps} steps is more than limits.max_steps ({limits.max_steps})",
+                "lower backend.steps or raise limits.max_steps",
+            )
         return ModelSpec(
             name=name,
             kind=kind,
@@ -555,4 +638,45 @@ class _Parser:
             host_bytes=host,
             sim=sim,
             aliases=tuple(aliases),
+            max_concurrent=self.max_concurrent(m, key, backend, options),
+            limits=limits,
         )
+
+    def whole(self, v: Any, key: str, *, nullable: bool, fix: str) -> int | None:
+        """A whole number >= 1 (or null where ``nullable``)."""
+        if v is None and nullable:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            want = "a whole number >= 1" + (" or null" if nullable else "")
+            raise self.err(key, f"expected {want}, got {v!r}", fix)
+        return int(v)
+
+    def max_concurrent(
+        self, m: Mapping[str, Any], key: str, backend: str, options: Mapping[str, Any]
+    ) -> int | None:
+        if "max_concurrent" in m:
+            return self.whole(
+                m["max_concurrent"],
+                f"{key}.max_concurrent",
+                nullable=True,
+                fix="e.g. max_concurrent: 1 for one request at a time; null: no limit",
+            )
+        return default_max_concurrent(
+            backend, options, device=self._device, total_bytes=self._total, gpu_name=self._gpu
+        )
+
+    def limits(self, v: Any, key: str) -> RequestLimits:
+        if v is None:
+            return RequestLimits()
+        if not isinstance(v, Mapping):
+            raise self.err(key, f"expected a mapping, got {_typename(v)}", "e.g. {max_steps: 50, max_n: 4}")
+        self.no_unknown(v, key, self.LIMIT_KEYS)
+        defaults = RequestLimits()
+        values: dict[str, int | None] = {}
+        for k in self.LIMIT_KEYS:
+            if k in v:
+                values[k] = self.whole(
+                    v[k], f"{key}.{k}", nullable=k == "max_tokens",
+                    fix=f"a positive whole number (the default is {getattr(defaults, k)})",
+                )  # fmt: skip
+        return RequestLimits(**values)  # type: ignore[arg-type]
