@@ -62,7 +62,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from importlib.metadata import version
@@ -557,26 +557,15 @@ def print_problems(results: Sequence[Result]) -> None:
             print(f"  !! {who}: statistics() counted {r.stats_waits} waits, the benchmark {len(r.waits_s)}")
 
 
-def run_all(
-    traces: Sequence[str],
-    seeds: Sequence[int],
-    quick: bool,
-    modes: Sequence[str] = MODES,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[list[Result], dict[str, tuple[str, int]]]:
-    """Every (trace, costs, mode, seed) run; and each trace's description and size (first seed)."""
-    results: list[Result] = []
-    about: dict[str, tuple[str, int]] = {}
-    for name in traces:
-        for costs in TRACE_COSTS[name]:
-            for seed in seeds:
-                trace = make_trace(name, quick, seed)
-                about.setdefault(name, (trace.description, trace.requests))
-                for mode in modes:
-                    results.append(run_one(trace, mode, costs, seed))
-            if progress is not None:
-                progress(f"{name}/{costs} done")
-    return results, about
+def run_group(
+    name: str, costs: str, seeds: Sequence[int], quick: bool, modes: Sequence[str] = MODES
+) -> list[Result]:
+    """Every (mode, seed) run of one trace at one switch-cost setting."""
+    out = []
+    for seed in seeds:
+        trace = make_trace(name, quick, seed)
+        out += [run_one(trace, mode, costs, seed) for mode in modes]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -611,11 +600,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "for the model's capacity; max leases = most leases held at once on one model"
     )
     t_start = time.perf_counter()
-    results, about = run_all(traces, seeds, args.quick)
+    results: list[Result] = []
+    for name in traces:
+        first = make_trace(name, args.quick, seeds[0])
+        for costs in TRACE_COSTS[name]:
+            group = run_group(name, costs, seeds, args.quick)
+            (entry,) = summarize(group)
+            print_group(entry, first.description, first.requests)
+            sys.stdout.flush()
+            results += group
     summary = summarize(results)
-    for entry in summary:
-        description, requests = about[entry["trace"]]
-        print_group(entry, description, requests)
     print_problems(results)
     real_s = time.perf_counter() - t_start
     print(f"\n{len(results)} runs, wall time {real_s:.1f} s")
