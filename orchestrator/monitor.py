@@ -134,6 +134,7 @@ class VRAMMonitor:
         ``auto`` unless the config names one other than ``simulated``: NVML when a driver
         answers, torch's view otherwise, the simulated device only without a GPU (said once).
     :param footprints: the learned-footprint store (default: the config's).
+    :param clock: what stamps a snapshot's ``time_s`` (the orchestrator passes its own).
     """
 
     def __init__(
@@ -142,7 +143,9 @@ class VRAMMonitor:
         config: str | Path | Config | None = None,
         *,
         footprints: FootprintStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self.config = config if isinstance(config, Config) else load_config(config)
         if isinstance(device, int):
             kind = self.config.device if self.config.device not in ("simulated",) else "auto"
@@ -181,6 +184,7 @@ class VRAMMonitor:
             allocated_bytes=alloc.allocated_bytes if alloc else None,
             reserved_bytes=alloc.reserved_bytes if alloc else None,
             foreign=foreign_processes(reading),
+            time_s=self._clock(),
         )
 
     # -- estimates ---------------------------------------------------------------------------
@@ -350,18 +354,20 @@ async def wait_released(
     timeout_s: float,
     poll_s: float = 0.005,
     what: str = "",
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Poll ``probe`` (who still holds how many bytes) until it reports nothing, or raise
-    ``VRAMNotReleased`` naming who still holds memory after ``timeout_s``. Never goes on
+    ``VRAMNotReleased`` naming who still holds memory after ``timeout_s`` on ``clock`` (the
+    orchestrator passes its own, so a virtual-clock run waits in virtual time). Never goes on
     regardless: the next load would find the memory taken."""
     from orchestrator.errors import VRAMNotReleased
 
-    deadline = time.monotonic() + timeout_s
+    deadline = clock() + timeout_s
     while True:
         held = [(who, n) for who, n in probe() if n > 0]
         if not held:
             return
-        if time.monotonic() >= deadline:
+        if clock() >= deadline:
             names = ", ".join(f"{who} still holds {format_gib(n)}" for who, n in held)
             raise VRAMNotReleased(
                 held[0][0],

@@ -236,12 +236,13 @@ class OrchestratorMachine(RuleBasedStateMachine):
     # -- the checks ------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        if event.kind in ("grant", "release") and event.model in self.cfg.models:
-            self.held[event.model] = self.held.get(event.model, 0) + (1 if event.kind == "grant" else -1)
-            cap = self.cfg.models[event.model].max_concurrent
-            if cap is not None and self.held[event.model] > cap:
+        model = event.model
+        if event.kind in ("grant", "release") and model is not None and model in self.cfg.models:
+            self.held[model] = self.held.get(model, 0) + (1 if event.kind == "grant" else -1)
+            cap = self.cfg.models[model].max_concurrent
+            if cap is not None and self.held[model] > cap:
                 self.violations.append(
-                    f"{event.model} holds {self.held[event.model]} leases at once; max_concurrent is {cap}"
+                    f"{model} holds {self.held[model]} leases at once; max_concurrent is {cap}"
                 )
         if event.model is not None and (
             event.kind == "load" or (event.kind == "fail" and "out of memory" in (event.detail or ""))

@@ -4,6 +4,10 @@ It serves the property tests and the demo on machines without a GPU. It is stric
 way a real device is: an allocation past the total raises ``SimulatedOOM``. Its peaks are
 what the property tests check the budget against. Thread-safe (backends may allocate from
 worker threads).
+
+Its only sense of time is the slow release (``free(after_s=...)``), read from ``clock``:
+``time.monotonic`` by default; the orchestrator that builds the device gives it its own clock,
+so a run on a virtual clock releases memory in virtual time.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from orchestrator.device.base import DeviceOutOfMemory, DeviceReading, ProcessUse
 
@@ -28,12 +33,15 @@ class SimulatedOOM(DeviceOutOfMemory):
 class SimulatedDevice:
     source = "simulated"
 
-    def __init__(self, total_bytes: int, name: str = "simulated GPU") -> None:
+    def __init__(
+        self, total_bytes: int, name: str = "simulated GPU", *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.name = name
+        self.clock = clock  # seconds, for slow releases; set by the orchestrator that builds it
         self.total_bytes = total_bytes
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
-        self._releasing: list[tuple[float, str, int]] = []  # (monotonic deadline, owner, bytes)
+        self._releasing: list[tuple[float, str, int]] = []  # (deadline on self.clock, owner, bytes)
         self.peak_bytes = 0  # everything, foreign included
         self.peak_owned_bytes = 0  # everything but foreign processes
 
@@ -63,7 +71,7 @@ class SimulatedDevice:
             n = self._held.pop(owner, 0)
             if n and after_s > 0:
                 # Still held (under a distinct tag) until the deadline, as a dying process's is.
-                self._releasing.append((time.monotonic() + after_s, owner, n))
+                self._releasing.append((self.clock() + after_s, owner, n))
             return n
 
     def take_foreign(self, pid: int, n_bytes: int) -> None:
@@ -127,7 +135,7 @@ class SimulatedDevice:
 
     def _expire(self) -> None:
         if self._releasing:
-            now = time.monotonic()
+            now = self.clock()
             self._releasing = [r for r in self._releasing if r[0] > now]
 
     def _note_peaks(self) -> None:

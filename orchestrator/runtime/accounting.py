@@ -42,7 +42,7 @@ class Accounting:
         self.ctx = ctx
         self.device = device
         self.footprints = footprints
-        self._dirty = anyio.Event()
+        self._dirty: anyio.Event | None = None  # made by run_writer, in the orchestrator's loop
 
     # -- what the device holds ---------------------------------------------------------------
 
@@ -132,7 +132,8 @@ class Accounting:
         if old is not None and measured_bytes <= (old.load_bytes if kind == "load" else old.high_water_bytes):
             return
         fp = self.footprints.note(model, measured_bytes, kind=kind)
-        self._dirty.set()
+        if self._dirty is not None:
+            self._dirty.set()
         configured = ctx.config.models[model].vram_bytes
         ctx.emit(
             "learn",
@@ -160,9 +161,9 @@ class Accounting:
     async def run_writer(self) -> None:
         """Persist learned footprints from a worker thread whenever some were noted."""
         while True:
-            await self._dirty.wait()
             self._dirty = anyio.Event()
-            await self.flush()
+            await self.flush()  # what was noted before this loop ran, or since the last flush
+            await self._dirty.wait()
 
     async def flush(self) -> None:
         if self.footprints.pending:

@@ -72,7 +72,7 @@ class Context:
         self.costs: dict[str, SwitchCosts] = {
             name: _first_costs(spec, config) for name, spec in config.models.items()
         }
-        self._wake = anyio.Event()
+        self._wake: anyio.Event | None = None  # made by the scheduler's loop (next_wake)
         self._measured: dict[str, set[str]] = {}  # which costs are measured, not estimated
 
     # -- time and wake-ups -------------------------------------------------------------------
@@ -82,7 +82,8 @@ class Context:
 
     def wake(self) -> None:
         """Something changed that may change a decision: the scheduler steps again."""
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
 
     def next_wake(self) -> anyio.Event:
         """A fresh wake-up for the scheduler's next sleep."""

@@ -72,9 +72,18 @@ class Executor:
         self.book = book
         self.accounting = accounting
         self.watch = watch
-        self._lock = anyio.Lock()
+        self._lock: anyio.Lock | None = None  # made where the orchestrator runs (see lock)
         self.rebalance_after_s = 0.0  # a failed eviction is retried after this
         self.reap_after: dict[str, float] = {}  # a leftover whose unload failed: retried then
+
+    @property
+    def lock(self) -> anyio.Lock:
+        """The switch lock, made on first use: an anyio primitive belongs to the event loop
+        it is made in, and ModelManager builds the orchestrator in one loop and runs it in
+        another (its own thread)."""
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        return self._lock
 
     @contextmanager
     def switching(self) -> Iterator[None]:
@@ -84,11 +93,11 @@ class Executor:
         lock yielded, a lease could be granted (acquire's fast path) on a model the switch is
         about to evict. The scheduler is the only switcher while running, so the lock is free.
         """
-        self._lock.acquire_nowait()
+        self.lock.acquire_nowait()
         try:
             yield
         finally:
-            self._lock.release()
+            self.lock.release()
 
     # -- the one unload path -----------------------------------------------------------------
 
@@ -182,7 +191,12 @@ class Executor:
         def still_held() -> list[tuple[str, int]]:
             return [(m, backends[m].measured_bytes(live_only=False) or 0) for m in models]
 
-        await wait_released(still_held, timeout_s=self.ctx.config.unload_timeout_s, poll_s=RELEASE_POLL_S)
+        await wait_released(
+            still_held,
+            timeout_s=self.ctx.config.unload_timeout_s,
+            poll_s=RELEASE_POLL_S,
+            clock=self.ctx.clock,
+        )
 
     # -- the actions -------------------------------------------------------------------------
 
@@ -282,7 +296,7 @@ class Executor:
         with anyio.move_on_after(ctx.config.unload_timeout_s):
             while any(self.book.leases.values()):  # noqa: ASYNC110 - leases end in other tasks; poll briefly
                 await anyio.sleep(RELEASE_POLL_S)
-        async with self._lock:
+        async with self.lock:
             if ctx.ledger.residents:
                 target = ctx.ledger
                 for r in target.residents:

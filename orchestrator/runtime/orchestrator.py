@@ -26,6 +26,7 @@ from orchestrator.backends.registry import create_backend
 from orchestrator.config import Config, ModelSpec, load_config
 from orchestrator.device import DeviceUnavailable, open_device
 from orchestrator.device.base import Device
+from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.errors import AcquireTimeout, ConfigError, InsufficientVRAM, NotRunning, UnknownModel
 from orchestrator.events import Event, EventHub
 from orchestrator.footprints import FootprintStore, default_path
@@ -65,14 +66,16 @@ class Orchestrator:
     ) -> None:
         self.config = config
         self.device: Device = device if device is not None else _make_device(config)
+        if device is None and isinstance(self.device, SimulatedDevice):
+            self.device.clock = clock  # its slow releases run on the orchestrator's clock
         self.backends: dict[str, Backend] = dict(backends or {})
         for name, spec in config.models.items():
             if name not in self.backends:
                 self.backends[name] = self._make_backend(spec)
         self.hub = EventHub()
         self.footprints = footprints if footprints is not None else open_store(config)
-        self.monitor = VRAMMonitor(self.device, config, footprints=self.footprints)
-        self.sampler = PeakSampler(self.device, config.sample_hz)
+        self.monitor = VRAMMonitor(self.device, config, footprints=self.footprints, clock=clock)
+        self.sampler = PeakSampler(self.device, config.sample_hz, clock=clock)
 
         ctx = self._ctx = Context(config, self.backends, self.hub, clock)
         self._accounting = Accounting(ctx, self.device, self.footprints)

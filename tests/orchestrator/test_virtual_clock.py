@@ -1,0 +1,184 @@
+"""The orchestrator on a virtual clock: every timing path of a simulated run reads the
+orchestrator's clock, so a run of minutes of virtual time takes milliseconds and gives the
+same figures every time.
+
+Runs on anyio's trio backend with ``trio.testing.MockClock(autojump_threshold=0)``: when every
+task waits, the clock jumps to the next deadline. The orchestrator's clock is the loop's
+(``anyio.current_time``). A path left on ``time.monotonic`` (a slow release, the release
+wait's deadline) would make the run spin through virtual time while real seconds pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from orchestrator.config import Config, parse_config
+from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.errors import OrchestratorError
+from orchestrator.footprints import FootprintStore
+from orchestrator.monitor import wait_released
+from orchestrator.runtime import Orchestrator
+
+trio_testing = pytest.importorskip("trio.testing")
+
+# The design document's card and models at time scale 1: latencies in real seconds (an LLM
+# load 20 s, unload 6 s; SDXL load 6 s, unload 2.5 s), no host tier.
+CONFIG = """\
+hardware: {gpu_name: test GPU, device: simulated, total_vram_gb: 16.0, safe_max_vram_gb: 15.5}
+simulation: {time_scale: 1.0}
+switching:
+  heavy_models: [llm, sdxl]
+  light_models: [tts]
+  scheduling: fair
+  load_timeout_s: 120.0
+  unload_timeout_s: 30.0
+monitor: {footprints_path: null}
+models:
+  qwen-14b: {kind: llm, vram_gb: 11.5}
+  sdxl-base: {kind: sdxl, vram_gb: 10.5}
+  gpt-sovits-small: {kind: tts, vram_gb: 3.5}
+defaults: {llm: qwen-14b, sdxl: sdxl-base, tts: gpt-sovits-small}
+"""
+
+SLOW_RELEASE_S = 10.0  # SDXL's memory comes back this long after its unload returns
+
+
+def config() -> Config:
+    return parse_config(CONFIG, source="<virtual clock test>")
+
+
+def on_mock_clock(fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` on trio with a fresh autojumping MockClock; trio's scheduler seeded."""
+    from trio._core import _run
+
+    _run._r.seed(0)
+    clock = trio_testing.MockClock(autojump_threshold=0)
+    return anyio.run(functools.partial(fn, *args), backend="trio", backend_options={"clock": clock})
+
+
+async def workload(seed: int) -> dict[str, Any]:
+    """Eight agents going between SDXL (whose memory is released slowly) and the LLM."""
+    rng = random.Random(seed)
+    plans = [
+        [(rng.uniform(0, 5), rng.choice(["llm", "sdxl", "tts"]), rng.uniform(1, 8)) for _ in range(4)]
+        for _ in range(8)
+    ]
+    waits: list[float] = []
+    async with Orchestrator(config(), clock=anyio.current_time, footprints=FootprintStore(None)) as orch:
+        orch.backends["sdxl-base"].faults.slow_release_s = SLOW_RELEASE_S  # type: ignore[attr-defined]
+
+        async def agent(plan: list[tuple[float, str, float]]) -> None:
+            for think_s, model, work_s in plan:
+                await anyio.sleep(think_s)
+                async with orch.acquire(model) as lease:
+                    waits.append(lease.waited_s)
+                    await lease.handle.run("step", work_s=work_s)
+
+        async with anyio.create_task_group() as tg:
+            for plan in plans:
+                tg.start_soon(agent, plan)
+        end_s = orch.now_s()
+        stats = orch.statistics()
+        events = [(e.time_s, e.kind, e.model, e.trigger, e.detail) for e in orch.hub.history]
+    return {
+        "end_s": end_s,
+        "waits": waits,
+        "switches": stats.switches,
+        "switching_s": stats.switching_s,
+        "events": events,
+    }
+
+
+def test_a_virtual_run_takes_no_real_time_and_repeats_exactly() -> None:
+    t0 = time.perf_counter()
+    first = on_mock_clock(workload, 7)
+    real_s = time.perf_counter() - t0
+    second = on_mock_clock(workload, 7)
+    assert first == second  # bit for bit: times, waits, every event
+    assert first["switches"] >= 4
+    # SDXL left the GPU at least once, each time its memory back only SLOW_RELEASE_S later
+    sdxl_out = [e for e in first["events"] if e[1] == "evict" and e[2] == "sdxl-base"]
+    assert sdxl_out
+    assert first["end_s"] > 100.0  # minutes of virtual time (loads of 20 s, releases of 10 s)
+    assert real_s < first["end_s"] / 20, (real_s, first["end_s"])
+
+
+async def evict_slow_sdxl(slow_s: float) -> tuple[float, float | None, str]:
+    """SDXL, then the LLM: SDXL is unloaded (2.5 s), its memory back ``slow_s`` later, then
+    the LLM loads (20 s). Returns the LLM's wait, the switch's duration and what failed."""
+    async with Orchestrator(config(), clock=anyio.current_time, footprints=FootprintStore(None)) as orch:
+        orch.backends["sdxl-base"].faults.slow_release_s = slow_s  # type: ignore[attr-defined]
+        async with orch.acquire("sdxl"):
+            pass
+        t0 = orch.now_s()
+        try:
+            async with orch.acquire("llm", timeout=200.0) as lease:
+                return lease.waited_s, orch.now_s() - t0, ""
+        except OrchestratorError as exc:
+            return orch.now_s() - t0, None, f"{type(exc).__name__}: {exc}"
+
+
+def test_the_release_wait_and_the_slow_release_run_on_the_orchestrators_clock() -> None:
+    t0 = time.perf_counter()
+    waited_s, took_s, failed = on_mock_clock(evict_slow_sdxl, SLOW_RELEASE_S)
+    assert failed == ""
+    # unload 2.5 s + release 10 s + load 20 s, to within the release wait's polling (2 ms)
+    assert 32.5 <= waited_s <= 32.5 + 0.01, waited_s
+    assert took_s == pytest.approx(waited_s)
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_a_release_slower_than_unload_timeout_fails_after_it_in_virtual_time() -> None:
+    t0 = time.perf_counter()
+    elapsed_s, took_s, failed = on_mock_clock(evict_slow_sdxl, 100.0)  # unload_timeout_s is 30
+    assert took_s is None
+    assert "VRAMNotReleased" in failed and "still holds" in failed, failed
+    # the unload (2.5 s), then the release wait's 30 s deadline on the virtual clock
+    assert 32.5 <= elapsed_s <= 32.5 + 0.01, elapsed_s
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_the_simulated_device_releases_on_its_clock() -> None:
+    now = [100.0]
+    device = SimulatedDevice(16 * 2**30, clock=lambda: now[0])
+    device.allocate("sdxl", 2**30)
+    device.free("sdxl", after_s=5.0)
+    assert device.held_by("sdxl") == 2**30 and device.held_by("sdxl", live_only=True) == 0
+    now[0] += 4.999
+    assert device.used_bytes() == 2**30
+    now[0] += 0.002
+    assert device.used_bytes() == 0 and device.holders() == {}
+
+
+def test_an_orchestrator_gives_the_device_it_builds_its_clock() -> None:
+    def clock() -> float:
+        return 42.0
+
+    orch = Orchestrator(config(), clock=clock, footprints=FootprintStore(None))
+    assert isinstance(orch.device, SimulatedDevice) and orch.device.clock is clock
+    assert orch.monitor.get_snapshot().time_s == 42.0
+    # a device given to it keeps its own clock
+    mine = SimulatedDevice(16 * 2**30)
+    Orchestrator(config(), device=mine, clock=clock, footprints=FootprintStore(None))
+    assert mine.clock is not clock
+
+
+def test_wait_released_times_out_on_the_given_clock() -> None:
+    async def main() -> tuple[float, str]:
+        t0 = anyio.current_time()
+        try:
+            await wait_released(lambda: [("m", 1)], timeout_s=7.0, poll_s=0.5, clock=anyio.current_time)
+        except OrchestratorError as exc:
+            return anyio.current_time() - t0, str(exc)
+        return anyio.current_time() - t0, ""
+
+    t0 = time.perf_counter()
+    elapsed_s, message = on_mock_clock(main)
+    assert elapsed_s == 7.0 and "m still holds" in message and "7 s after unloading" in message
+    assert time.perf_counter() - t0 < 2.0
