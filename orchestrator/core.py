@@ -32,14 +32,10 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from orchestrator.backends.base import Backend
-from orchestrator.backends.server import ServerBackend
-from orchestrator.backends.simulated import SimulatedBackend
-from orchestrator.backends.synthetic import SyntheticBackend
-from orchestrator.backends.vllm import VllmBackend
+from orchestrator.backends.registry import create_backend
 from orchestrator.config import Config, ModelSpec, load_config
 from orchestrator.device import DeviceUnavailable, open_device
 from orchestrator.device.base import Device, DeviceOutOfMemory, DeviceReading
-from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.errors import (
     AcquireTimeout,
     BackendCrashed,
@@ -314,34 +310,8 @@ class Orchestrator:
             ) from None
 
     def _make_backend(self, spec: ModelSpec) -> Backend:
-        if spec.backend == "server":
-            return ServerBackend(spec, log_dir=default_path().parent / "logs", device=self.device)
-        if spec.backend == "vllm":
-            return VllmBackend(spec, log_dir=default_path().parent / "logs", device=self.device)
-        if spec.backend in ("diffusers", "tts"):
-            from orchestrator.backends.diffusers import DiffusersBackend
-            from orchestrator.backends.tts import TtsBackend
-
-            cls = DiffusersBackend if spec.backend == "diffusers" else TtsBackend
-            return cls(spec, self.device, self.config.device_index)
-        if spec.backend == "synthetic":
-            if self.device.source == "simulated":
-                raise ConfigError(
-                    self.config.source,
-                    f"models.{spec.name}.backend",
-                    "a synthetic backend allocates real CUDA memory, but the device is simulated",
-                    "use backend: simulated, or hardware.device: auto on a machine with a GPU",
-                )
-            return SyntheticBackend(spec, self.config.device_index)
-        if isinstance(self.device, SimulatedDevice):
-            return SimulatedBackend(spec, self.device, self.config.time_scale)
-        raise ConfigError(
-            self.config.source,
-            f"models.{spec.name}.backend",
-            f"a simulated backend cannot run on the real device ({self.device.source}: {self.device.name})",
-            "set hardware.device: simulated to run the simulated models, or give the model a real "
-            "backend (vllm, server, diffusers, tts)",
-        )
+        log_dir = default_path().parent / "logs"
+        return create_backend(spec, config=self.config, device=self.device, log_dir=log_dir)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import anyio
 
+from orchestrator.backends.registry import parse_options
 from orchestrator.backends.simulated import SimulatedModel
 from orchestrator.backends.synthetic import SyntheticHandle
 from orchestrator.config import Config
@@ -105,8 +106,9 @@ def with_tiny_models(config: Config, root: Path) -> tuple[Config, list[str]]:
         options: dict[str, Any] = {"path": str(paths[wanted[kind]])}
         if kind == "sdxl":
             options["steps"] = 4
+        backend = "diffusers" if kind == "sdxl" else "tts"
         models[name] = dataclasses.replace(
-            models[name], backend="diffusers" if kind == "sdxl" else "tts", options=MappingProxyType(options)
+            models[name], backend=backend, options=parse_options(backend, options), max_concurrent=1
         )
     return dataclasses.replace(config, models=MappingProxyType(models)), list(targets.values())
 
@@ -141,7 +143,7 @@ def real_gpu_variant(config: Config) -> tuple[Config | None, str]:
             f"{format_gib(config.budget_bytes)}"
         )
     models = {
-        name_: dataclasses.replace(spec, backend="synthetic", options=MappingProxyType({}))
+        name_: dataclasses.replace(spec, backend="synthetic", options=parse_options("synthetic", {}))
         for name_, spec in config.models.items()
     }
     variant = dataclasses.replace(

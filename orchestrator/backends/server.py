@@ -42,16 +42,21 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from types import MappingProxyType
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import httpx
 from anyio.abc import Process
 
-from orchestrator.backends.base import Backend
-from orchestrator.config import ModelSpec
+from orchestrator.backends.base import Backend, BackendType
+from orchestrator.backends.options import OptionError, no_unknown, options_of, positive_seconds
 from orchestrator.errors import LoadFailed
+from orchestrator.spec import BackendOptions, Config, ModelSpec
 from states.ledger import Tier
+
+if TYPE_CHECKING:
+    from orchestrator.device.base import Device
 
 LOG_TAIL_LINES = 20
 POLL_S = 0.1
@@ -67,14 +72,8 @@ class ServerHandle:
     log_path: Path | None
 
 
-class OptionError(ValueError):
-    def __init__(self, key: str, problem: str) -> None:
-        self.key, self.problem = key, problem
-        super().__init__(f"{key}: {problem}")
-
-
 @dataclass(frozen=True)
-class ServerOptions:
+class ServerOptions(BackendOptions):
     command: tuple[str, ...] | None
     base_url: str | None
     host: str = "127.0.0.1"
@@ -88,45 +87,38 @@ class ServerOptions:
     cwd: str | None = None
     log_dir: Path | None = None
 
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "command", "base_url", "host", "port", "health_path", "served_model", "start_timeout_s",
+        "stop_signal", "stop_grace_s", "env", "cwd", "log_dir",
+    )  # fmt: skip
+
     @classmethod
     def parse(cls, opts: Mapping[str, Any]) -> ServerOptions:
         """Validate the ``backend:`` mapping; an ``OptionError`` names the key and the fix."""
-
-        def bad(key: str, problem: str) -> OptionError:
-            return OptionError(key, problem)
-
-        known = {
-            "command", "base_url", "host", "port", "health_path", "served_model", "start_timeout_s",
-            "stop_signal", "stop_grace_s", "env", "cwd", "log_dir",
-        }  # fmt: skip
-        for k in opts:
-            if k not in known:
-                raise bad(k, f"unknown key; use one of: {', '.join(sorted(known))}")
+        no_unknown(opts, cls.KEYS)
         cmd = opts.get("command")
         if isinstance(cmd, str):
             cmd = shlex.split(cmd)
         if cmd is not None and (
             not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd)
         ):
-            raise bad("command", f"expected a list of arguments, got {cmd!r}")
+            raise OptionError("command", f"expected a list of arguments, got {cmd!r}")
         base_url = opts.get("base_url")
         if cmd is None and not base_url:
-            raise bad("command", "missing: give the command that starts the server, or base_url to attach")
+            raise OptionError(
+                "command", "missing: give the command that starts the server, or base_url to attach"
+            )
         port = opts.get("port", "auto")
         if port != "auto" and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-            raise bad("port", f"expected auto or a port number, got {port!r}")
+            raise OptionError("port", f"expected auto or a port number, got {port!r}")
         sig_name = str(opts.get("stop_signal", "SIGTERM"))
         try:
             sig = signal.Signals[sig_name]
         except KeyError:
-            raise bad("stop_signal", f"unknown signal {sig_name!r}; use SIGTERM or SIGINT") from None
+            raise OptionError("stop_signal", f"unknown signal {sig_name!r}; use SIGTERM or SIGINT") from None
         env = opts.get("env") or {}
         if not isinstance(env, Mapping):
-            raise bad("env", f"expected a mapping, got {env!r}")
-        for key in ("start_timeout_s", "stop_grace_s"):
-            v = opts.get(key, 1.0)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise bad(key, f"expected a positive number of seconds, got {v!r}")
+            raise OptionError("env", f"expected a mapping, got {env!r}")
         return cls(
             command=tuple(cmd) if cmd is not None else None,
             base_url=str(base_url).rstrip("/") if base_url else None,
@@ -134,10 +126,10 @@ class ServerOptions:
             port=None if port == "auto" else int(port),
             health_path=str(opts.get("health_path", "/health")),
             served_model=str(opts["served_model"]) if opts.get("served_model") else None,
-            start_timeout_s=float(opts.get("start_timeout_s", 120.0)),
+            start_timeout_s=positive_seconds(opts, "start_timeout_s", 120.0),
             stop_signal=int(sig),
-            stop_grace_s=float(opts.get("stop_grace_s", 10.0)),
-            env={str(k): str(v) for k, v in env.items()},
+            stop_grace_s=positive_seconds(opts, "stop_grace_s", 10.0),
+            env=MappingProxyType({str(k): str(v) for k, v in env.items()}),
             cwd=str(opts["cwd"]) if opts.get("cwd") else None,
             log_dir=Path(str(opts["log_dir"])).expanduser() if opts.get("log_dir") else None,
         )
@@ -209,18 +201,30 @@ def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
 class ServerBackend(Backend):
     """A model served by a server process (or attached to one that is already running)."""
 
-    def __init__(self, spec: ModelSpec, *, log_dir: Path, device: Any = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, log_dir: Path, device: Any = None, options: ServerOptions | None = None
+    ) -> None:
         super().__init__(spec.name, spec.kind, spec.vram_bytes)
         self.spec = spec
-        self.options = ServerOptions.parse(spec.options)  # validated when the config was read
+        self.options = options if options is not None else options_of(spec, ServerOptions)
         self.log_dir = self.options.log_dir or log_dir
         self.device = device
         self._proc: Process | None = None
         self._log: IO[bytes] | None = None
-        self.log_path: Path | None = None
+        self._log_path: Path | None = None
         self.base_url: str | None = None
         self.started_at: float | None = None
         self.exit_code: int | None = None
+
+    # -- capabilities ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str | None:
+        return self.base_url
+
+    @property
+    def served_model(self) -> str:
+        return self.options.served_model or self.name
 
     @property
     def attached(self) -> bool:
@@ -230,10 +234,21 @@ class ServerBackend(Backend):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    # -- sync predicates ---------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at if self.started_at and self.is_alive() else 0.0
 
     def is_alive(self) -> bool:
+        """Its process runs (a server it started), or it is attached (one someone else runs)."""
+        if self.attached:
+            return self._handle is not None
         return self._proc is not None and self._proc.returncode is None
+
+    # -- sync predicates ---------------------------------------------------------------------
 
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         """NVML bytes of the server's process group (None without a per-process reading)."""
@@ -270,8 +285,8 @@ class ServerBackend(Backend):
         }
         argv = [arg.format(**values) for arg in o.command]
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"{self.name}.log"
-        self._log = self.log_path.open("ab")
+        self._log_path = self.log_dir / f"{self.name}.log"
+        self._log = self._log_path.open("ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(
             f"=== {stamp} vram-orchestrator starts {self.name}: {command_preview(argv)}\n".encode()
@@ -404,10 +419,10 @@ class ServerBackend(Backend):
     def status(self) -> dict[str, Any]:
         """The design document's ``get_llm_status`` fields."""
         return {
-            "running": self.is_alive() or (self.attached and self._handle is not None),
+            "running": self.is_alive(),
             "pid": self.pid,
             "url": self.base_url,
-            "uptime_s": time.monotonic() - self.started_at if self.started_at and self.is_alive() else 0.0,
+            "uptime_s": self.uptime_s,
             "vram_bytes": self.measured_bytes(),
             "log": str(self.log_path) if self.log_path else None,
         }
@@ -415,3 +430,10 @@ class ServerBackend(Backend):
 
 def command_preview(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> ServerBackend:
+    return ServerBackend(spec, log_dir=log_dir, device=device)
+
+
+BACKEND = BackendType(parse=ServerOptions.parse, create=create)
