@@ -28,7 +28,7 @@ import anyio
 
 T = TypeVar("T")
 
-SPEECH_PIECE_CHARS = 400  # the longest piece of text spoken at once
+SPEECH_PIECE_CHARS = 200  # the longest piece of text spoken at once (about two sentences)
 
 
 class MediaUnsupported(Exception):

@@ -5,7 +5,8 @@ Each request holds a lease for exactly its own duration: until its response (or 
 ends, at once when its client disconnects, when its work runs past its deadline
 (``daemon.request_timeout_s``), or ``daemon.grace_s`` after the daemon begins to stop.
 Everything a request asks for is parsed and checked before anything loads: its model exists
-and has the kind the endpoint serves, and its inputs are within the model's limits.
+and has the kind the endpoint serves, and its inputs are within the model's limits
+(``models.<name>.limits``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import anyio
 import httpx
 from starlette.requests import Request
 
-from orchestrator.backends.server import ServerBackend, ServerHandle
-from orchestrator.config import ModelSpec
 from orchestrator.daemon.asgi import HeldResponse, read_body
 from orchestrator.daemon.errors import ApiError, Send, send_json
 from orchestrator.daemon.requests import (
-    ImageRequest,
+    check_image_limits,
+    check_speech_limits,
+    completion_limits,
     lease_options,
     model_of,
     parse_image,
@@ -35,8 +36,7 @@ from orchestrator.daemon.requests import (
     parse_speech,
 )
 from orchestrator.daemon.state import Daemon
-
-MAX_IMAGES = 4  # images per request
+from orchestrator.spec import ModelSpec
 
 
 async def read_json(d: Daemon, request: Request) -> dict[str, Any]:
@@ -64,10 +64,7 @@ def work_deadline(d: Daemon) -> Iterator[None]:
 
 def _served_name(d: Daemon, s: ModelSpec) -> str | None:
     """The name the model's server knows it by; ``None`` when the model runs in-process."""
-    backend = d.orch.backends[s.name]
-    if not isinstance(backend, ServerBackend):
-        return None
-    return backend.options.served_model or s.name
+    return d.orch.backends[s.name].served_model
 
 
 def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
@@ -83,15 +80,15 @@ def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
                 + (f"use POST {where}" if where else "configure a server or vllm backend for it"),
                 "invalid_request",
             )
+        upstream_body = {**body, "model": served, **completion_limits(body, s.limits, s.name)}
         opts = lease_options(request.headers, d.spec.request_timeout_s)
         streaming = bool(body.get("stream"))
-        upstream_body = {**body, "model": served}
 
         async def work(send: Send) -> None:
             async with d.orch.acquire(s.name, timeout=opts.timeout_s, priority=opts.priority) as lease:
-                handle = lease.handle
-                assert isinstance(handle, ServerHandle)
-                await forward(handle.client, path, upstream_body, send, streaming=streaming)
+                client = getattr(lease.handle, "client", None)  # a server's handle: its ready client
+                assert isinstance(client, httpx.AsyncClient), f"{s.name} is served without a client"
+                await forward(client, path, upstream_body, send, streaming=streaming)
 
         return HeldResponse(work, stop=d.stopping, grace_s=d.in_flight_grace_s)
 
@@ -180,19 +177,12 @@ def check_kind(s: ModelSpec, *, kind: str, backend: str, endpoint: str, what: st
     )
 
 
-def check_image(req: ImageRequest) -> None:
-    if req.n > MAX_IMAGES:
-        raise ApiError(
-            400, f"n must be at most {MAX_IMAGES}, got {req.n}; make several requests", "invalid_request"
-        )
-
-
 def images(d: Daemon) -> Callable[[Request], Awaitable[HeldResponse]]:
     async def handler(request: Request) -> HeldResponse:
         req = parse_image(await read_json(d, request))
         s = d.orch.resolve(req.model)
         check_kind(s, kind="sdxl", backend="diffusers", endpoint="/v1/images/generations", what="images")
-        check_image(req)
+        check_image_limits(req, s.limits, s.name)
         media = _media()
         opts = lease_options(request.headers, d.spec.request_timeout_s)
 
@@ -227,6 +217,7 @@ def speech(d: Daemon) -> Callable[[Request], Awaitable[HeldResponse]]:
         req = parse_speech(await read_json(d, request))
         s = d.orch.resolve(req.model)
         check_kind(s, kind="tts", backend="tts", endpoint="/v1/audio/speech", what="speech")
+        check_speech_limits(req, s.limits, s.name)
         media = _media()
         opts = lease_options(request.headers, d.spec.request_timeout_s)
 

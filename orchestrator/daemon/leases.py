@@ -23,11 +23,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from orchestrator.config import DaemonSpec
 from orchestrator.core import EXTERNAL_KIND, Lease, Orchestrator
 from orchestrator.daemon.errors import LeaseGone
 from orchestrator.daemon.requests import shorten
 from orchestrator.errors import NotRunning
+from orchestrator.spec import DaemonSpec
 
 logger = logging.getLogger("orchestrator.daemon")
 
@@ -77,12 +77,6 @@ class RemoteLease:
             "holder": self.holder,
             "granted": self.granted.is_set() and self.error is None,
         }
-
-
-def _url_of(lease: Lease) -> str | None:
-    """The model's server URL, for server models (the backend's capability when it has one)."""
-    url = getattr(lease.handle, "base_url", None)
-    return url if isinstance(url, str) else None
 
 
 class LeaseManager:
@@ -163,7 +157,8 @@ class LeaseManager:
                 async with cm as lease:
                     rl.model = lease.model
                     rl.waited_s = lease.waited_s
-                    rl.url = _url_of(lease)
+                    backend = self.orch.backends.get(lease.model)  # an external one has none
+                    rl.url = backend.url if backend is not None else None
                     rl.expires_s = time.monotonic() + rl.ttl_s
                     rl.granted.set()
                     await rl.released.wait()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.daemon.errors import ApiError, invalid
+from orchestrator.spec import RequestLimits
 
 MAX_JSON_DEPTH = 64  # deeper bodies are refused (no OpenAI body nests past a handful)
 MAX_NAME_CHARS = 256  # a model name, alias or kind longer than this is no configured one
@@ -340,3 +341,61 @@ def parse_speech(body: Mapping[str, Any]) -> SpeechRequest:
     if fmt != "wav":
         raise invalid(f"response_format {shorten(fmt)} is not supported; use wav")
     return SpeechRequest(model, text(spoken, "input"))
+
+
+# -- limits (models.<name>.limits) ---------------------------------------------------------------
+
+
+def over_limit(model: str, what: str, value: int, limit: int, key: str, fewer: str) -> ApiError:
+    """400 naming the limit and the config key that raises it."""
+    where = f"models.{model}.limits.{key}"
+    return invalid(
+        f"{what} is {value}, more than {model!r} allows ({limit}, {where}); {fewer}, or raise {where} "
+        "in the daemon's config",
+        "limit_exceeded",
+    )
+
+
+def check_image_limits(req: ImageRequest, limits: RequestLimits, model: str) -> None:
+    """An image request within its model's limits (before anything loads)."""
+    if req.n > limits.max_n:
+        raise over_limit(model, "n", req.n, limits.max_n, "max_n", "make several requests")
+    if req.steps is not None and req.steps > limits.max_steps:
+        raise over_limit(model, "steps", req.steps, limits.max_steps, "max_steps", "ask for fewer steps")
+    if req.width is not None and req.width > limits.max_width:
+        raise over_limit(model, "width", req.width, limits.max_width, "max_width", "ask for a smaller size")
+    if req.height is not None and req.height > limits.max_height:
+        raise over_limit(
+            model, "height", req.height, limits.max_height, "max_height", "ask for a smaller size"
+        )
+
+
+def check_speech_limits(req: SpeechRequest, limits: RequestLimits, model: str) -> None:
+    """A speech request within its model's limits (before anything loads)."""
+    if len(req.input) > limits.max_input_chars:
+        raise over_limit(
+            model,
+            "the input's length in characters",
+            len(req.input),
+            limits.max_input_chars,
+            "max_input_chars",
+            "send the text in several requests",
+        )
+
+
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def completion_limits(body: Mapping[str, Any], limits: RequestLimits, model: str) -> dict[str, Any]:
+    """What a completion body's token fields must become under ``limits.max_tokens``: a value
+    over the limit is refused, a missing one is set to the limit (the server would otherwise
+    choose). Nothing when the model has no such limit (its server caps it)."""
+    limit = limits.max_tokens
+    if limit is None:
+        return {}
+    given = {k: body[k] for k in TOKEN_FIELDS if body.get(k) is not None}
+    for key, value in given.items():
+        n = integer(value, key, minimum=1)
+        if n > limit:
+            raise over_limit(model, key, n, limit, "max_tokens", "ask for fewer tokens")
+    return {} if given else {"max_tokens": limit}

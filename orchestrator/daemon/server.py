@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 
-from orchestrator.config import Config
 from orchestrator.core import Orchestrator
 from orchestrator.daemon.app import create_app
 from orchestrator.daemon.errors import ASGIApp
@@ -29,6 +28,7 @@ from orchestrator.daemon.leases import LeaseManager
 from orchestrator.daemon.state import Daemon
 from orchestrator.errors import OrchestratorError
 from orchestrator.events import Event
+from orchestrator.spec import Config
 from states.units import format_gib
 
 logger = logging.getLogger("orchestrator.daemon")

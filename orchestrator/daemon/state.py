@@ -7,10 +7,10 @@ from typing import Any
 
 import anyio
 
-from orchestrator.config import DaemonSpec
 from orchestrator.core import Orchestrator
 from orchestrator.daemon.leases import LeaseManager
 from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.spec import DaemonSpec
 from orchestrator.status import status_report
 
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (a slow or stalled client: 408)
