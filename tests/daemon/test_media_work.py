@@ -55,7 +55,7 @@ def test_abandoned_and_overlong_images_free_the_pipeline(tmp_path: Path, start_d
     """Finding 6: a 400-step image abandoned after 10 s kept the pipeline busy (the next small
     image waited 55 s). Here a 100,000-step image (hours on the tiny pipeline) is abandoned
     after 1 s; the next small one is answered at once; one left running meets its deadline."""
-    d = start_daemon(tiny_sdxl_config(tmp_path, request_timeout_s=8))
+    d = start_daemon(tiny_sdxl_config(tmp_path, request_timeout_s=20))
     with d.client(timeout=120) as c:
         # The first loads the pipeline (longer than request_timeout_s on a busy CPU).
         r = c.post("/v1/images/generations", json=image(2), headers={"x-vram-timeout": "120"})
@@ -65,14 +65,14 @@ def test_abandoned_and_overlong_images_free_the_pipeline(tmp_path: Path, start_d
         t0 = time.monotonic()
         r = c.post("/v1/images/generations", json=image(2))
         assert r.status_code == 200, r.text
-        assert time.monotonic() - t0 < 6, "the abandoned image still held the pipeline"
+        assert time.monotonic() - t0 < 15, "the abandoned image still held the pipeline"
         t0 = time.monotonic()
         r = c.post("/v1/images/generations", json=image(100_000))
         took_s = time.monotonic() - t0
         assert r.status_code == 504, r.text
         err = r.json()["error"]
         assert err["type"] == "timeout" and "daemon.request_timeout_s" in err["message"]
-        assert 8 <= took_s < 14, took_s
+        assert 20 <= took_s < 35, took_s
         assert sdxl_leases(d) == 0
 
 
@@ -84,9 +84,12 @@ def test_shutdown_during_a_long_image_keeps_its_grace_and_says_what_it_unloaded(
     d = start_daemon(tiny_sdxl_config(tmp_path, grace_s=2))
     answers: list[httpx.Response] = []
 
+    answered_at: list[float] = []
+
     def long_image() -> None:
         with d.client(timeout=120) as c:
             answers.append(c.post("/v1/images/generations", json=image(100_000)))
+            answered_at.append(time.monotonic())
 
     worker = threading.Thread(target=long_image)
     worker.start()
@@ -99,13 +102,17 @@ def test_shutdown_during_a_long_image_keeps_its_grace_and_says_what_it_unloaded(
     worker.join(timeout=30)
     code = d.proc.wait(timeout=30)
     stopped_s = time.monotonic() - t0
-    assert stopped_s < 2 + 5, stopped_s  # its grace, then unloading the tiny pipeline
+    assert d.proc.stdout is not None
+    with d.proc.stdout:
+        d.output += d.proc.stdout.read().decode(errors="replace")
     assert answers and answers[0].status_code == 503, answers
     assert answers[0].json()["error"]["type"] == "shutting_down"
+    # Answered within its grace (2 s, less a margin; a busy CPU adds a little), and the daemon
+    # gone soon after: unloading the tiny pipeline and leaving the interpreter. (Before, the
+    # image ran on to its last step.)
+    assert answered_at[0] - t0 < 2 + 3, answered_at[0] - t0
+    assert stopped_s < 2 + 15, stopped_s
     assert code == 0
-    assert d.proc.stdout is not None
-    d.output += d.proc.stdout.read().decode(errors="replace")
-    d.proc.stdout.close()
     last = d.output.strip().splitlines()[-1]
     assert last == "vram-orchestrator: stopped; everything unloaded (unloaded sdxl-base)", d.output
     assert "could not unload" not in d.output
