@@ -21,7 +21,8 @@ token.
 The modules: ``app`` (routes), ``requests`` (pure request parsing), ``errors`` (the error
 shape and the status of each error), ``leases`` (remote leases), ``gateway`` (the proxy and
 the media endpoints), ``asgi`` (the response that holds a lease, the body reader, auth),
-``state`` (what the endpoints share) and ``server`` (``serve()``, signals, uvicorn).
+``state`` (what the endpoints share), ``server`` (``serve()``, signals, uvicorn) and ``client``
+(``RemoteOrchestrator``, the daemon's client, also importable as ``orchestrator.client``).
 """
 
 from orchestrator.daemon.app import create_app
