@@ -44,6 +44,44 @@ class _Started:
         await self._send(message)
 
 
+class Stopper:
+    """The daemon's stop: an event for whoever asks (``is_set``, ``wait``), and for the work in
+    flight a deadline on its cancel scope, ``grace_s`` after the stop (no task per request)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._held: dict[anyio.CancelScope, float] = {}
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def set(self) -> None:
+        """Stop (call it in the event loop's thread)."""
+        if self._event.is_set():
+            return
+        self._event.set()
+        for scope, grace_s in self._held.items():
+            self._apply(scope, grace_s)
+
+    def hold(self, scope: anyio.CancelScope, grace_s: float) -> None:
+        self._held[scope] = grace_s
+        if self._event.is_set():
+            self._apply(scope, grace_s)
+
+    def drop(self, scope: anyio.CancelScope) -> None:
+        self._held.pop(scope, None)
+
+    @staticmethod
+    def _apply(scope: anyio.CancelScope, grace_s: float) -> None:
+        if grace_s <= 0:
+            scope.cancel()
+        else:
+            scope.deadline = min(scope.deadline, anyio.current_time() + grace_s)
+
+
 class HeldResponse:
     """An ASGI response that does all its work in the request's own task, so that a lease
     taken in it is released in the task that took it: ``work(send)`` runs until it has sent
@@ -55,7 +93,7 @@ class HeldResponse:
         self,
         work: Callable[[Send], Awaitable[None]],
         *,
-        stop: anyio.Event | None = None,
+        stop: Stopper | None = None,
         grace_s: float = 0.0,
     ) -> None:
         self.work = work
@@ -76,15 +114,9 @@ class HeldResponse:
                         tg.cancel_scope.cancel()
                         return
 
-            async def watch_stop() -> None:
-                assert self.stop is not None
-                await self.stop.wait()
-                await anyio.sleep(self.grace_s)  # work in flight may still finish in its grace
-                tg.cancel_scope.cancel()
-
             tg.start_soon(watch_disconnect)
             if self.stop is not None:
-                tg.start_soon(watch_stop)
+                self.stop.hold(tg.cancel_scope, self.grace_s)
             try:
                 await self.work(tracked)
             except Exception as exc:
@@ -94,6 +126,8 @@ class HeldResponse:
                 if not tracked.started:
                     await send_error(send, err)
             finally:
+                if self.stop is not None:
+                    self.stop.drop(tg.cancel_scope)
                 tg.cancel_scope.cancel()
         if not disconnected and tracked.started and not tracked.finished:
             # Stopped mid-stream (the daemon is shutting down): end the body properly.

@@ -34,6 +34,7 @@ from states.units import format_gib
 logger = logging.getLogger("orchestrator.daemon")
 
 TOKEN_ENV = "VRAM_ORCHESTRATOR_TOKEN"
+BACKSTOP_S = 5.0  # after the grace, how long cancelled work has to answer before uvicorn cancels it
 
 
 def is_loopback(host: str) -> bool:
@@ -109,7 +110,9 @@ class _Server:
             lifespan="off",
             log_level="warning",
             access_log=False,
-            timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
+            # A backstop only: the daemon cancels its requests in flight within their grace (and
+            # answers them in the JSON shape); uvicorn's own cancelling would answer plain text.
+            timeout_graceful_shutdown=math.ceil(grace_s + BACKSTOP_S),
             server_header=False,
         )
         self.sock = sock

@@ -5,16 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-
 from orchestrator.core import Orchestrator
+from orchestrator.daemon.asgi import Stopper
 from orchestrator.daemon.leases import LeaseManager
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.spec import DaemonSpec
 from orchestrator.status import status_report
 
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (a slow or stalled client: 408)
-STOP_MARGIN_S = 0.5  # requests in flight end this long before the server's own grace runs out
+STOP_MARGIN_S = 0.5  # requests in flight are cancelled this long before their grace runs out
 
 
 @dataclass
@@ -25,7 +24,7 @@ class Daemon:
     leases: LeaseManager
     spec: DaemonSpec
     token: str | None
-    stopping: anyio.Event = field(default_factory=anyio.Event)
+    stopping: Stopper = field(default_factory=Stopper)
     metrics: OrchestratorMetrics | None = None
     body_timeout_s: float = BODY_TIMEOUT_S
     work_timeout_s: float | None = None  # a request's work after its grant; None: request_timeout_s
@@ -37,7 +36,7 @@ class Daemon:
     @property
     def in_flight_grace_s(self) -> float:
         """How long a gateway request may still run once the daemon is stopping: its grace,
-        less a margin, so that it answers in the JSON shape before the server gives up on it."""
+        less a margin for its work to stop (a step) and answer, so that it answers in time."""
         return max(0.0, self.spec.grace_s - STOP_MARGIN_S)
 
 

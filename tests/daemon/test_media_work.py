@@ -105,7 +105,7 @@ def test_shutdown_during_a_long_image_keeps_its_grace_and_says_what_it_unloaded(
     assert d.proc.stdout is not None
     with d.proc.stdout:
         d.output += d.proc.stdout.read().decode(errors="replace")
-    assert answers and answers[0].status_code == 503, answers
+    assert answers and answers[0].status_code == 503, (answers[0].text, d.output)
     assert answers[0].json()["error"]["type"] == "shutting_down"
     # Answered within its grace (2 s, less a margin; a busy CPU adds a little), and the daemon
     # gone soon after: unloading the tiny pipeline and leaving the interpreter. (Before, the
