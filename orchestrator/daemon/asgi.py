@@ -63,7 +63,7 @@ class Stopper:
         if self._event.is_set():
             return
         self._event.set()
-        for scope, grace_s in self._held.items():
+        for scope, grace_s in list(self._held.items()):
             self._apply(scope, grace_s)
 
     def hold(self, scope: anyio.CancelScope, grace_s: float) -> None:

@@ -244,3 +244,23 @@ async def test_a_body_that_stops_short_of_its_content_length_gets_408(config: Pa
         body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
         assert "did not arrive within 0.3 s" in body["error"]["message"] and "100" in body["error"]["message"]
         assert run.settled()
+
+
+async def test_stopping_answers_the_requests_in_flight_in_the_json_shape(config: Path) -> None:
+    async with running_daemon(config) as run:
+        c = run.client
+        held = (await c.post("/v1/leases", json={"bytes": 10 * GIB, "ttl_s": 30})).json()
+        answers: list[httpx.Response] = []
+
+        async def waiting() -> None:
+            answers.append(await c.post("/v1/leases", json={"bytes": 10 * GIB, "ttl_s": 30}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting)
+            await wait_until(lambda: len(run.orch.external_reservations()) == 2, what="the second one waits")
+            run.daemon.stopping.set()
+        err = error_of(answers[0]) if answers[0].status_code < 500 else answers[0].json()["error"]
+        assert answers[0].status_code == 503 and err["type"] == "shutting_down", answers[0].text
+        assert (await c.get("/health")).json() == {"status": "stopping"}
+        assert "shutting down" in (await c.post("/v1/leases", json={"bytes": 1})).json()["error"]["message"]
+        assert (await c.delete(f"/v1/leases/{held['id']}")).status_code == 200
