@@ -185,8 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"vram-orchestrator serving {config.source} on {url} (pid {os.getpid()})", flush=True)
 
-    anyio.run(lambda: serve(config, host=host, port=args.port, token=args.token, on_ready=ready))
-    print("vram-orchestrator: stopped; everything unloaded", flush=True)
+    report = anyio.run(lambda: serve(config, host=host, port=args.port, token=args.token, on_ready=ready))
+    print(f"vram-orchestrator: {report.line()}", flush=True)
     return EXIT_OK
 
 

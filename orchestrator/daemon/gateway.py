@@ -1,0 +1,237 @@
+"""The OpenAI-compatible gateway: completions proxied to the model's server (streaming
+included), images and speech from in-process models (``orchestrator.media``).
+
+Each request holds a lease for exactly its own duration: until its response (or stream)
+ends, at once when its client disconnects, when its work runs past its deadline
+(``daemon.request_timeout_s``), or ``daemon.grace_s`` after the daemon begins to stop.
+Everything a request asks for is parsed and checked before anything loads: its model exists
+and has the kind the endpoint serves, and its inputs are within the model's limits
+(``models.<name>.limits``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import httpx
+from starlette.requests import Request
+
+from orchestrator.daemon.asgi import HeldResponse, read_body
+from orchestrator.daemon.errors import ApiError, Send, send_json
+from orchestrator.daemon.requests import (
+    check_image_limits,
+    check_speech_limits,
+    completion_limits,
+    lease_options,
+    model_of,
+    parse_image,
+    parse_json,
+    parse_speech,
+)
+from orchestrator.daemon.state import Daemon
+from orchestrator.spec import ModelSpec
+
+
+async def read_json(d: Daemon, request: Request) -> dict[str, Any]:
+    return parse_json(await read_body(request, d.spec.max_body_bytes, d.body_timeout_s))
+
+
+@contextmanager
+def work_deadline(d: Daemon) -> Iterator[None]:
+    """The request's work (after its grant) under the daemon's deadline: 504 past it."""
+    deadline_s = d.work_deadline_s
+    try:
+        with anyio.fail_after(deadline_s):
+            yield
+    except TimeoutError:
+        raise ApiError(
+            504,
+            f"the request's work ran past its deadline of {deadline_s:g} s (daemon.request_timeout_s) "
+            "and was stopped; ask for less work, or raise daemon.request_timeout_s",
+            "timeout",
+        ) from None
+
+
+# -- completions -------------------------------------------------------------------------------
+
+
+def _served_name(d: Daemon, s: ModelSpec) -> str | None:
+    """The name the model's server knows it by; ``None`` when the model runs in-process."""
+    return d.orch.backends[s.name].served_model
+
+
+def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
+    async def handler(request: Request) -> HeldResponse:
+        body = await read_json(d, request)
+        s = d.orch.resolve(model_of(body))
+        served = _served_name(d, s)
+        if served is None:
+            where = {"sdxl": "/v1/images/generations", "tts": "/v1/audio/speech"}.get(s.kind)
+            raise ApiError(
+                400,
+                f"{s.name!r} is a {s.kind} model run in-process ({s.backend} backend), not a server: "
+                + (f"use POST {where}" if where else "configure a server or vllm backend for it"),
+                "invalid_request",
+            )
+        upstream_body = {**body, "model": served, **completion_limits(body, s.limits, s.name)}
+        opts = lease_options(request.headers, d.spec.request_timeout_s)
+        streaming = bool(body.get("stream"))
+
+        async def work(send: Send) -> None:
+            async with d.orch.acquire(s.name, timeout=opts.timeout_s, priority=opts.priority) as lease:
+                client = getattr(lease.handle, "client", None)  # a server's handle: its ready client
+                assert isinstance(client, httpx.AsyncClient), f"{s.name} is served without a client"
+                await forward(client, path, upstream_body, send, streaming=streaming)
+
+        return HeldResponse(work, stop=d.stopping, grace_s=d.in_flight_grace_s)
+
+    return handler
+
+
+def _upstream_failed(what: str, exc: Exception, hint: str = "retry") -> ApiError:
+    return ApiError(502, f"the model's server {what} ({type(exc).__name__}: {exc}); {hint}", "upstream_error")
+
+
+async def forward(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], send: Send, *, streaming: bool
+) -> None:
+    """Proxy one request to the model's server and its answer (streamed as it comes) back."""
+    request = client.build_request("POST", path, json=body)
+    try:
+        upstream = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise _upstream_failed(
+            "failed the request", exc, "retry: the next request restarts it if it crashed"
+        ) from None
+    try:
+        content_type = upstream.headers.get("content-type", "application/json").encode()
+        if not streaming or upstream.status_code != 200:
+            try:
+                data = await upstream.aread()
+            except httpx.HTTPError as exc:
+                raise _upstream_failed("broke off its answer", exc) from None
+            headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
+            await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+            return
+        headers = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            async for chunk in upstream.aiter_bytes():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            err = {
+                "error": {
+                    "message": f"the model's server broke off the stream ({exc}); retry",
+                    "type": "upstream_error",
+                    "code": 502,
+                }
+            }
+            chunk = f"data: {json.dumps(err)}\n\n".encode()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+
+
+# -- images and speech -------------------------------------------------------------------------
+
+
+def _media() -> Any:
+    try:
+        from orchestrator import media
+    except ImportError as exc:
+        raise ApiError(
+            501,
+            f"in-process image and speech models are not available in this installation ({exc})",
+            "not_implemented",
+        ) from None
+    return media
+
+
+async def _run_media(media: Any, coro: Awaitable[bytes]) -> bytes:
+    try:
+        return await coro
+    except media.MediaUnsupported as exc:
+        raise ApiError(501, str(exc), "not_implemented") from None
+
+
+def check_kind(s: ModelSpec, *, kind: str, backend: str, endpoint: str, what: str) -> None:
+    """A model the endpoint cannot serve is refused before anything loads (400, not a 501
+    after loading it)."""
+    if s.kind == kind or s.backend == backend:
+        return
+    raise ApiError(
+        400,
+        f"{s.name!r} is a {s.kind} model ({s.backend} backend): it makes no {what}; POST {endpoint} "
+        f"serves {kind} models (kind: {kind} or backend: {backend})",
+        "invalid_request",
+    )
+
+
+def images(d: Daemon) -> Callable[[Request], Awaitable[HeldResponse]]:
+    async def handler(request: Request) -> HeldResponse:
+        req = parse_image(await read_json(d, request))
+        s = d.orch.resolve(req.model)
+        check_kind(s, kind="sdxl", backend="diffusers", endpoint="/v1/images/generations", what="images")
+        check_image_limits(req, s.limits, s.name)
+        media = _media()
+        opts = lease_options(request.headers, d.spec.request_timeout_s)
+
+        async def work(send: Send) -> None:
+            cancel = threading.Event()
+            out = []
+            async with d.orch.acquire(s.name, timeout=opts.timeout_s, priority=opts.priority) as lease:
+                with work_deadline(d):
+                    for i in range(req.n):
+                        png = await _run_media(
+                            media,
+                            media.generate_image(
+                                lease.handle,
+                                req.prompt,
+                                width=req.width,
+                                height=req.height,
+                                steps=req.steps,
+                                seed=None if req.seed is None else req.seed + i,
+                                cancel=cancel,
+                            ),
+                        )
+                        out.append({"b64_json": base64.b64encode(png).decode()})
+            await send_json(send, 200, {"created": int(time.time()), "model": s.name, "data": out})
+
+        return HeldResponse(work, stop=d.stopping, grace_s=d.in_flight_grace_s)
+
+    return handler
+
+
+def speech(d: Daemon) -> Callable[[Request], Awaitable[HeldResponse]]:
+    async def handler(request: Request) -> HeldResponse:
+        req = parse_speech(await read_json(d, request))
+        s = d.orch.resolve(req.model)
+        check_kind(s, kind="tts", backend="tts", endpoint="/v1/audio/speech", what="speech")
+        check_speech_limits(req, s.limits, s.name)
+        media = _media()
+        opts = lease_options(request.headers, d.spec.request_timeout_s)
+
+        async def work(send: Send) -> None:
+            cancel = threading.Event()
+            async with d.orch.acquire(s.name, timeout=opts.timeout_s, priority=opts.priority) as lease:
+                with work_deadline(d):
+                    wav = await _run_media(
+                        media, media.synthesize_speech(lease.handle, req.input, cancel=cancel)
+                    )
+            headers = [(b"content-type", b"audio/wav"), (b"content-length", str(len(wav)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": wav})
+
+        return HeldResponse(work, stop=d.stopping, grace_s=d.in_flight_grace_s)
+
+    return handler
