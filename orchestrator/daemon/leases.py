@@ -23,10 +23,10 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from orchestrator.core import EXTERNAL_KIND, Lease, Orchestrator
 from orchestrator.daemon.errors import LeaseGone
 from orchestrator.daemon.requests import shorten
 from orchestrator.errors import NotRunning
+from orchestrator.runtime import EXTERNAL_KIND, Lease, Orchestrator
 from orchestrator.spec import DaemonSpec
 
 logger = logging.getLogger("orchestrator.daemon")

@@ -21,13 +21,12 @@ from typing import Any
 
 import anyio
 
-from orchestrator.core import Orchestrator
 from orchestrator.daemon.app import create_app
 from orchestrator.daemon.errors import ASGIApp
 from orchestrator.daemon.leases import LeaseManager
 from orchestrator.daemon.state import Daemon
 from orchestrator.errors import OrchestratorError
-from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
 from orchestrator.spec import Config
 from states.units import format_gib
 
@@ -142,37 +141,16 @@ class ShutdownReport:
         return f"stopped; could not unload {left}; {done}"
 
 
-class _ShutdownErrors(logging.Handler):
-    """The orchestrator's error log lines while it shuts down (why an unload failed)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 async def _close(orch: Orchestrator, report: ShutdownReport) -> None:
     """Stop the orchestrator (it unloads everything) and note in ``report`` what happened."""
-
-    def on_event(e: Event) -> None:
-        if e.kind == "evict" and "(shutdown)" in (e.detail or "") and e.model:
-            report.unloaded.append(e.model)
-
-    remove = orch.add_listener(on_event)
-    errors = _ShutdownErrors()
-    root = logging.getLogger("orchestrator")
-    root.addHandler(errors)
-    try:
-        await orch.aclose()
-    finally:
-        root.removeHandler(errors)
-        remove()
-    for r in orch.ledger().residents:
-        said = [m for m in errors.messages if r.model in m]
-        why = said[-1] if said else "its backend did not say why"
+    await orch.aclose()
+    done = orch.shutdown_report
+    failed = dict(done.failed) if done is not None else {}
+    report.unloaded = list(done.unloaded) if done is not None else []
+    for r in orch.ledger().residents:  # still in the ledger: its unload failed
+        why = failed.pop(r.model, "its backend did not say why")
         report.left[r.model] = f"{format_gib(r.vram_bytes)} still on the {r.tier.value} tier: {why}"
+    report.left.update(failed)  # unloaded, but its memory did not come back (or its close failed)
 
 
 async def serve(

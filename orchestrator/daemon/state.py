@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.core import Orchestrator
 from orchestrator.daemon.asgi import Stopper
 from orchestrator.daemon.leases import LeaseManager
 from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.runtime import Orchestrator
 from orchestrator.spec import DaemonSpec
 from orchestrator.status import status_report
 
