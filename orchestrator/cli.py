@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
-    d = command("demo", "run the design document's agent workflow through the orchestrator")
+    d = command("demo", "run the Model Management Module's agent workflow (Example 1) for several agents")
     d.add_argument("--config", metavar="FILE", help=DEFAULT_CONFIG_HELP)
     d.add_argument(
         "--agents",

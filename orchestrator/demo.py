@@ -357,7 +357,7 @@ def speech_wav(samples: Any, rate: int, *, peak_dbfs: float = SPEECH_PEAK_DBFS) 
 
 
 async def creative_agent(orch: Orchestrator, log: AgentLog) -> None:
-    """The design's Example 1 with the new API: plan, draw, speak, review."""
+    """The Model Management Module's Example 1 with the new API: plan, draw, speak, review."""
     prompt = await _step(orch, log, "llm", "plan", f"Write an image prompt for: {log.scene}")
     image = await _step(orch, log, "sdxl", "draw", prompt)
     await _step(orch, log, "tts", "speak", f"Here is {log.scene}")

@@ -146,7 +146,7 @@ class OrchestratorMachine(RuleBasedStateMachine):
     """Extend it (add rules) or parametrize it with ``machine_for(config)``."""
 
     config: Config  # set by machine_for()
-    time_scale = 0.0005  # the design's 20 s LLM start takes 10 ms
+    time_scale = 0.0005  # the 20 s LLM start of the embedded config takes 10 ms
     footprint_factor = 1.0
     client_limit = 24
 
