@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -312,9 +312,11 @@ async def _ask_llm(orch: Orchestrator, model: str, handle: Any, prompt: str) -> 
             f"{model!r}: the demo cannot talk to this LLM ({type(handle).__name__}); give it "
             "backend: vllm or backend: {type: server, ...}"
         )
-    options = getattr(orch.config.models[model], "options", None) or {}
+    served = getattr(orch.backends.get(model), "served_model", None) or _option(
+        orch.config, model, "served_model"
+    )
     body = {
-        "model": str(options.get("served_model") or model),
+        "model": str(served or model),
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 64,
     }
@@ -480,10 +482,17 @@ async def run_demo(
     return summary
 
 
+def _option(config: Config, name: str, key: str) -> Any:
+    """One of a model's backend options (a mapping, or the backend type's options object)."""
+    options = config.models[name].options
+    if isinstance(options, Mapping):
+        return options.get(key)
+    return getattr(options, key, None)
+
+
 def _is_tiny(config: Config, name: str) -> bool:
     """Is this model one of ``orchestrator.tiny_models`` (random weights)?"""
-    options = getattr(config.models[name], "options", None) or {}
-    path = options.get("path")
+    path = _option(config, name, "path")
     return bool(path) and Path(str(path)).name in TINY_MODEL_NAMES
 
 
