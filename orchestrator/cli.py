@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale",
         type=positive_float,
         metavar="S",
-        help="simulated latency multiplier (default: the config's, 0.05: 20x faster than real)",
+        help="simulated latency multiplier (default: the config's simulation.time_scale; the "
+        "embedded config's 0.05 runs 20x faster than real)",
     )
     d.add_argument("--seed", type=int, default=0, help="the agents' scenes and start times (default 0)")
     d.add_argument(
