@@ -62,6 +62,13 @@ def plan_problems(config: Config) -> list[str]:
             f"switching.host_ram_budget_gb: {format_gib(config.host_budget_bytes)} is more than 80% of this "
             f"machine's RAM ({format_gib(ram)}); lower it"
         )
+    offloaded = sorted(n for n, s in config.models.items() if s.offload)
+    if offloaded and not config.host_budget_bytes:
+        problems.append(
+            f"models.{offloaded[0]}.offload: true, but switching.host_ram_budget_gb is 0, so the host "
+            f"tier is off and {', '.join(offloaded)} will be reloaded from disk after every eviction; "
+            "set switching.host_ram_budget_gb (e.g. 12), or drop offload"
+        )
     for kind in sorted(config.exclusive_kinds | config.light_kinds):
         if not any(s.kind == kind for s in config.models.values()):
             continue

@@ -58,6 +58,18 @@ def test_plan_lists_problems_of_a_config_that_parses(tmp_path: Path) -> None:
     assert "defaults.llm" in out.stderr and "no default" in out.stderr
 
 
+def test_plan_says_when_offload_has_no_host_tier(tmp_path: Path) -> None:
+    cfg = tmp_path / "nohost.yaml"
+    cfg.write_text(
+        "hardware: {safe_max_vram_gb: 15.5}\n"
+        "models:\n  a: {kind: sdxl, vram_gb: 10, offload: true, host_gb: 6}\n"
+    )
+    out = run("plan", "--config", str(cfg))
+    assert out.returncode == 1
+    assert "models.a.offload: true, but switching.host_ram_budget_gb is 0" in out.stderr
+    assert "set switching.host_ram_budget_gb" in out.stderr
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path: Path, where: str) -> None:
     args = ["plan", "--config", str(tmp_path / "missing.yaml")]

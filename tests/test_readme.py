@@ -73,6 +73,22 @@ def test_the_api_example_runs_from_any_folder(tmp_path: Path) -> None:
     assert out.stdout.strip(), "it prints the statistics"
 
 
+def test_the_config_example_passes_plan(tmp_path: Path) -> None:
+    """The tour's config, as written (its model paths are the user's to fill in)."""
+    config = tmp_path / "my-machine.yaml"
+    config.write_text(block_after(README.read_text(), "### Your machine: a config", "yaml"))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "host-RAM tier 12.00 GiB" in out.stdout
+    assert out.stdout.rstrip().endswith("groups are consistent")
+
+
 def test_the_openai_example_talks_to_serve(tmp_path: Path) -> None:
     """The tour's serve example: the openai client, as written, against a running daemon whose
     LLM is an OpenAI-compatible server."""
