@@ -35,7 +35,7 @@ import yaml
 
 from orchestrator import Orchestrator, parse_config
 from orchestrator.config import DEFAULT_CONFIG_NAME, Config
-from orchestrator.core import WAIT_SAMPLES
+from orchestrator.runtime import WAIT_SAMPLES
 
 MODEL = "qwen-14b"
 TIME_SCALE = 0.001  # the warm-up load takes 20 simulated s = 20 ms

@@ -685,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model == "sdxl" and not args.architecture.exists():
         p.error(f"--architecture: {args.architecture} does not exist")
 
-    from orchestrator.backends.diffusers import DiffusersBackend, check_diffusers_options
+    from orchestrator.backends.diffusers import DiffusersBackend, DiffusersOptions
     from orchestrator.config import ModelSpec
     from orchestrator.device import SimulatedDevice, open_device
 
@@ -713,8 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path, built = prepare(args, torch, work)
         print(f"pipeline written in {built['build_s']:.1f} s: {path}")
-        options = {"path": str(path), "pipeline": "sdxl", "dtype": args.dtype}
-        check_diffusers_options(options)
+        options = DiffusersOptions.parse({"path": str(path), "pipeline": "sdxl", "dtype": args.dtype})
         spec = ModelSpec(
             name="sdxl-base",
             kind="sdxl",

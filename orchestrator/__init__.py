@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from orchestrator.compat import LLMStatus, ModelManager, ServiceController
 from orchestrator.config import Config, ModelSpec, load_config, parse_config
-from orchestrator.core import Lease, Orchestrator, Statistics
 from orchestrator.errors import (
     AcquireTimeout,
     BackendCrashed,
@@ -29,6 +28,7 @@ from orchestrator.errors import (
 from orchestrator.events import Event
 from orchestrator.footprints import Footprint, FootprintStore
 from orchestrator.monitor import ModelEstimate, PeakSampler, VRAMMonitor, VRAMSnapshot
+from orchestrator.runtime import Lease, Orchestrator, Statistics
 from states import Ledger, State, Tier
 
 __version__ = "0.1.0"

@@ -116,7 +116,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(
         f"budget {format_gib(config.budget_bytes)} of {format_gib(config.total_bytes)}; host-RAM tier "
         f"{format_gib(config.host_budget_bytes) if config.host_budget_bytes else 'off'}; "
-        f"scheduling {config.mode.value} (fairness {config.fairness_s:g} s, max wait {config.max_wait_s:g} s)"
+        f"scheduling {config.mode.value} ("
+        + (
+            "fairness: the measured cost of each switch"
+            if config.fairness == "cost"
+            else f"fairness {config.fairness_s:g} s"
+        )
+        + f", max wait {config.max_wait_s:g} s)"
     )
     for r in [head, *rows]:
         print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -132,8 +138,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator import Orchestrator
     from orchestrator.demo import run_demo
+    from orchestrator.runtime import Orchestrator
 
     config = load_config(args.config)
     if args.time_scale is not None:
@@ -194,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  lease {lease['id']} on {what}: holder {holder}, ttl {lease['ttl_s']:g} s")
         return EXIT_OK
 
-    from orchestrator import Orchestrator
+    from orchestrator.runtime import Orchestrator
 
     # Without --url: build the orchestrator from the config without starting it (nothing is
     # loaded) and report what it sees.

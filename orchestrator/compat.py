@@ -26,9 +26,8 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
-from orchestrator.backends.server import ServerBackend
-from orchestrator.core import Lease, Orchestrator
 from orchestrator.errors import OrchestratorError
+from orchestrator.runtime import Lease, Orchestrator
 from states.ledger import Ledger
 from states.machine import State
 from states.units import GIB
@@ -316,24 +315,20 @@ class ServiceController:
         name = self._name(None)
         if not self.orchestrator.ledger().on_gpu(name):
             return False
-        backend = self.orchestrator.backends[name]
-        if isinstance(backend, ServerBackend) and not backend.attached:
-            return backend.is_alive()
-        return True
+        return self.orchestrator.backends[name].is_alive()
 
     def get_llm_status(self) -> LLMStatus:
         name = self._name(None)
         backend = self.orchestrator.backends[name]
         running = self.is_llm_running()
-        info = backend.status() if hasattr(backend, "status") else {}
         r = self.orchestrator.ledger().get(name)
         measured = backend.measured_bytes() if running else 0
         return LLMStatus(
             model=name,
             is_running=running,
-            pid=info.get("pid"),
-            url=info.get("url"),
-            uptime_s=float(info.get("uptime_s") or 0.0),
+            pid=backend.pid,
+            url=backend.url,
+            uptime_s=backend.uptime_s,
             vram_usage_bytes=measured if measured else (r.vram_bytes if r is not None and running else 0),
         )
 

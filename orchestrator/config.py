@@ -1,7 +1,10 @@
 """Config: YAML parsed once, at the edge, into frozen validated objects.
 
-Sizes are written in GiB (``vram_gb``: binary gigabytes, as nvidia-smi's MiB are binary) and
-kept in bytes. Every error names the file, the key, the bad value and the fix.
+The objects themselves live in ``orchestrator.spec`` (re-exported here); this module reads
+and checks. Sizes are written in GiB (``vram_gb``: binary gigabytes, as nvidia-smi's MiB are
+binary) and kept in bytes. Every error names the file, the key, the bad value and the fix.
+A model's ``backend:`` mapping is parsed by its type's parser (``orchestrator.backends.
+registry``) into that type's frozen options.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -17,15 +20,30 @@ from typing import Any
 
 import yaml
 
+from orchestrator.backends.options import OptionError
+from orchestrator.backends.registry import TYPES, parse_options
 from orchestrator.errors import ConfigError
+from orchestrator.spec import BackendOptions, Config, DaemonSpec, ModelSpec, RequestLimits, SimSpec
 from states.machine import KIND_STATES
 from states.scheduling import Mode
 from states.units import format_gib, gib_to_bytes
 
+__all__ = [
+    "BACKENDS",
+    "CONFIG_ENV",
+    "Config",
+    "DaemonSpec",
+    "ModelSpec",
+    "RequestLimits",
+    "SimSpec",
+    "load_config",
+    "parse_config",
+]
+
 KINDS = tuple(KIND_STATES)  # llm, sdxl, tts: one ACTIVE state each
 DEVICES = ("auto", "nvml", "torch", "simulated")
 FOREIGN_POLICIES = ("wait", "fail")
-BACKENDS = ("simulated", "synthetic", "server", "vllm", "diffusers", "tts")
+BACKENDS = tuple(TYPES)
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
 
@@ -39,88 +57,6 @@ SIM_LATENCY_S: Mapping[str, Mapping[str, float]] = MappingProxyType(
         "tts": {"load_s": 3.0, "unload_s": 1.0, "offload_s": 0.02, "restore_s": 0.05},
     }
 )
-
-
-@dataclass(frozen=True)
-class SimSpec:
-    """How a simulated backend behaves (latencies at time scale 1, true footprint)."""
-
-    load_s: float
-    unload_s: float
-    offload_s: float
-    restore_s: float
-    true_vram_bytes: int  # what it really takes on the simulated device once loaded
-    use_peak_bytes: int = 0  # extra it takes for a moment while used (SDXL's VAE decode)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    kind: str
-    vram_bytes: int
-    confidence: str = "medium"
-    backend: str = "simulated"
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    offload: bool = False  # keep a host copy on eviction when the host tier has room
-    host_bytes: int = 0
-    sim: SimSpec | None = None
-    aliases: tuple[str, ...] = ()  # other names acquire() and the monitor accept
-
-
-@dataclass(frozen=True)
-class DaemonSpec:
-    """The ``daemon:`` section: how ``vram-orchestrator serve`` listens and treats leases."""
-
-    host: str = "127.0.0.1"
-    port: int = 8470
-    token: str | None = None  # bearer token; VRAM_ORCHESTRATOR_TOKEN overrides it
-    lease_ttl_s: float = 30.0  # a remote lease not renewed within this expires
-    max_lease_ttl_s: float = 3600.0  # the longest ttl a client may ask for
-    grace_s: float = 10.0  # at shutdown, how long requests in flight may take to finish
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413
-    request_timeout_s: float = 600.0  # a gateway request waits this long for its model
-
-
-@dataclass(frozen=True)
-class Config:
-    source: str
-    gpu_name: str
-    device: str
-    device_index: int
-    total_bytes: int
-    budget_bytes: int
-    exclusive_kinds: frozenset[str]
-    light_kinds: frozenset[str]
-    models: Mapping[str, ModelSpec]
-    defaults: Mapping[str, str]
-    mode: Mode = Mode.FAIR
-    fairness_s: float = 5.0
-    max_wait_s: float = 300.0
-    load_timeout_s: float = 300.0
-    unload_timeout_s: float = 60.0
-    retry_backoff_s: float = 2.0
-    host_budget_bytes: int = 0
-    time_scale: float = 1.0
-    events_path: str | None = None  # JSON lines of every event, appended
-    foreign_memory: str = "wait"  # when other processes leave too little room: wait, or fail
-    # learned footprints (orchestrator/footprints.py)
-    learn_footprints: bool = True
-    footprints_path: str | None = None  # None: in memory only
-    footprint_margin: float = 0.05  # plan with the learned high-water mark plus this fraction
-    sample_hz: float = 20.0  # the peak sampler's rate (0: off)
-    daemon: DaemonSpec = field(default_factory=DaemonSpec)
-
-    def resolve(self, name_or_kind: str) -> ModelSpec | None:
-        """A model by name or alias, or the default model of a kind."""
-        if name_or_kind in self.models:
-            return self.models[name_or_kind]
-        default = self.defaults.get(name_or_kind)
-        if default is not None:
-            return self.models[default]
-        for spec in self.models.values():
-            if name_or_kind in spec.aliases:
-                return spec
-        return None
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -145,7 +81,9 @@ def load_config(path: str | Path | None = None) -> Config:
     try:
         text = p.read_text()
     except FileNotFoundError:
-        raise ConfigError(str(p), "", "file not found", "check the path given with --config") from None
+        raise ConfigError(
+            str(p), "", "file not found", "check the path (a relative one starts in the current folder)"
+        ) from None
     except OSError as exc:
         raise ConfigError(str(p), "", f"cannot read it ({exc.strerror})", "check its permissions") from None
     return parse_config(text, source=str(p))
@@ -182,6 +120,7 @@ class _Parser:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self._device, self._total, self._gpu = "auto", 0, "GPU"
 
     def err(self, key: str, problem: str, fix: str) -> ConfigError:
         return ConfigError(self.source, key, problem, fix)
@@ -249,6 +188,7 @@ class _Parser:
                 "heavy_models",
                 "light_models",
                 "scheduling",
+                "fairness",
                 "fairness_s",
                 "max_wait_s",
                 "load_timeout_s",
@@ -328,6 +268,7 @@ class _Parser:
             )
         time_scale = self.number(sim.get("time_scale", 1.0), "simulation.time_scale")
 
+        self._device, self._total, self._gpu = device, total, str(hw.get("gpu_name", "GPU"))
         models = {}
         for name, m in models_raw.items():
             models[str(name)] = self.model(str(name), m, budget, heavy | light, time_scale)
@@ -364,6 +305,9 @@ class _Parser:
             return self.number(sw.get(key, default), f"switching.{key}", strict=True)
 
         fairness_s = self.number(sw.get("fairness_s", 5.0), "switching.fairness_s")
+        # A config that sets only fairness_s keeps its meaning: the time rule.
+        rule = sw.get("fairness", "time" if "fairness_s" in sw else "cost")
+        fairness = self.choice(rule, "switching.fairness", ("cost", "time"))
         max_wait_s = secs("max_wait_s", 300.0)
         if fairness_s > max_wait_s:
             raise self.err(
@@ -387,6 +331,7 @@ class _Parser:
                     sw.get("scheduling", "fair"), "switching.scheduling", tuple(m.value for m in Mode)
                 )
             ),
+            fairness=fairness,
             fairness_s=fairness_s,
             max_wait_s=max_wait_s,
             load_timeout_s=secs("load_timeout_s", 300.0),
@@ -451,7 +396,11 @@ class _Parser:
             ),
         )
 
-    MODEL_KEYS = ("kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases")
+    MODEL_KEYS = (
+        "kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases",
+        "max_concurrent", "limits",
+    )  # fmt: skip
+    LIMIT_KEYS = tuple(f.name for f in fields(RequestLimits))
     SIM_KEYS = ("load_s", "unload_s", "offload_s", "restore_s", "true_vram_gb", "use_peak_gb")
 
     def model(self, name: str, m: Any, budget: int, kinds: frozenset[str], time_scale: float) -> ModelSpec:
@@ -489,30 +438,10 @@ class _Parser:
             options = {str(k): v for k, v in b.items() if k != "type"}
             b = b.get("type")
         backend = self.choice(b, f"{key}.backend" + (".type" if options else ""), BACKENDS)
-        if backend in ("server", "vllm"):
-            from orchestrator.backends.server import OptionError, ServerOptions
-            from orchestrator.backends.vllm import check_vllm_options
-
-            try:
-                if backend == "server":
-                    ServerOptions.parse(options)
-                else:
-                    check_vllm_options(options)
-            except OptionError as exc:
-                raise self.err(
-                    f"{key}.backend.{exc.key}", exc.problem, "see the server backend's keys in the README"
-                ) from None
-        elif backend in ("diffusers", "tts"):
-            from orchestrator.backends.diffusers import check_diffusers_options
-            from orchestrator.backends.server import OptionError as _OptionError
-            from orchestrator.backends.tts import check_tts_options
-
-            try:
-                (check_diffusers_options if backend == "diffusers" else check_tts_options)(options)
-            except _OptionError as exc:
-                raise self.err(
-                    f"{key}.backend.{exc.key}", exc.problem, f"see the {backend} backend's keys in the README"
-                ) from None
+        try:
+            parsed = parse_options(backend, options)
+        except OptionError as exc:
+            raise self.err(f"{key}.backend.{exc.key}", exc.problem, self.backend_fix(backend)) from None
         offload = m.get("offload", False)
         if not isinstance(offload, bool):
             raise self.err(
@@ -544,15 +473,66 @@ class _Parser:
             raise self.err(
                 f"{key}.aliases", f"expected a list of names, got {aliases!r}", "e.g. [sdxl-controlnet]"
             )
+        limits = self.limits(m.get("limits"), f"{key}.limits")
+        clash = parsed.limit_problem(limits)
+        if clash is not None:
+            raise self.err(f"{key}.backend.{clash[0]}", clash[1], clash[2])
         return ModelSpec(
             name=name,
             kind=kind,
             vram_bytes=vram,
             confidence=confidence,
             backend=backend,
-            options=MappingProxyType(options),
+            options=parsed,
             offload=offload,
             host_bytes=host,
             sim=sim,
             aliases=tuple(aliases),
+            max_concurrent=self.max_concurrent(m, key, parsed),
+            limits=limits,
         )
+
+    def whole(self, v: Any, key: str, *, nullable: bool, fix: str) -> int | None:
+        """A whole number >= 1 (or null where ``nullable``)."""
+        if v is None and nullable:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            want = "a whole number >= 1" + (" or null" if nullable else "")
+            raise self.err(key, f"expected {want}, got {v!r}", fix)
+        return int(v)
+
+    @staticmethod
+    def backend_fix(backend: str) -> str:
+        return f"see the {'server' if backend == 'vllm' else backend} backend's keys in the README"
+
+    def max_concurrent(self, m: Mapping[str, Any], key: str, options: BackendOptions) -> int | None:
+        if "max_concurrent" in m:
+            return self.whole(
+                m["max_concurrent"],
+                f"{key}.max_concurrent",
+                nullable=True,
+                fix="e.g. max_concurrent: 1 for one request at a time; null: no limit",
+            )
+        return options.default_max_concurrent(
+            device=self._device, total_bytes=self._total, gpu_name=self._gpu
+        )
+
+    def limits(self, v: Any, key: str) -> RequestLimits:
+        if v is None:
+            return RequestLimits()
+        if not isinstance(v, Mapping):
+            raise self.err(key, f"expected a mapping, got {_typename(v)}", "e.g. {max_steps: 50, max_n: 4}")
+        self.no_unknown(v, key, self.LIMIT_KEYS)
+        defaults = RequestLimits()
+        values: dict[str, int | None] = {}
+        for k in self.LIMIT_KEYS:
+            if k in v:
+                values[k] = self.whole(
+                    v[k], f"{key}.{k}", nullable=k == "max_tokens",
+                    fix=(
+                        "write a whole number of at least 1, or null for the server's own cap"
+                        if k == "max_tokens"
+                        else f"write a whole number of at least 1 (the default is {getattr(defaults, k)})"
+                    ),
+                )  # fmt: skip
+        return RequestLimits(**values)  # type: ignore[arg-type]

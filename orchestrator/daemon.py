@@ -45,7 +45,6 @@ from starlette.routing import Route
 
 from orchestrator.backends.server import ServerBackend, ServerHandle
 from orchestrator.config import Config, DaemonSpec
-from orchestrator.core import EXTERNAL_KIND, Lease, Orchestrator
 from orchestrator.errors import (
     AcquireTimeout,
     BackendCrashed,
@@ -57,6 +56,7 @@ from orchestrator.errors import (
 )
 from orchestrator.events import Event
 from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.runtime import EXTERNAL_KIND, Lease, Orchestrator
 from orchestrator.status import status_report
 from states.errors import InsufficientVRAM
 from states.units import format_gib

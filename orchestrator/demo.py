@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from orchestrator import Orchestrator
+from orchestrator.backends.registry import parse_options
 from orchestrator.backends.simulated import SimulatedModel
 from orchestrator.backends.synthetic import SyntheticHandle
 from orchestrator.config import Config
@@ -39,6 +39,7 @@ from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
 from orchestrator.footprints import default_path
 from orchestrator.media import MediaUnsupported, generate_image
+from orchestrator.runtime import Orchestrator
 from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable, render_timeline
 from orchestrator.tiny_models import MODELS as TINY_MODEL_NAMES
 from orchestrator.tiny_models import build as build_tiny
@@ -225,8 +226,9 @@ def with_tiny_models(config: Config, root: Path, *, stream: TextIO | None = None
         options: dict[str, Any] = {"path": str(paths[wanted[kind]])}
         if kind == "sdxl":
             options["steps"] = 4
+        backend = "diffusers" if kind == "sdxl" else "tts"
         models[name] = dataclasses.replace(
-            models[name], backend="diffusers" if kind == "sdxl" else "tts", options=MappingProxyType(options)
+            models[name], backend=backend, options=parse_options(backend, options), max_concurrent=1
         )
     return dataclasses.replace(config, models=MappingProxyType(models)), list(targets.values())
 
@@ -261,7 +263,7 @@ def real_gpu_variant(config: Config) -> tuple[Config | None, str]:
             f"{format_gib(config.budget_bytes)}"
         )
     models = {
-        name_: dataclasses.replace(spec, backend="synthetic", options=MappingProxyType({}))
+        name_: dataclasses.replace(spec, backend="synthetic", options=parse_options("synthetic", {}))
         for name_, spec in config.models.items()
     }
     variant = dataclasses.replace(
@@ -454,6 +456,7 @@ async def run_demo(
         "peak_vram_bytes": peak,
         "peak_committed_bytes": stats.peak_committed_bytes,
         "switches": stats.switches,
+        "exchanges": stats.exchanges,
         "failed_switches": stats.failed_switches,
         "cold_loads": stats.loads,
         "restores_from_host": stats.restores,
@@ -509,8 +512,9 @@ def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str
     lines = [
         "",
         "summary (times at real speed)",
-        f"  switches             {s['switches']} ({s['cold_loads']} cold loads, {s['restores_from_host']} "
-        f"restores from host RAM, {s['evictions']} evictions, {s['failed_switches']} failed)",
+        f"  switches             {s['switches']} ({s['exchanges']} took the GPU from another model; "
+        f"{s['cold_loads']} cold loads, {s['restores_from_host']} restores from host RAM, "
+        f"{s['evictions']} evictions, {s['failed_switches']} failed)",
         f"  leases               {s['leases']}",
         f"  total time           {s['real_speed_s']:.1f} s",
         f"  switching            {s['switching_real_speed_s']:.1f} s",

@@ -9,7 +9,7 @@ The hierarchy::
           ├── ConfigError (also ValueError) a config file is wrong: file, key, value, fix
           ├── UnknownModel (also LookupError) a name that is neither a model nor a kind
           ├── AcquireTimeout (also TimeoutError) a lease was not granted in time
-          ├── LeaseDeadlock                a task waits for a model its own lease blocks
+          ├── LeaseDeadlock                (states.errors) a task waits for a model its own lease blocks
           ├── NotRunning                   acquire() outside ``async with orch``
           └── BackendError                 a backend failed; ``model`` names it
                ├── LoadFailed              loading (or restoring) raised
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from states.errors import IllegalTransition, InsufficientVRAM, OrchestratorError
+from states.errors import IllegalTransition, InsufficientVRAM, LeaseDeadlock, OrchestratorError
 
 __all__ = [
     "AcquireTimeout",
@@ -72,15 +72,6 @@ class AcquireTimeout(OrchestratorError, TimeoutError):
             f"no lease on {model!r} within {timeout_s:g} s: it was number {position} of {queued} "
             f"waiting; the GPU holds {holding}; raise timeout=, lower the load on other models, "
             "or give this request a higher priority="
-        )
-
-
-class LeaseDeadlock(OrchestratorError):
-    def __init__(self, model: str, held: str) -> None:
-        self.model, self.held = model, held
-        super().__init__(
-            f"this task waits for {model!r}, which needs {held!r} evicted, but this same task "
-            f"holds a lease on {held!r}; leave the `async with acquire({held!r})` block first"
         )
 
 

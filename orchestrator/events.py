@@ -68,6 +68,11 @@ class EventHub:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._streams.remove(s)
 
+    @property
+    def subscribers(self) -> int:
+        """How many ``subscribe()`` iterators are open."""
+        return len(self._streams)
+
     def subscribe(self, buffer: int = 1000) -> AsyncIterator[Event]:
         """Subscribe now (not at the first ``__anext__``): no event after this call is missed
         unless ``buffer`` events pile up unread (then they are counted in ``dropped``)."""

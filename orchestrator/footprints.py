@@ -1,10 +1,10 @@
 """Learned footprints: what each model really took, kept across runs.
 
-Estimates in a config are wrong in both directions (FIELD-NOTES: the full SDXL pipeline peaks
-at 11.65 GiB on NVML against the design document's 10.5 GB). After each load, and after the
-first use (to catch peaks such as SDXL's VAE decode), the orchestrator records what the model
-really held. The estimate it plans with is then the larger of the configured figure and the
-learned high-water mark plus a margin.
+Estimates in a config are wrong in both directions (measured on an H200: the full SDXL
+pipeline peaks at 11.65 GiB on NVML against the Model Management Module's 10.5 GB). After
+each load, and after the first use (to catch peaks such as SDXL's VAE decode), the
+orchestrator records what the model really held. The estimate it plans with is then the
+larger of the configured figure and the learned high-water mark plus a margin.
 
 The store is a small JSON file in the user's cache directory. It is safe against concurrent
 writers (an exclusive ``fcntl`` lock on a side file around read-modify-write, then an atomic
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -63,6 +64,9 @@ class FootprintStore:
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path).expanduser() if path is not None else None
         self._cache: dict[str, Footprint] = {}
+        self._pending: list[tuple[str, int, str]] = []  # noted, not yet flushed
+        self._mutex = threading.Lock()  # note() on the event loop, flush() in a worker thread
+        self._flushing = threading.Lock()  # one flush at a time within this process
         if self.path is not None:
             self._cache = self._read()
 
@@ -73,25 +77,51 @@ class FootprintStore:
         return dict(self._cache)
 
     def record(self, model: str, measured_bytes: int, *, kind: str = "load") -> Footprint:
-        """Merge one measurement (``kind``: "load" or "peak") and persist it."""
+        """Merge one measurement (``kind``: "load" or "peak") and persist it now."""
+        fp = self.note(model, measured_bytes, kind=kind)
+        self.flush()
+        return self._cache.get(model, fp)  # merged with what other processes wrote meanwhile
+
+    def note(self, model: str, measured_bytes: int, *, kind: str = "load") -> Footprint:
+        """Merge one measurement in memory at once (``get`` sees it); ``flush`` persists it.
+
+        This does no file IO, so the orchestrator can call it on its event loop and flush
+        from a worker thread.
+        """
         if measured_bytes < 0:
             raise ValueError(f"a footprint cannot be negative ({measured_bytes} bytes)")
-        with self._locked():
-            latest = self._read() if self.path is not None else dict(self._cache)
-            old = latest.get(model)
-            load = measured_bytes if kind == "load" else (old.load_bytes if old else 0)
-            if old is not None and kind == "load":
-                load = max(old.load_bytes, measured_bytes)
-            peak = max(measured_bytes, old.peak_bytes if old else 0)
-            fp = Footprint(model, load, peak, (old.samples if old else 0) + 1, time.time())
-            latest[model] = fp
-            if self.path is not None:
-                self._write(latest)
-            self._cache = latest
+        with self._mutex:
+            fp = _merge(self._cache.get(model), model, measured_bytes, kind)
+            self._cache = {**self._cache, model: fp}
+            self._pending.append((model, measured_bytes, kind))
         return fp
 
+    def flush(self) -> None:
+        """Persist what was noted: read the file's latest content (another process may have
+        learned meanwhile), merge the new measurements on top, replace it atomically."""
+        with self._flushing, self._locked():
+            with self._mutex:
+                pending, self._pending = self._pending, []
+            if not pending or self.path is None:
+                return  # in memory only: the cache already holds every measurement
+            latest = self._read()
+            for model, measured, kind in pending:
+                latest[model] = _merge(latest.get(model), model, measured, kind)
+            self._write(latest)
+            with self._mutex:
+                # What was noted while this ran goes on top again (it is flushed next time).
+                for model, measured, kind in self._pending:
+                    latest[model] = _merge(latest.get(model), model, measured, kind)
+                self._cache = latest
+
+    @property
+    def pending(self) -> int:
+        """Measurements noted and not yet flushed."""
+        return len(self._pending)
+
     def forget(self, model: str) -> None:
-        with self._locked():
+        self.flush()
+        with self._flushing, self._locked():
             latest = self._read() if self.path is not None else dict(self._cache)
             latest.pop(model, None)
             if self.path is not None:
@@ -173,3 +203,12 @@ class FootprintStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _merge(old: Footprint | None, model: str, measured_bytes: int, kind: str) -> Footprint:
+    """One measurement on top of what was known: loads and peaks each keep their maximum."""
+    load = measured_bytes if kind == "load" else (old.load_bytes if old else 0)
+    if old is not None and kind == "load":
+        load = max(old.load_bytes, measured_bytes)
+    peak = max(measured_bytes, old.peak_bytes if old else 0)
+    return Footprint(model, load, peak, (old.samples if old else 0) + 1, time.time())

@@ -34,7 +34,7 @@ from states.ledger import Tier
 from states.machine import State
 
 if TYPE_CHECKING:
-    from orchestrator.core import Orchestrator
+    from orchestrator.runtime import Orchestrator
 
 PREFIX = "vram_orchestrator"
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.backends.server import ServerBackend
 from states.units import format_gib
 
 if TYPE_CHECKING:
-    from orchestrator.core import Orchestrator
+    from orchestrator.runtime import Orchestrator
 
 
 def status_report(orch: Orchestrator) -> dict[str, Any]:
@@ -53,8 +52,8 @@ def status_report(orch: Orchestrator) -> dict[str, Any]:
                 "planned_bytes": orch.estimate(name).estimated_vram_bytes,
                 "measured_bytes": backend.measured_bytes() if backend is not None else None,
                 "server": (
-                    {"pid": backend.pid, "url": backend.base_url, "log": str(backend.log_path or "")}
-                    if isinstance(backend, ServerBackend)
+                    {"pid": backend.pid, "url": backend.url, "log": str(backend.log_path or "")}
+                    if backend is not None and backend.served_model is not None
                     else None
                 ),
                 "host_bytes": spec.host_bytes if spec.offload else None,

@@ -7,9 +7,14 @@ that fail, slow releases, foreign processes taking memory) and the passage of ti
 every step, and on every event the orchestrator emits, it checks the invariants:
 
 - committed bytes (resident + loading) never exceed the budget;
+- a load begins only when its plan fits the budget less what other processes hold;
 - the simulated device's peak of our own memory never exceeds the budget;
 - outside a switch, the state matches what is resident;
-- no lease or waiter is lost: leases plus queued waiters equal the clients holding or waiting;
+- no lease or waiter is lost: a shadow of the queue (per model, the clients that wait and
+  those that hold) equals the orchestrator's queue and leases;
+- no model holds more leases at once than its ``max_concurrent`` (counted from the events);
+- with ``check_wait_bound`` (for runs without faults or foreign memory, which may hold a
+  request back without bound), every served client waited at most ``wait_bound_s``;
 - at the end, every client has finished (none starved or hung), nothing is left on the device
   and the machine is IDLE.
 
@@ -36,7 +41,6 @@ import anyio.from_thread
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from orchestrator import Orchestrator
 from orchestrator.config import Config, SimSpec
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.errors import (
@@ -47,6 +51,7 @@ from orchestrator.errors import (
     NotRunning,
 )
 from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
 from states.machine import State, active_state
 from states.units import format_gib
 
@@ -138,6 +143,8 @@ class _Client:
     model: str
     phase: str = "starting"  # starting -> waiting -> holding -> done
     outcome: str = ""
+    ahead: int = 0  # clients of the same model not yet done when this one started
+    waited_s: float | None = None  # the lease's wait, once served
     scope: anyio.CancelScope | None = None
     future: Future[None] | None = None
 
@@ -149,6 +156,8 @@ class OrchestratorMachine(RuleBasedStateMachine):
     time_scale = 0.0005  # the 20 s LLM start of the embedded config takes 10 ms
     footprint_factor = 1.0
     client_limit = 24
+    max_hold_s = 30.0  # the longest a client holds a lease (simulated seconds)
+    check_wait_bound = False  # check every served client against wait_bound_s (no faults)
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,6 +165,8 @@ class OrchestratorMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.violations: list[str] = []
         self.foreign_pids: list[int] = []
+        self.measured: set[str] = set()  # models whose load was measured (see _check_learned)
+        self.held: dict[str, int] = {}  # leases per model, counted from the events alone
 
     # -- setup and teardown ----------------------------------------------------------------
 
@@ -203,6 +214,8 @@ class OrchestratorMachine(RuleBasedStateMachine):
             if self.orch.state is not State.IDLE:
                 raise InvariantViolation(f"state after shutdown is {self.orch.state.name}, not IDLE")
             self._check_learned()
+            if self.check_wait_bound:
+                self._check_waits()
             if self.violations:
                 raise InvariantViolation(self.violations[0])
         finally:
@@ -213,10 +226,10 @@ class OrchestratorMachine(RuleBasedStateMachine):
         (when it is larger than its estimate): it noticed the difference and learned it."""
         if not self.cfg.learn_footprints:
             return
-        # Only models that really began a load could be measured (a switch may fail before:
-        # an eviction that fails, foreign memory that appears).
-        tried = [n for n, b in self.orch.backends.items() if getattr(b, "attempts", 0)]
-        for name in sorted(tried):
+        # Only models whose load was measured: one that finished, or one the device refused for
+        # its size. A switch may fail before its load (an eviction that fails, foreign memory
+        # that appears), and an injected fault cuts a load short before anything is measured.
+        for name in sorted(self.measured):
             sim = self.cfg.models[name].sim
             true = sim.true_vram_bytes if sim is not None else 0
             if true <= self.cfg.models[name].vram_bytes:
@@ -226,6 +239,26 @@ class OrchestratorMachine(RuleBasedStateMachine):
                 raise InvariantViolation(
                     f"{name} really takes {format_gib(true)} but the orchestrator learned "
                     f"{format_gib(fp.high_water_bytes) if fp else 'nothing'}"
+                )
+
+    def wait_bound_s(self, c: _Client) -> float:
+        """How long a client may wait at most: ``max_wait_s``, then (once it is overdue and
+        ranked first) for each model a switch and the end of a lease in progress, then its
+        turn among those of its model ahead of it, ``max_concurrent`` at a time; plus a
+        second of slack for the test machine's scheduling."""
+        sims = [s.sim for s in self.cfg.models.values() if s.sim is not None]
+        switch_s = max((s.load_s + s.unload_s for s in sims), default=0.0) * self.cfg.time_scale
+        hold_s = self.max_hold_s * self.cfg.time_scale
+        cap = self.cfg.models[self.orch.resolve(c.model).name].max_concurrent or max(1, c.ahead)
+        turns = math.ceil(c.ahead / cap)
+        return self.cfg.max_wait_s + len(self.cfg.models) * (switch_s + hold_s) + turns * hold_s + 1.0
+
+    def _check_waits(self) -> None:
+        for c in self.clients.values():
+            if c.waited_s is not None and c.waited_s > self.wait_bound_s(c):
+                self.violations.append(
+                    f"client #{c.id} ({c.model}) waited {c.waited_s:.3f} s, past its bound "
+                    f"{self.wait_bound_s(c):.3f} s (max_wait_s {self.cfg.max_wait_s:g} s, {c.ahead} ahead)"
                 )
 
     def _quiesce_bound_s(self) -> float:
@@ -257,7 +290,28 @@ class OrchestratorMachine(RuleBasedStateMachine):
     # -- the checks ------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        self._check_budget(f"at event {event.kind} {event.trigger or ''} {event.model or ''}")
+        model = event.model
+        if event.kind in ("grant", "release") and model is not None and model in self.cfg.models:
+            self.held[model] = self.held.get(model, 0) + (1 if event.kind == "grant" else -1)
+            cap = self.cfg.models[model].max_concurrent
+            if cap is not None and self.held[model] > cap:
+                self.violations.append(
+                    f"{model} holds {self.held[model]} leases at once; max_concurrent is {cap}"
+                )
+        if event.model is not None and (
+            event.kind == "load" or (event.kind == "fail" and "out of memory" in (event.detail or ""))
+        ):
+            self.measured.add(event.model)
+        where = f"at event {event.kind} {event.trigger or ''} {event.model or ''}"
+        self._check_budget(where)
+        if event.kind == "transition" and event.trigger == "begin_switch" and event.model is not None:
+            # A load begins only when the plan fits the budget less what others hold now.
+            room = self.cfg.budget_bytes - self.orch.ledger().foreign_bytes
+            if (event.bytes_after or 0) > room:
+                self.violations.append(
+                    f"{where}: the plan commits {format_gib(event.bytes_after or 0)} but only "
+                    f"{format_gib(room)} of the budget is not held by other processes"
+                )
 
     def _check_budget(self, where: str) -> None:
         ledger = self.orch.ledger()
@@ -270,10 +324,23 @@ class OrchestratorMachine(RuleBasedStateMachine):
         if peak > budget:
             self.violations.append(f"{where}: device peak {format_gib(peak)} > budget {format_gib(budget)}")
 
-    def _accounting(self) -> tuple[int, int]:
-        live = sum(1 for c in self.clients.values() if c.phase in ("waiting", "holding"))
-        accounted = sum(self.orch.leases().values()) + len(self.orch.waiting())
-        return live, accounted
+    def _accounting(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+        """The shadow queue (what the clients say: per model, how many wait and hold) and
+        what the orchestrator says, to be compared."""
+        shadow: dict[str, tuple[int, int]] = {}
+        for c in self.clients.values():
+            if c.phase in ("waiting", "holding"):
+                name = self.orch.resolve(c.model).name
+                waiting, holding = shadow.get(name, (0, 0))
+                shadow[name] = (waiting + 1, holding) if c.phase == "waiting" else (waiting, holding + 1)
+        real: dict[str, tuple[int, int]] = {}
+        for name, _, _ in self.orch.waiting():
+            waiting, holding = real.get(name, (0, 0))
+            real[name] = (waiting + 1, holding)
+        for name, n in self.orch.leases().items():
+            waiting, holding = real.get(name, (0, 0))
+            real[name] = (waiting, holding + n)
+        return shadow, real
 
     async def _check_all(self) -> None:
         self._check_budget("after a step")
@@ -284,13 +351,13 @@ class OrchestratorMachine(RuleBasedStateMachine):
         # A waiter that was just failed (or granted) is out of the queue before its task runs
         # again; a lost lease or waiter stays lost. So let the tasks run a little, then compare.
         for _ in range(50):
-            live, accounted = self._accounting()
-            if live == accounted:
+            shadow, real = self._accounting()
+            if shadow == real:
                 return
             await anyio.sleep(0.001)
         self.violations.append(
-            f"{live} clients wait or hold, but the orchestrator accounts for {accounted} "
-            f"(leases {dict(self.orch.leases())}, queue {len(self.orch.waiting())})"
+            f"the clients wait and hold (per model: waiting, holding) {shadow}, but the orchestrator "
+            f"has {real} (leases {dict(self.orch.leases())}, queue {self.orch.waiting()})"
         )
 
     @invariant()
@@ -313,6 +380,7 @@ class OrchestratorMachine(RuleBasedStateMachine):
                 c.phase = "waiting"  # acquire() queues before its first await: no gap
                 async with self.orch.acquire(c.model, timeout=timeout_s, priority=priority) as lease:
                     c.phase = "holding"
+                    c.waited_s = lease.waited_s
                     if lease.handle is None:
                         self.violations.append(f"client #{c.id} got a lease on {c.model} without a handle")
                     if not self.orch.ledger().on_gpu(lease.model):
@@ -331,6 +399,10 @@ class OrchestratorMachine(RuleBasedStateMachine):
 
     def _start_client(self, model: str, hold: float, timeout: float | None, priority: int) -> None:
         c = _Client(self.next_id, model)
+        name = self.orch.resolve(model).name
+        c.ahead = sum(
+            1 for x in self.clients.values() if x.phase != "done" and self.orch.resolve(x.model).name == name
+        )
         self.next_id += 1
         self.clients[c.id] = c
         unit = self.cfg.time_scale
@@ -349,7 +421,7 @@ class OrchestratorMachine(RuleBasedStateMachine):
         """A client asks for a model (or a kind) and holds it for a while (simulated seconds)."""
         names = self._models() + sorted(self.config.defaults)
         model = data.draw(st.sampled_from(names), label="model")
-        hold = data.draw(st.floats(0, 30), label="hold_s")
+        hold = data.draw(st.floats(0, self.max_hold_s), label="hold_s")
         timeout = data.draw(st.none() | st.floats(1, 200), label="timeout_s")
         priority = data.draw(st.integers(0, 2), label="priority")
         self._start_client(model, hold, timeout, priority)

@@ -19,7 +19,8 @@ switch's committed bytes. From it, ``reconstruct()`` rebuilds each model's resid
   not say whether the load had begun or an eviction failed first). A span that loads nothing
   is an unload (idle models evicted to make room for foreign memory) or the shutdown; they
   are shaded and labelled apart, so the title's count of switches is the number of regions
-  labelled "switching" (and ``statistics().switches``);
+  labelled "switching" (and ``statistics().switches``); of those, the title also counts the
+  exchanges: the switches that took the GPU from another model (``statistics().exchanges``);
 - the stack's order is fixed for the whole chart: the largest model at the bottom. The heavy
   models (which replace one another) sit at the bottom and the light ones ride on top, so a
   light model that leaves moves no other band.
@@ -77,6 +78,7 @@ class SwitchSpan:
     model: str | None  # the switch's target; None when it loads nothing (an unload, the shutdown)
     ok: bool
     what: str = "switch"  # "switch" (loads ``model``), "unload" (evicts only) or "shutdown"
+    exchange: bool = False  # a switch that took the GPU from another model (evicted one from it)
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
     resident: dict[str, tuple[float, int | None]] = {}  # model -> (since, bytes; None: not known yet)
     loading_from: dict[str, float] = {}  # model -> when its load began (in the open switch)
     open_switch: tuple[float, str | None, str] | None = None  # (since, target, what)
+    evicted_in_switch = False  # the open switch took a model off the GPU
     floor_s = 0.0  # nothing in the open switch began before this
     end_s = evs[-1].time_s if evs else 0.0
 
@@ -218,6 +221,7 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
             if open_switch is not None:
                 switches.append(SwitchSpan(open_switch[0], e.time_s, open_switch[1], False, open_switch[2]))
             open_switch = None
+            evicted_in_switch = False
             loading_from.clear()
         if e.kind == "load" and e.model is not None:
             note(e.model)
@@ -231,11 +235,14 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
         elif e.kind == "evict" and e.model is not None:
             if open_switch is not None and open_switch[1] is None and "(shutdown)" in (e.detail or ""):
                 open_switch = (open_switch[0], None, "shutdown")  # said by its evictions too
+            if open_switch is not None and _gpu_eviction(e.detail):
+                evicted_in_switch = True
             if e.model in resident and _gpu_eviction(e.detail):
                 close(e.model, e.time_s)
                 floor_s = max(floor_s, e.time_s)
         elif e.kind == "transition" and e.trigger == "begin_switch":
             open_switch = (e.time_s, e.model, _what(e))
+            evicted_in_switch = False
             floor_s = e.time_s
         elif e.kind == "transition" and e.trigger in ("finish_switch", "fail_switch"):
             # Bytes of the models loaded in this switch: what is committed now, less the rest.
@@ -253,8 +260,11 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
             loading_from.clear()
             if open_switch is not None:
                 ok = e.trigger == "finish_switch"
-                switches.append(SwitchSpan(open_switch[0], e.time_s, open_switch[1], ok, open_switch[2]))
+                since, target, what = open_switch
+                exchange = ok and what == "switch" and evicted_in_switch
+                switches.append(SwitchSpan(since, e.time_s, target, ok, what, exchange))
             open_switch = None
+            evicted_in_switch = False
     for m in list(resident):
         close(m, end_s)
     if open_switch is not None:  # the log ends inside a switch
@@ -410,11 +420,13 @@ def chart_data(
     )
     peak = max(base, default=0.0)
     n_ok = sum(1 for r in regions if r.label == "switching")
+    n_exchanges = sum(1 for sw in tl.switches if sw.exchange)
     n_failed = sum(1 for r in regions if r.label == "failed switch")
     n_unloads = sum(1 for r in regions if r.label == "unloading")
     peak_txt = f"peak {peak:.2f} GiB" + (f" of the {format_gib(budget_bytes)} budget" if budget_bytes else "")
     title = title or (
         f"VRAM timeline: {_plural(n_ok, 'switch')}"
+        + (f" ({n_exchanges} took the GPU from another model)" if n_ok else "")
         + (f", {_plural(n_failed, 'failed switch')}" if n_failed else "")
         + (f", {_plural(n_unloads, 'unload')}" if n_unloads else "")
         + f", {peak_txt}"

@@ -8,7 +8,7 @@ library). Everything that touches a GPU, a process or the network lives in
 
 from __future__ import annotations
 
-from states.errors import IllegalTransition, InsufficientVRAM, OrchestratorError
+from states.errors import IllegalTransition, InsufficientVRAM, LeaseDeadlock, OrchestratorError
 from states.ledger import Ledger, Resident, Tier
 from states.machine import TRANSITIONS, ModelMachine, State, active_state
 from states.plan import Deferred, Eviction, Plan, PlanRequest, Policy, plan
@@ -19,7 +19,9 @@ from states.scheduling import (
     WaiterView,
     admission,
     choose_target,
+    rank_targets,
 )
+from states.step import Decision, Evict, Reap, StepSettings, StepView, Switch, decide
 from states.units import GIB, MIB, format_gib, gib_to_bytes
 
 __all__ = [
@@ -27,10 +29,13 @@ __all__ = [
     "MIB",
     "TRANSITIONS",
     "Admission",
+    "Decision",
     "Deferred",
+    "Evict",
     "Eviction",
     "IllegalTransition",
     "InsufficientVRAM",
+    "LeaseDeadlock",
     "Ledger",
     "Mode",
     "ModelMachine",
@@ -38,14 +43,19 @@ __all__ = [
     "Plan",
     "PlanRequest",
     "Policy",
+    "Reap",
     "Resident",
     "SchedulerView",
     "State",
+    "StepSettings",
+    "StepView",
+    "Switch",
     "Tier",
     "WaiterView",
     "active_state",
     "admission",
     "choose_target",
+    "decide",
     "format_gib",
     "gib_to_bytes",
     "plan",

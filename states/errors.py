@@ -5,7 +5,8 @@ The hierarchy (the orchestrator adds its own below ``OrchestratorError``)::
     RuntimeError
      └── OrchestratorError            every error this project raises
           ├── IllegalTransition       a trigger the state machine does not allow now
-          └── InsufficientVRAM        a model cannot fit in the budget
+          ├── InsufficientVRAM        a model cannot fit in the budget
+          └── LeaseDeadlock           a task waits for a model that its own lease keeps out
 
 ``OrchestratorError`` derives from ``RuntimeError`` because the design document's users
 catch ``RuntimeError`` around VRAM checks. Each error keeps its facts as attributes and
@@ -75,3 +76,15 @@ class InsufficientVRAM(OrchestratorError):
         if reason:
             msg += f"; {reason}"
         super().__init__(f"{msg}; {advice}")
+
+
+class LeaseDeadlock(OrchestratorError):
+    """A task waits for a model that needs a model evicted on which the same task holds a
+    lease: it would wait forever (the decision fails it at once)."""
+
+    def __init__(self, model: str, held: str) -> None:
+        self.model, self.held = model, held
+        super().__init__(
+            f"this task waits for {model!r}, which needs {held!r} evicted, but this same task "
+            f"holds a lease on {held!r}; leave the `async with acquire({held!r})` block first"
+        )

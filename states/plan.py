@@ -21,6 +21,7 @@ The rules:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from states.errors import InsufficientVRAM
@@ -117,22 +118,10 @@ def plan(request: PlanRequest, ledger: Ledger, policy: Policy) -> Plan | Deferre
     for r in ledger.gpu_residents:
         (victims if exclusive and r.exclusive else keep).append(r)
 
-    # Light before heavy, least recently used first; external reservations last.
-    keep.sort(key=lambda r: (r.external, r.exclusive, r.last_used))
     room = ledger.available_bytes - sum(r.vram_bytes for r in keep)
-    chosen: list[Resident] = []
-    while room < request.vram_bytes and keep:
-        r = keep.pop(0)
-        chosen.append(r)
-        room += r.vram_bytes
-    if room < request.vram_bytes:
+    chosen = choose_victims(keep, room, request.vram_bytes)
+    if chosen is None:
         return Deferred(request.model, request.vram_bytes, ledger.available_bytes, ledger.foreign_bytes)
-    # Keep any chosen one that the later, larger choices made unnecessary (the TTS picked
-    # first, then the LLM, whose room alone was enough): evict no more than needed.
-    for r in reversed(chosen[:-1]):
-        if room - r.vram_bytes >= request.vram_bytes:
-            chosen.remove(r)
-            room -= r.vram_bytes
     victims += chosen
 
     evictions = _choose_tiers(victims, ledger, request)
@@ -159,6 +148,34 @@ def plan(request: PlanRequest, ledger: Ledger, policy: Policy) -> Plan | Deferre
         evictions=evictions,
         after=after,
     )
+
+
+def victim_order(residents: Iterable[Resident]) -> list[Resident]:
+    """The one order in which residents are given up: light before heavy, least recently
+    used first, external reservations last (rule 3). Rebalancing uses it too."""
+    return sorted(residents, key=lambda r: (r.external, r.exclusive, r.last_used))
+
+
+def choose_victims(
+    candidates: Iterable[Resident], room_bytes: int, needed_bytes: int
+) -> list[Resident] | None:
+    """Which of ``candidates`` to evict so that ``room_bytes`` (the room with all of them
+    still resident) grows to ``needed_bytes``: taken in ``victim_order``, then any that a
+    later, larger one made unnecessary is kept (the TTS picked first, then the LLM, whose
+    room alone was enough). ``None`` when even all of them are not enough."""
+    order = victim_order(candidates)
+    chosen: list[Resident] = []
+    while room_bytes < needed_bytes and order:
+        r = order.pop(0)
+        chosen.append(r)
+        room_bytes += r.vram_bytes
+    if room_bytes < needed_bytes:
+        return None
+    for r in reversed(chosen[:-1]):
+        if room_bytes - r.vram_bytes >= needed_bytes:
+            chosen.remove(r)
+            room_bytes -= r.vram_bytes
+    return chosen
 
 
 def _choose_tiers(victims: list[Resident], ledger: Ledger, request: PlanRequest) -> tuple[Eviction, ...]:

@@ -13,9 +13,11 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
 ``fair`` (the default)
     Waiters for resident models are served at once, so a busy model is not evicted for every
     passing request (switches are expensive). A model that must be evicted keeps taking new
-    leases until the target's oldest waiter has waited ``fairness_s``; then it drains. A waiter's
+    leases until the target's waiters have waited long enough (``drain_due_at``: by the cost
+    rule, their accumulated wait against the price of the switch; by the time rule, the
+    oldest's wait against ``fairness_s``); then it drains. A waiter's
     age counts from when its model last lost the GPU, not from its arrival: two models with
-    old waiters would otherwise take the GPU from each other forever (FIELD-NOTES section 3).
+    old waiters would otherwise take the GPU from each other forever.
     Targets are ordered by: overdue (waited ``max_wait_s`` since arrival) first, then priority
     (higher first), then age. A target with a higher priority than every waiter of the models
     it evicts drains them at once. While the first target waits for leases to drain, a model
@@ -32,7 +34,7 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -48,6 +50,7 @@ class WaiterView:
     model: str
     priority: int
     arrived_s: float
+    holder: Hashable = None  # who waits (a task, a remote client): re-entrance and deadlocks
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,44 @@ def choose_target(view: SchedulerView) -> str | None:
     return ranked[0] if ranked else None
 
 
-def admission(view: SchedulerView, target: str | None, evictees: frozenset[str]) -> Admission:
+def drain_due_at(
+    view: SchedulerView,
+    target: str,
+    evictees: frozenset[str],
+    switch_cost_s: float | None = None,
+) -> float:
+    """When ``target``'s waiters will have waited long enough for ``evictees`` to drain.
+
+    Without ``switch_cost_s`` (the time rule): when the oldest has waited ``fairness_s``.
+
+    With it (the cost rule): when the waiters' accumulated wait (the sum of their waits, each
+    counted from when its model last lost the GPU) reaches the price of the switch: its cost
+    (``switch_cost_s``: the evictees' unload and the target's load or restore, as measured)
+    times the number of users it holds up (the evictees' leases and waiters, plus one for
+    the switch back). Slow switches and a busy evictee make the waiters wait longer; many
+    waiters, or a switch that costs little, drain sooner.
+    """
+    waiters = [w for w in view.waiters if w.model == target]
+    if switch_cost_s is None:
+        return min(view.since_s(w) for w in waiters) + view.fairness_s
+    held_up = 1 + sum(view.leases.get(m, 0) for m in evictees)
+    held_up += sum(1 for w in view.waiters if w.model in evictees)
+    price_s = switch_cost_s * held_up
+    accumulated_s = sum(view.now_s - view.since_s(w) for w in waiters)
+    return view.now_s + max(0.0, price_s - accumulated_s) / len(waiters)
+
+
+def admission(
+    view: SchedulerView,
+    target: str | None,
+    evictees: frozenset[str],
+    switch_cost_s: float | None = None,
+) -> Admission:
     """Grant leases on resident models, and say which must drain for ``target``.
 
-    ``evictees`` are the resident models the target's plan evicts from the GPU.
+    ``evictees`` are the resident models the target's plan evicts from the GPU;
+    ``switch_cost_s``, when given, is what the switch would cost (the cost rule of
+    ``drain_due_at``).
     """
     resident_waiters = [w for w in view.waiters if w.model in view.on_gpu]
     if target is None:
@@ -120,11 +157,14 @@ def admission(view: SchedulerView, target: str | None, evictees: frozenset[str])
         return Admission(frozenset(w.seq for w in resident_waiters), frozenset())
 
     target_waiters = [w for w in view.waiters if w.model == target]
-    waited_s = view.now_s - min(view.since_s(w) for w in target_waiters)
     top = max(w.priority for w in target_waiters)
     evictee_prios = [w.priority for w in resident_waiters if w.model in evictees]
     outranks = bool(evictee_prios) and top > max(evictee_prios)
-    due = waited_s >= view.fairness_s or any(view.overdue(w) for w in target_waiters) or outranks
+    due = (
+        view.now_s >= drain_due_at(view, target, evictees, switch_cost_s)
+        or any(view.overdue(w) for w in target_waiters)
+        or outranks
+    )
     drain = evictees if due else frozenset()
     grant = frozenset(w.seq for w in resident_waiters if w.model not in drain)
     return Admission(grant, drain)

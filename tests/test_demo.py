@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import orchestrator.config
-from orchestrator import Orchestrator
 from orchestrator.config import parse_config
 from orchestrator.demo import SPEECH_PEAK_DBFS, Progress, StatusLine, Ticker, run_demo, speech_wav
 from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
 from states.units import GIB
 
 pytestmark = pytest.mark.anyio

@@ -23,8 +23,6 @@ TEST_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && "
     ".venv/bin/pip install -q -e '.[dev,diffusers]' && .venv/bin/python -m pytest -q"
 )
-# The lead's page on the runtime's modules is written beside this one and lands with it.
-WRITTEN_ELSEWHERE = {ROOT / "docs" / "architecture.md"}
 
 
 def block_after(text: str, heading: str, lang: str) -> str:
@@ -177,14 +175,13 @@ def anchors(path: Path) -> set[str]:
 def test_every_link_leads_somewhere(page: Path) -> None:
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     links = re.findall(r"\]\(([^)\s]+)\)", text)
-    assert links or page.parent.name == "benchmarks"
+    if page in (README, ROOT / "docs" / "index.md"):
+        assert len(links) >= 9  # every docs page is reachable from both
     for link in links:
         if re.match(r"[a-z]+://", link):
             continue
         target, _, anchor = link.partition("#")
         path = (page.parent / target).resolve() if target else page
-        if path in WRITTEN_ELSEWHERE:
-            continue
         assert path.exists(), f"{page.name}: {link} leads nowhere"
         if anchor:
             assert anchor in anchors(path), f"{page.name}: {link}: no heading #{anchor} in {path.name}"

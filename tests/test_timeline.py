@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import orchestrator.config
-from orchestrator.core import Orchestrator
 from orchestrator.demo import run_demo
 from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
 from orchestrator.timeline import (
     ChartsUnavailable,
     Span,
@@ -164,7 +164,20 @@ def test_the_title_counts_the_regions_shaded_as_switching() -> None:
     data = chart_data(reconstruct(HAND_EVENTS), budget_bytes=int(15.5 * GIB))
     labels = [r.label for r in data.regions]
     assert labels == ["switching", "switching", "switching", "failed switch", "switching", "shutdown"]
-    assert data.title == "VRAM timeline: 4 switches, 1 failed switch, peak 15.00 GiB of the 15.50 GiB budget"
+    assert data.title == (
+        "VRAM timeline: 4 switches (1 took the GPU from another model), 1 failed switch, "
+        "peak 15.00 GiB of the 15.50 GiB budget"
+    )
+    # The one exchange: SDXL took the GPU from the LLM; the first load, TTS beside SDXL and the
+    # LLM's return to a GPU that SDXL had already left (in the failed switch) took it from none.
+    assert [s.exchange for s in reconstruct(HAND_EVENTS).switches] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
     assert (data.regions[-1].start, data.regions[-1].end) == (80.0, 87.0)
 
 
@@ -179,7 +192,9 @@ def test_an_unload_that_loads_nothing_is_shaded_apart_and_not_counted() -> None:
     log[3] = dataclasses.replace(log[3], detail="unloading qwen-14b (over the room)")
     data = chart_data(reconstruct(log))
     assert [r.label for r in data.regions] == ["switching", "unloading"]
-    assert data.title == "VRAM timeline: 1 switch, 1 unload, peak 11.50 GiB"
+    assert (
+        data.title == "VRAM timeline: 1 switch (0 took the GPU from another model), 1 unload, peak 11.50 GiB"
+    )
 
 
 def test_a_light_model_leaving_moves_no_other_band() -> None:
@@ -254,7 +269,9 @@ async def test_chart_from_a_real_demo_run(tmp_path: Path) -> None:
     assert tl.peak_bytes == summary["peak_committed_bytes"] <= config.budget_bytes
     assert sum(1 for s in tl.switches if s.model is not None) == summary["switches"]
     data = chart_data(tl, budget_bytes=budget, time_scale=time_scale)
-    assert data.title.startswith(f"VRAM timeline: {summary['switches']} switches, ")
+    took = f"({summary['exchanges']} took the GPU from another model)"
+    assert data.title.startswith(f"VRAM timeline: {summary['switches']} switches {took}, ")
+    assert summary["exchanges"] == sum(1 for s in tl.switches if s.exchange) == 2  # LLM -> SDXL -> LLM
     assert sum(1 for r in data.regions if r.label == "switching") == summary["switches"]
     assert [r.label for r in data.regions][-1] == "shutdown"
     for heavy in ("qwen-14b", "sdxl-base"):  # the heavy models keep the floor of the stack

@@ -16,16 +16,32 @@ under the switch lock. The contract each backend keeps:
   ``supports_host_tier``); ``offload(Tier.DISK)`` drops the host copy.
 - ``restore()`` brings a host copy back onto the GPU and returns the handle.
 - Blocking work (torch, diffusers) runs in worker threads, never on the event loop.
+
+What the rest of the orchestrator may ask of any backend without knowing its class (the
+daemon's gateway, ``status``, the design document's ``ServiceController``) are capabilities,
+properties with safe defaults here: ``url``, ``served_model``, ``pid``, ``log_path``,
+``attached``, ``can_sleep``, ``uptime_s`` and ``is_alive()``. A backend with a server process
+overrides them.
+
+A backend *type* (``backend: {type: NAME}`` in a config) is a ``BackendType``: the parser of
+its options and its factory, named by one line of ``orchestrator.backends.registry``.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from orchestrator.spec import BackendOptions, Config, ModelSpec
 from states.ledger import Tier
+
+if TYPE_CHECKING:
+    from orchestrator.device.base import Device
 
 
 class Backend(abc.ABC):
@@ -59,6 +75,50 @@ class Backend(abc.ABC):
     def handle(self) -> Any:
         """The live object a lease hands out; None unless loaded."""
         return self._handle if self._tier is Tier.GPU else None
+
+    # -- capabilities (what others may ask without knowing the class) -----------------------
+
+    @property
+    def url(self) -> str | None:
+        """The base URL of the model's OpenAI-compatible server (``http://host:port``, no
+        ``/v1``); None when it has none, or none is running yet."""
+        return None
+
+    @property
+    def served_model(self) -> str | None:
+        """The model name its server expects in a request's ``"model"``; None when the backend
+        is not a server (an in-process model). Known before it is loaded."""
+        return None
+
+    @property
+    def pid(self) -> int | None:
+        """The model's own process (the server it started); None when it has none."""
+        return None
+
+    @property
+    def log_path(self) -> Path | None:
+        """Where the model's own process writes its output; None when it has none."""
+        return None
+
+    @property
+    def attached(self) -> bool:
+        """A server someone else started: used, never stopped or killed."""
+        return False
+
+    @property
+    def can_sleep(self) -> bool:
+        """It keeps a host copy through its server's sleep mode (vLLM's ``/sleep``)."""
+        return False
+
+    @property
+    def uptime_s(self) -> float:
+        """How long its own process has been running (0.0 without one)."""
+        return 0.0
+
+    def is_alive(self) -> bool:
+        """Loaded and able to serve: for a model with a process of its own, whether that
+        process runs; for an attached server, whether it is attached."""
+        return self.is_loaded()
 
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         """What the model really holds on the device now; None if the backend cannot tell.
@@ -99,3 +159,17 @@ class Backend(abc.ABC):
     async def aclose(self) -> None:
         """Release everything for good (the orchestrator is shutting down)."""
         await self.unload()
+
+
+class BackendFactory(Protocol):
+    def __call__(self, spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> Backend: ...
+
+
+@dataclass(frozen=True)
+class BackendType:
+    """One ``backend: {type: ...}``: how its options are parsed (once, when the config is read;
+    an ``OptionError`` names the bad key) and how a backend is made from a parsed spec (a
+    ``ConfigError`` when it cannot run on this device)."""
+
+    parse: Callable[[Mapping[str, Any]], BackendOptions]
+    create: BackendFactory

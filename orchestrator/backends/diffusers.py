@@ -19,29 +19,61 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.backends.inprocess import InProcessBackend, check_common_options, check_path_option
-from orchestrator.backends.server import OptionError
+from orchestrator.backends.base import BackendType
+from orchestrator.backends.inprocess import InProcessBackend, InProcessOptions
+from orchestrator.backends.options import OptionError, path_option
+from orchestrator.spec import Config, ModelSpec, RequestLimits
+
+if TYPE_CHECKING:
+    from orchestrator.device.base import Device
 
 PIPELINES = ("auto", "sdxl")
 OPTION_KEYS = ("path", "pipeline", "lora", "lora_scale", "controlnet", "dtype", "steps")
 WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "controlnet")
 
 
-def check_diffusers_options(opts: Mapping[str, Any]) -> None:
-    """Validate a ``type: diffusers`` mapping; raises ``OptionError`` naming the key."""
-    check_common_options(opts, OPTION_KEYS)
-    if opts.get("pipeline", "auto") not in PIPELINES:
-        raise OptionError("pipeline", f"expected one of {', '.join(PIPELINES)}, got {opts['pipeline']!r}")
-    check_path_option(opts, "lora", required=False)
-    check_path_option(opts, "controlnet", required=False)
-    scale = opts.get("lora_scale", 1.0)
-    if not isinstance(scale, int | float) or isinstance(scale, bool):
-        raise OptionError("lora_scale", f"expected a number, got {scale!r}")
-    steps = opts.get("steps", 30)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise OptionError("steps", f"expected a whole number of steps of at least 1, got {steps!r}")
+@dataclass(frozen=True)
+class DiffusersOptions(InProcessOptions):
+    pipeline: str = "auto"
+    lora: Path | None = None
+    lora_scale: float = 1.0
+    controlnet: Path | None = None
+    steps: int = 30  # the default number of inference steps (orchestrator.media)
+
+    @classmethod
+    def parse(cls, opts: Mapping[str, Any]) -> DiffusersOptions:
+        """Validate a ``type: diffusers`` mapping; raises ``OptionError`` naming the key."""
+        common = cls.common(opts, OPTION_KEYS)
+        pipeline = opts.get("pipeline", "auto")
+        if pipeline not in PIPELINES:
+            raise OptionError("pipeline", f"expected one of {', '.join(PIPELINES)}, got {pipeline!r}")
+        scale = opts.get("lora_scale", 1.0)
+        if not isinstance(scale, int | float) or isinstance(scale, bool):
+            raise OptionError("lora_scale", f"expected a number, got {scale!r}")
+        steps = opts.get("steps", 30)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise OptionError("steps", f"expected a whole number of steps of at least 1, got {steps!r}")
+        return cls(
+            **common,
+            pipeline=str(pipeline),
+            lora=path_option(opts, "lora", required=False),
+            lora_scale=float(scale),
+            controlnet=path_option(opts, "controlnet", required=False),
+            steps=steps,
+        )
+
+    def limit_problem(self, limits: RequestLimits) -> tuple[str, str, str] | None:
+        if self.steps > limits.max_steps:
+            return (
+                "steps",
+                f"the default of {self.steps} steps is more than limits.max_steps ({limits.max_steps})",
+                "lower backend.steps or raise limits.max_steps",
+            )
+        return None
 
 
 def _quiet_progress(diffusers: Any) -> None:
@@ -67,20 +99,21 @@ class DiffusersBackend(InProcessBackend):
             ) from None
         _quiet_progress(diffusers)
         opts = self.options
+        assert isinstance(opts, DiffusersOptions)
         kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-        cn_path = self._local_path("controlnet", "the ControlNet")
+        cn_path = self._local_path(opts.controlnet, "controlnet", "the ControlNet")
         if cn_path is not None:
             kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(
                 cn_path, dtype=dtype, local_files_only=True
             )
             cls: Any = diffusers.StableDiffusionXLControlNetPipeline
-        elif opts.get("pipeline", "auto") == "sdxl":
+        elif opts.pipeline == "sdxl":
             cls = diffusers.StableDiffusionXLPipeline
         else:
             cls = diffusers.AutoPipelineForText2Image
         pipe = cls.from_pretrained(self.path, **kwargs)
         pipe.set_progress_bar_config(disable=True)
-        lora = self._local_path("lora", "the LoRA weights")
+        lora = self._local_path(opts.lora, "lora", "the LoRA weights")
         if lora is not None:
             # Fused, then the adapter layers removed: the UNet's weights stay plain static
             # tensors (what the packed host copy needs), with the LoRA folded in.
@@ -90,9 +123,9 @@ class DiffusersBackend(InProcessBackend):
                 pipe.load_lora_weights(str(lora), adapter_name="lora")
             finally:
                 diffusers.utils.logging.set_verbosity(level)
-            pipe.fuse_lora(lora_scale=float(opts.get("lora_scale", 1.0)))
+            pipe.fuse_lora(lora_scale=opts.lora_scale)
             pipe.unload_lora_weights()
-        pipe.vram_orchestrator_steps = int(opts.get("steps", 30))
+        pipe.vram_orchestrator_steps = opts.steps
         # A pipeline is not thread-safe (its scheduler keeps the step index): the tasks that
         # share a lease take turns (orchestrator.media holds this lock around each call).
         pipe.vram_orchestrator_lock = threading.Lock()
@@ -102,3 +135,10 @@ class DiffusersBackend(InProcessBackend):
             if isinstance(getattr(pipe, name, None), torch.nn.Module)
         }
         return pipe, modules
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> DiffusersBackend:
+    return DiffusersBackend(spec, device, config.device_index)
+
+
+BACKEND = BackendType(parse=DiffusersOptions.parse, create=create)

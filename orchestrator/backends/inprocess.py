@@ -29,22 +29,21 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from orchestrator.backends.base import Backend
+from orchestrator.backends.options import dtype_option, no_unknown, options_of, path_option
 from orchestrator.backends.packed import PackedWeights
-from orchestrator.backends.server import OptionError
-from orchestrator.config import ModelSpec
 from orchestrator.device.base import Device, DeviceOutOfMemory
 from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.spec import BackendOptions, ModelSpec
 from states.ledger import Tier
 
 logger = logging.getLogger("orchestrator.inprocess")
-
-DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 @contextlib.contextmanager
@@ -82,25 +81,23 @@ def import_torch(what: str, extra: str) -> Any:
     return torch
 
 
-def check_path_option(opts: Mapping[str, Any], key: str = "path", *, required: bool = True) -> Path | None:
-    value = opts.get(key)
-    if value is None:
-        if required:
-            raise OptionError(key, "missing: give the local folder of the model")
-        return None
-    if not isinstance(value, str) or not value:
-        raise OptionError(key, f"expected a local path, got {value!r}")
-    return Path(value).expanduser()
+@dataclass(frozen=True)
+class InProcessOptions(BackendOptions):
+    """What every in-process model's ``backend:`` has: its local folder and the dtype."""
 
+    path: Path
+    dtype: str = "auto"
 
-def check_common_options(opts: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        raise OptionError(unknown[0], f"unknown key; the keys are: {', '.join(allowed)}")
-    check_path_option(opts)
-    dtype = opts.get("dtype", "auto")
-    if dtype not in DTYPES:
-        raise OptionError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    def default_max_concurrent(self, *, device: str, total_bytes: int, gpu_name: str) -> int | None:
+        return 1  # one pipeline draws one image (or speaks one text) at a time
+
+    @staticmethod
+    def common(opts: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+        """The shared keys, checked: ``{"path": Path, "dtype": str}``."""
+        no_unknown(opts, allowed)
+        path = path_option(opts)
+        assert path is not None
+        return {"path": path, "dtype": dtype_option(opts)}
 
 
 class InProcessBackend(Backend):
@@ -112,10 +109,8 @@ class InProcessBackend(Backend):
     def __init__(self, spec: ModelSpec, device: Device, device_index: int = 0) -> None:
         super().__init__(spec.name, spec.kind, spec.vram_bytes)
         self.spec = spec
-        self.options = dict(spec.options)
-        path = check_path_option(self.options)
-        assert path is not None
-        self.path = path
+        self.options = options_of(spec, InProcessOptions)
+        self.path = self.options.path
         self.device_index = device_index
         # On the simulated device the model runs on the CPU and stands in for the real one.
         self.stand_in = device if isinstance(device, SimulatedDevice) else None
@@ -197,10 +192,9 @@ class InProcessBackend(Backend):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _local_path(self, key: str, what: str, *, hint: str = "") -> Path | None:
-        """The local path in option ``key`` (None when not given); one that does not exist is
-        a ``FileNotFoundError`` naming the model, the path and the config key to fix."""
-        path = check_path_option(self.options, key, required=key == "path")
+    def _local_path(self, path: Path | None, key: str, what: str, *, hint: str = "") -> Path | None:
+        """``path`` (option ``key``; None when not given); one that does not exist is a
+        ``FileNotFoundError`` naming the model, the path and the config key to fix."""
         if path is not None and not path.exists():
             raise FileNotFoundError(
                 f"model {self.name!r}: {what} {path} does not exist; "
@@ -212,7 +206,7 @@ class InProcessBackend(Backend):
         return import_torch(f"backend: {self.spec.backend}", self.extra)
 
     def _dtype(self, torch: Any) -> Any:
-        name = self.options.get("dtype", "auto")
+        name = self.options.dtype
         if name == "auto":  # fp16 on a GPU, fp32 on the CPU (fp16 kernels are missing there)
             return torch.float32 if self.target == "cpu" else torch.float16
         return getattr(torch, name)
@@ -244,7 +238,10 @@ class InProcessBackend(Backend):
         if self._tier is Tier.HOST:
             return await self.restore(limit_bytes)
         self._local_path(
-            "path", "the model folder", hint="(python -m orchestrator.tiny_models DIR builds tiny ones)"
+            self.path,
+            "path",
+            "the model folder",
+            hint="(python -m orchestrator.tiny_models DIR builds tiny ones)",
         )
         torch = self._torch()
 

@@ -6,7 +6,10 @@ file per model; it is ready when ``GET <health_path>`` answers 200 (and, when co
 ``GET /v1/models`` lists the served model); it is stopped with the stop signal to the whole
 group, a grace period, then SIGKILL, and waited for until no process of the group is left.
 Whatever happens meanwhile (a start that times out, a crash, the orchestrator cancelled
-mid-start), no process is left behind.
+mid-start), no process is left behind. Not even when the orchestrator itself is SIGKILLed:
+the server gets its stop signal from the kernel when its parent dies, and every server is
+recorded in a state file that the next orchestrator to start reads to reap what is left
+(``orchestrator.backends.children``).
 
 A server started by someone else (``base_url`` without ``command``) is attached to: used,
 never killed.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,16 +46,22 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from types import MappingProxyType
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import httpx
 from anyio.abc import Process
 
-from orchestrator.backends.base import Backend
-from orchestrator.config import ModelSpec
+from orchestrator.backends import children
+from orchestrator.backends.base import Backend, BackendType
+from orchestrator.backends.options import OptionError, no_unknown, options_of, positive_seconds
 from orchestrator.errors import LoadFailed
+from orchestrator.spec import BackendOptions, Config, ModelSpec
 from states.ledger import Tier
+
+if TYPE_CHECKING:
+    from orchestrator.device.base import Device
 
 LOG_TAIL_LINES = 20
 POLL_S = 0.1
@@ -67,14 +77,8 @@ class ServerHandle:
     log_path: Path | None
 
 
-class OptionError(ValueError):
-    def __init__(self, key: str, problem: str) -> None:
-        self.key, self.problem = key, problem
-        super().__init__(f"{key}: {problem}")
-
-
 @dataclass(frozen=True)
-class ServerOptions:
+class ServerOptions(BackendOptions):
     command: tuple[str, ...] | None
     base_url: str | None
     host: str = "127.0.0.1"
@@ -88,45 +92,38 @@ class ServerOptions:
     cwd: str | None = None
     log_dir: Path | None = None
 
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "command", "base_url", "host", "port", "health_path", "served_model", "start_timeout_s",
+        "stop_signal", "stop_grace_s", "env", "cwd", "log_dir",
+    )  # fmt: skip
+
     @classmethod
     def parse(cls, opts: Mapping[str, Any]) -> ServerOptions:
         """Validate the ``backend:`` mapping; an ``OptionError`` names the key and the fix."""
-
-        def bad(key: str, problem: str) -> OptionError:
-            return OptionError(key, problem)
-
-        known = {
-            "command", "base_url", "host", "port", "health_path", "served_model", "start_timeout_s",
-            "stop_signal", "stop_grace_s", "env", "cwd", "log_dir",
-        }  # fmt: skip
-        for k in opts:
-            if k not in known:
-                raise bad(k, f"unknown key; use one of: {', '.join(sorted(known))}")
+        no_unknown(opts, cls.KEYS)
         cmd = opts.get("command")
         if isinstance(cmd, str):
             cmd = shlex.split(cmd)
         if cmd is not None and (
             not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd)
         ):
-            raise bad("command", f"expected a list of arguments, got {cmd!r}")
+            raise OptionError("command", f"expected a list of arguments, got {cmd!r}")
         base_url = opts.get("base_url")
         if cmd is None and not base_url:
-            raise bad("command", "missing: give the command that starts the server, or base_url to attach")
+            raise OptionError(
+                "command", "missing: give the command that starts the server, or base_url to attach"
+            )
         port = opts.get("port", "auto")
         if port != "auto" and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-            raise bad("port", f"expected auto or a port number, got {port!r}")
+            raise OptionError("port", f"expected auto or a port number, got {port!r}")
         sig_name = str(opts.get("stop_signal", "SIGTERM"))
         try:
             sig = signal.Signals[sig_name]
         except KeyError:
-            raise bad("stop_signal", f"unknown signal {sig_name!r}; use SIGTERM or SIGINT") from None
+            raise OptionError("stop_signal", f"unknown signal {sig_name!r}; use SIGTERM or SIGINT") from None
         env = opts.get("env") or {}
         if not isinstance(env, Mapping):
-            raise bad("env", f"expected a mapping, got {env!r}")
-        for key in ("start_timeout_s", "stop_grace_s"):
-            v = opts.get(key, 1.0)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise bad(key, f"expected a positive number of seconds, got {v!r}")
+            raise OptionError("env", f"expected a mapping, got {env!r}")
         return cls(
             command=tuple(cmd) if cmd is not None else None,
             base_url=str(base_url).rstrip("/") if base_url else None,
@@ -134,10 +131,10 @@ class ServerOptions:
             port=None if port == "auto" else int(port),
             health_path=str(opts.get("health_path", "/health")),
             served_model=str(opts["served_model"]) if opts.get("served_model") else None,
-            start_timeout_s=float(opts.get("start_timeout_s", 120.0)),
+            start_timeout_s=positive_seconds(opts, "start_timeout_s", 120.0),
             stop_signal=int(sig),
-            stop_grace_s=float(opts.get("stop_grace_s", 10.0)),
-            env={str(k): str(v) for k, v in env.items()},
+            stop_grace_s=positive_seconds(opts, "stop_grace_s", 10.0),
+            env=MappingProxyType({str(k): str(v) for k, v in env.items()}),
             cwd=str(opts["cwd"]) if opts.get("cwd") else None,
             log_dir=Path(str(opts["log_dir"])).expanduser() if opts.get("log_dir") else None,
         )
@@ -150,7 +147,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_taken(host: str, port: int) -> bool:
+    """Whether another process listens on (or is bound to) the port. Connections of a server
+    that is gone (TIME_WAIT, for a minute after it closed them first) do not count: servers
+    bind with SO_REUSEADDR, and so does this probe."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -209,18 +210,30 @@ def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
 class ServerBackend(Backend):
     """A model served by a server process (or attached to one that is already running)."""
 
-    def __init__(self, spec: ModelSpec, *, log_dir: Path, device: Any = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, log_dir: Path, device: Any = None, options: ServerOptions | None = None
+    ) -> None:
         super().__init__(spec.name, spec.kind, spec.vram_bytes)
         self.spec = spec
-        self.options = ServerOptions.parse(spec.options)  # validated when the config was read
+        self.options = options if options is not None else options_of(spec, ServerOptions)
         self.log_dir = self.options.log_dir or log_dir
         self.device = device
         self._proc: Process | None = None
         self._log: IO[bytes] | None = None
-        self.log_path: Path | None = None
+        self._log_path: Path | None = None
         self.base_url: str | None = None
         self.started_at: float | None = None
         self.exit_code: int | None = None
+
+    # -- capabilities ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str | None:
+        return self.base_url
+
+    @property
+    def served_model(self) -> str:
+        return self.options.served_model or self.name
 
     @property
     def attached(self) -> bool:
@@ -230,10 +243,21 @@ class ServerBackend(Backend):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    # -- sync predicates ---------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at if self.started_at and self.is_alive() else 0.0
 
     def is_alive(self) -> bool:
+        """Its process runs (a server it started), or it is attached (one someone else runs)."""
+        if self.attached:
+            return self._handle is not None
         return self._proc is not None and self._proc.returncode is None
+
+    # -- sync predicates ---------------------------------------------------------------------
 
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         """NVML bytes of the server's process group (None without a per-process reading)."""
@@ -270,29 +294,39 @@ class ServerBackend(Backend):
         }
         argv = [arg.format(**values) for arg in o.command]
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"{self.name}.log"
-        self._log = self.log_path.open("ab")
+        self._log_path = self.log_dir / f"{self.name}.log"
+        self._log = self._log_path.open("ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(
             f"=== {stamp} vram-orchestrator starts {self.name}: {command_preview(argv)}\n".encode()
         )
         self._log.flush()
-        env = {**os.environ, **(o.env or {})}
+        token = children.new_token()  # the server and all its descendants carry it
+        env = {**os.environ, **(o.env or {}), children.TOKEN_ENV: token}
         self.base_url = f"http://{o.host}:{port}"
+        # The checks open_process would make, made before the launcher hides them.
+        if o.cwd is not None and not os.path.isdir(o.cwd):  # noqa: ASYNC240 - two stats before a start
+            self._close_log()
+            raise LoadFailed(self.name, f"the working folder {o.cwd} (backend.cwd) does not exist")
+        program = find_program(argv[0], o.cwd, env.get("PATH"))
+        if program is None:
+            self._close_log()
+            raise LoadFailed(self.name, f"cannot start {argv[0]!r}: No such file or directory")
         try:
             self._proc = await anyio.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                children.guarded_command([program, *argv[1:]], o.stop_signal),
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                 cwd=o.cwd, env=env, start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
             self._close_log()
-            if o.cwd is not None and not os.path.isdir(o.cwd):  # noqa: ASYNC240 - after a failed start
-                raise LoadFailed(
-                    self.name, f"the working folder {o.cwd} (backend.cwd) does not exist"
-                ) from None
             raise LoadFailed(self.name, f"cannot start {argv[0]!r}: {exc.strerror}") from None
         self._tier = Tier.GPU  # from here on, unload() has a process to stop
         self.started_at = time.monotonic()
+        # Recorded so that a next orchestrator reaps it if this one is SIGKILLed.
+        await anyio.to_thread.run_sync(
+            children.BOOK.add, self.name, self._proc.pid, token, o.stop_signal, o.stop_grace_s
+        )
         await self._wait_ready(deadline=time.monotonic() + o.start_timeout_s)
         return self._ready(self._proc.pid)
 
@@ -366,6 +400,7 @@ class ServerBackend(Backend):
         if self._proc is not None:
             with anyio.CancelScope(shield=True):
                 await self._stop(self._proc)
+                await anyio.to_thread.run_sync(children.BOOK.remove, self._proc.pid)
             self._proc = None
         self._close_log()
         self._tier = Tier.DISK
@@ -404,14 +439,30 @@ class ServerBackend(Backend):
     def status(self) -> dict[str, Any]:
         """The design document's ``get_llm_status`` fields."""
         return {
-            "running": self.is_alive() or (self.attached and self._handle is not None),
+            "running": self.is_alive(),
             "pid": self.pid,
             "url": self.base_url,
-            "uptime_s": time.monotonic() - self.started_at if self.started_at and self.is_alive() else 0.0,
+            "uptime_s": self.uptime_s,
             "vram_bytes": self.measured_bytes(),
             "log": str(self.log_path) if self.log_path else None,
         }
 
 
+def find_program(name: str, cwd: str | None, path: str | None) -> str | None:
+    """The executable ``name`` resolves to (as ``exec`` would: a name with a slash is relative
+    to ``cwd``; one without is looked up on ``path``), or None when there is none."""
+    if os.sep in name:
+        full = name if os.path.isabs(name) else os.path.join(cwd or os.getcwd(), name)
+        return full if os.path.isfile(full) and os.access(full, os.X_OK) else None
+    return shutil.which(name, path=path)
+
+
 def command_preview(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> ServerBackend:
+    return ServerBackend(spec, log_dir=log_dir, device=device)
+
+
+BACKEND = BackendType(parse=ServerOptions.parse, create=create)

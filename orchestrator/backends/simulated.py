@@ -8,13 +8,17 @@ raises, an out-of-memory, a load that hangs, an unload that raises, a release th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from orchestrator.backends.base import Backend
-from orchestrator.config import ModelSpec, SimSpec
+from orchestrator.backends.base import Backend, BackendType
+from orchestrator.backends.options import parse_no_options
+from orchestrator.device.base import Device
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
+from orchestrator.errors import ConfigError
+from orchestrator.spec import Config, ModelSpec, SimSpec
 from states.ledger import Tier
 
 
@@ -168,3 +172,18 @@ class SimulatedBackend(Backend):
         self._peak = 0
         self.limit_bytes = None
         self.device.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> SimulatedBackend:
+    if isinstance(device, SimulatedDevice):
+        return SimulatedBackend(spec, device, config.time_scale)
+    raise ConfigError(
+        config.source,
+        f"models.{spec.name}.backend",
+        f"a simulated backend cannot run on the real device ({device.source}: {device.name})",
+        "set hardware.device: simulated to run the simulated models, or give the model a real "
+        "backend (vllm, server, diffusers, tts)",
+    )
+
+
+BACKEND = BackendType(parse=parse_no_options, create=create)

@@ -9,13 +9,16 @@ wrong) as CUDA tensors in this process. torch is imported only when one is loade
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from orchestrator.backends.base import Backend
-from orchestrator.config import ModelSpec
-from orchestrator.device.base import DeviceOutOfMemory
+from orchestrator.backends.base import Backend, BackendType
+from orchestrator.backends.options import parse_no_options
+from orchestrator.device.base import Device, DeviceOutOfMemory
+from orchestrator.errors import ConfigError
+from orchestrator.spec import Config, ModelSpec
 from states.ledger import Tier
 
 CHUNK_BYTES = 1 << 30  # allocate in 1 GiB tensors, as a real model's many tensors are
@@ -86,3 +89,17 @@ class SyntheticBackend(Backend):
         self._tier = Tier.DISK
         if "torch" in sys.modules:
             await anyio.to_thread.run_sync(sys.modules["torch"].cuda.empty_cache)
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> SyntheticBackend:
+    if device.source == "simulated":
+        raise ConfigError(
+            config.source,
+            f"models.{spec.name}.backend",
+            "a synthetic backend allocates real CUDA memory, but the device is simulated",
+            "use backend: simulated, or hardware.device: auto on a machine with a GPU",
+        )
+    return SyntheticBackend(spec, config.device_index)
+
+
+BACKEND = BackendType(parse=parse_no_options, create=create)

@@ -15,16 +15,26 @@ import io
 import threading
 import wave
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.backends.inprocess import InProcessBackend, check_common_options
+from orchestrator.backends.base import BackendType
+from orchestrator.backends.inprocess import InProcessBackend, InProcessOptions
+from orchestrator.spec import Config, ModelSpec
+
+if TYPE_CHECKING:
+    from orchestrator.device.base import Device
 
 OPTION_KEYS = ("path", "dtype")
 
 
-def check_tts_options(opts: Mapping[str, Any]) -> None:
-    """Validate a ``type: tts`` mapping; raises ``OptionError`` naming the key."""
-    check_common_options(opts, OPTION_KEYS)
+@dataclass(frozen=True)
+class TtsOptions(InProcessOptions):
+    @classmethod
+    def parse(cls, opts: Mapping[str, Any]) -> TtsOptions:
+        """Validate a ``type: tts`` mapping; raises ``OptionError`` naming the key."""
+        return cls(**cls.common(opts, OPTION_KEYS))
 
 
 class Speaker:
@@ -88,3 +98,10 @@ class TtsBackend(InProcessBackend):
         model = VitsModel.from_pretrained(self.path, dtype=dtype, local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         return Speaker(model, tokenizer, torch), {"model": model}
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> TtsBackend:
+    return TtsBackend(spec, device, config.device_index)
+
+
+BACKEND = BackendType(parse=TtsOptions.parse, create=create)

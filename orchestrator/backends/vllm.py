@@ -35,15 +35,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from orchestrator.backends.server import OptionError, ServerBackend, ServerOptions
-from orchestrator.config import ModelSpec
+from orchestrator.backends.base import BackendType
+from orchestrator.backends.options import OptionError, options_of
+from orchestrator.backends.server import ServerBackend, ServerOptions
 from orchestrator.errors import LoadFailed, UnloadFailed
+from orchestrator.spec import BackendOptions, Config, ModelSpec
 from states.ledger import Tier
+
+if TYPE_CHECKING:
+    from orchestrator.device.base import Device
 
 logger = logging.getLogger("orchestrator.vllm")
 
@@ -99,51 +107,102 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def split_options(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(vLLM's own keys, the server backend's keys)."""
-    return {k: v for k, v in opts.items() if k in VLLM_KEYS}, {
-        k: v for k, v in opts.items() if k not in VLLM_KEYS
-    }
+# vLLM's own default of ``--max-num-seqs`` for its OpenAI server (vLLM 0.32,
+# ``EngineArgs._get_default_max_num_seqs_and_batched_tokens``): 1024 on a GPU of 70 GiB or
+# more other than an A100, else 256; 128 for the CPU build.
+MAX_NUM_SEQS_LARGE_GPU = 1024
+MAX_NUM_SEQS_GPU = 256
+MAX_NUM_SEQS_CPU = 128
+LARGE_GPU_BYTES = 70 * 2**30
 
 
-def check_vllm_options(opts: dict[str, Any]) -> None:
-    """Validate a ``type: vllm`` mapping; raises ``OptionError`` naming the key."""
-    mine, server = split_options(opts)
-    if not mine.get("model") and not server.get("base_url"):
-        raise OptionError(
-            "model", "missing: give the local path of the model vLLM serves (or base_url to attach)"
+def max_num_seqs(args: Sequence[str]) -> int | None:
+    """The ``--max-num-seqs`` that vLLM arguments set, if any."""
+    for i, a in enumerate(args):
+        value: str | None = None
+        if a == "--max-num-seqs" and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--max-num-seqs="):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            try:
+                n = int(value)
+            except ValueError:
+                raise OptionError("args", f"--max-num-seqs expects a whole number, got {value!r}") from None
+            if n < 1:
+                raise OptionError("args", f"--max-num-seqs must be at least 1, got {n}")
+            return n
+    return None
+
+
+@dataclass(frozen=True)
+class VllmOptions(BackendOptions):
+    """A ``type: vllm`` mapping: vLLM's own keys, and the server backend's for the rest."""
+
+    model: str | None  # the local path vLLM serves (None: attach to ``server.base_url``)
+    sleep_level: int | None
+    args: tuple[str, ...]
+    server: ServerOptions  # its command is built at load; None here
+
+    @classmethod
+    def parse(cls, opts: Mapping[str, Any]) -> VllmOptions:
+        """Validate a ``type: vllm`` mapping; raises ``OptionError`` naming the key."""
+        mine = {k: v for k, v in opts.items() if k in VLLM_KEYS}
+        server = {k: v for k, v in opts.items() if k not in VLLM_KEYS}
+        if not mine.get("model") and not server.get("base_url"):
+            raise OptionError(
+                "model", "missing: give the local path of the model vLLM serves (or base_url to attach)"
+            )
+        if "model" in mine and not isinstance(mine["model"], str):
+            raise OptionError("model", f"expected a path, got {mine['model']!r}")
+        level = mine.get("sleep_level")
+        if level is not None and (isinstance(level, bool) or level not in (1, 2)):
+            raise OptionError("sleep_level", f"expected 1 or 2, got {level!r}")
+        args = mine.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise OptionError("args", f"expected a list of strings, got {args!r}")
+        max_num_seqs(args)  # a bad --max-num-seqs is named now
+        if "command" in server:
+            raise OptionError("command", "a vllm backend builds its own command; use args for more arguments")
+        server.setdefault("start_timeout_s", 300)
+        parsed = ServerOptions.parse({**server, "command": ["vllm"]} if "base_url" not in server else server)
+        model = str(Path(str(mine["model"])).expanduser()) if mine.get("model") else None
+        return cls(
+            model=model,
+            sleep_level=level,
+            args=tuple(args),
+            server=dataclasses.replace(parsed, command=None),
         )
-    if "model" in mine and not isinstance(mine["model"], str):
-        raise OptionError("model", f"expected a path, got {mine['model']!r}")
-    level = mine.get("sleep_level")
-    if level is not None and level not in (1, 2):
-        raise OptionError("sleep_level", f"expected 1 or 2, got {level!r}")
-    args = mine.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise OptionError("args", f"expected a list of strings, got {args!r}")
-    if "command" in server:
-        raise OptionError("command", "a vllm backend builds its own command; use args for more arguments")
-    ServerOptions.parse({**server, "command": ["vllm"]} if "base_url" not in server else server)
+
+    def default_max_concurrent(self, *, device: str, total_bytes: int, gpu_name: str) -> int | None:
+        given = max_num_seqs(self.args)
+        if given is not None:
+            return given
+        if device == "simulated":  # no GPU: the server runs vLLM's CPU build
+            return MAX_NUM_SEQS_CPU
+        if total_bytes >= LARGE_GPU_BYTES and "a100" not in gpu_name.lower():
+            return MAX_NUM_SEQS_LARGE_GPU
+        return MAX_NUM_SEQS_GPU
 
 
 class VllmBackend(ServerBackend):
     def __init__(self, spec: ModelSpec, *, log_dir: Path, device: Any = None) -> None:
-        mine, server = split_options(dict(spec.options))
-        self.model_path = str(Path(str(mine["model"])).expanduser()) if mine.get("model") else None
-        self.sleep_level: int | None = mine.get("sleep_level")
-        self.extra_args = [str(a) for a in mine.get("args", [])]
-        served = str(server.get("served_model") or spec.name)
+        opts = options_of(spec, VllmOptions)
+        self.model_path = opts.model
+        self.sleep_level: int | None = opts.sleep_level
+        self.extra_args = list(opts.args)
+        served = opts.server.served_model or spec.name
         self._tmp: Path | None = None
-        if self.model_path is not None:
-            server["command"] = self._command(served)
-        server["served_model"] = served
-        env = {**QUIET_ENV, **{str(k): str(v) for k, v in (server.get("env") or {}).items()}}
+        env = {**QUIET_ENV, **(opts.server.env or {})}
         if self.sleep_level is not None:
             env.setdefault("VLLM_SERVER_DEV_MODE", "1")
-        server["env"] = env
-        server.setdefault("start_timeout_s", 300)
-        super().__init__(dataclasses.replace(spec, options=server), log_dir=log_dir, device=device)
-        self.spec = spec
+        server = dataclasses.replace(
+            opts.server,
+            command=tuple(self._command(served)) if self.model_path is not None else None,
+            served_model=served,
+            env=MappingProxyType(env),
+        )
+        super().__init__(spec, log_dir=log_dir, device=device, options=server)
         self.served = served
         self._sleep_works = True
 
@@ -163,6 +222,10 @@ class VllmBackend(ServerBackend):
     def supports_host_tier(self) -> bool:
         return self.sleep_level is not None and self._sleep_works
 
+    @property
+    def can_sleep(self) -> bool:
+        return self.supports_host_tier
+
     async def load(self, limit_bytes: int | None = None) -> Any:
         if self.model_path is not None and self._tier is Tier.DISK:
             if not os.path.exists(self.model_path):  # noqa: ASYNC240 - one stat, before a 20 s start
@@ -178,16 +241,12 @@ class VllmBackend(ServerBackend):
                 if self.sleep_level is not None:
                     gpu_args.append("--enable-sleep-mode")
             base = self._command(self.served)
-            self.options = ServerOptions(
-                **{
-                    **self.options.__dict__,
-                    "command": (*base, *gpu_args, *self.extra_args),
-                    "env": {
-                        **(self.options.env or {}),
-                        "TMPDIR": str(self._tmp),
-                        "VLLM_CACHE_ROOT": str(self._tmp),
-                    },
-                }
+            self.options = dataclasses.replace(
+                self.options,
+                command=(*base, *gpu_args, *self.extra_args),
+                env=MappingProxyType(
+                    {**(self.options.env or {}), "TMPDIR": str(self._tmp), "VLLM_CACHE_ROOT": str(self._tmp)}
+                ),
             )
         return await super().load(limit_bytes)
 
@@ -252,3 +311,10 @@ class VllmBackend(ServerBackend):
             if (await client.get("/is_sleeping")).json().get("is_sleeping"):
                 raise LoadFailed(self.name, "woken, but /is_sleeping still says it sleeps")
         return self._ready(self.pid)
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> VllmBackend:
+    return VllmBackend(spec, log_dir=log_dir, device=device)
+
+
+BACKEND = BackendType(parse=VllmOptions.parse, create=create)

@@ -15,12 +15,13 @@ import pytest
 from orchestrator.backends.diffusers import DiffusersBackend
 from orchestrator.backends.tts import Speaker, TtsBackend
 from orchestrator.config import parse_config
-from orchestrator.core import Orchestrator
 from orchestrator.errors import BackendOutOfMemory, ConfigError, LeaseEnded, LoadFailed
 from orchestrator.media import MediaUnsupported, generate_image, synthesize_speech
+from orchestrator.runtime import Orchestrator
 from states.ledger import Tier
 from states.units import gib_to_bytes
 from tests.inprocess.conftest import config_text
+from tests.orchestrator.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -157,21 +158,22 @@ async def test_a_pipeline_kept_alive_outside_is_not_counted_as_free(
         assert device.held_by("sdxl-base") == 0  # type: ignore[attr-defined]
         assert device.held_by("sdxl-base (unreleased)") == gib_to_bytes(10.5)  # type: ignore[attr-defined]
         assert "still referenced outside the orchestrator" in caplog.text
-        await anyio.sleep(0.6)  # past the release wait's deadline: it said who holds what
-        assert "sdxl-base still holds 10.50 GiB" in caplog.text
+        # past the release wait's deadline, it said who holds what
+        await wait_until(lambda: "sdxl-base still holds 10.50 GiB" in caplog.text, within=5)
+        let_go_done = anyio.Event()
 
         async def let_go() -> None:
-            await anyio.sleep(0.5)
+            # 11.5 GiB does not fit beside the 10.5 still held: the LLM waits for the room
+            await wait_until(lambda: "qwen-14b" in orch.deferred(), within=5, what="the LLM waiting for room")
             kept.clear()
             gc.collect()
+            let_go_done.set()
 
-        # 11.5 GiB does not fit beside the 10.5 still held: the LLM waits until they are back
-        t0 = anyio.current_time()
         async with anyio.create_task_group() as tg:
             tg.start_soon(let_go)
             with anyio.fail_after(10):
                 async with orch.acquire("llm"):
-                    assert anyio.current_time() - t0 >= 0.45
+                    assert let_go_done.is_set()  # served only once the pipeline was let go
                     assert device.held_by("sdxl-base (unreleased)") == 0  # type: ignore[attr-defined]
 
 

@@ -21,6 +21,7 @@ from orchestrator.backends.server import group_alive
 from orchestrator.backends.vllm import VllmBackend
 from states.machine import active_state
 from tests.fixtures.design_examples import EXAMPLE_3
+from tests.orchestrator.conftest import wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -123,7 +124,8 @@ async def test_kill_9_while_leased_then_restart(tiny_model: Path, tmp_path: Path
             async with orch.acquire("llm") as lease:
                 pid = lease.handle.pid
                 os.kill(pid, signal.SIGKILL)
-                await anyio.sleep(30)  # the crash cancels this
+                with anyio.fail_after(30):  # the crash cancels this wait (else: TimeoutError)
+                    await anyio.sleep_forever()
         assert info.value.model == "tiny-llm"
         assert not orch.ledger().on_gpu("tiny-llm")
         assert orch.state is active_state(orch.ledger())
@@ -136,18 +138,29 @@ async def test_kill_9_while_leased_then_restart(tiny_model: Path, tmp_path: Path
 
 
 async def test_cancelled_mid_start_leaves_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    """The acquire is cancelled once the server process exists (and long before it is ready):
+    the process group and the temporary folder go with it."""
     orch = Orchestrator(parse_config(config(tiny_model, tmp_path)))
-    pid = None
+    started: list[int] = []
     async with orch:
-        with anyio.move_on_after(3):
-            async with orch.acquire("llm"):
-                pytest.fail("served in 3 s: the start was meant to be cancelled")
-        await anyio.sleep(0.5)
-        pid = vllm(orch).pid
+        backend = vllm(orch)
+        with anyio.CancelScope() as scope:
+
+            async def cancel_once_started() -> None:
+                await wait_until(lambda: backend.pid is not None, within=60, what="the server process")
+                assert backend.pid is not None
+                started.append(backend.pid)
+                scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_once_started)
+                async with orch.acquire("llm"):
+                    pytest.fail("served before the start was cancelled")
+        assert scope.cancelled_caught
     assert orch.state is State.IDLE
-    if pid is not None:
-        assert await gone(pid)
-    assert vllm(orch)._tmp is None  # its temporary folder went with it
+    assert len(started) == 1  # the start was under way when it was cancelled
+    assert await gone(started[0])
+    assert backend._tmp is None  # its temporary folder went with it
 
 
 async def test_start_timeout_and_missing_model(tiny_model: Path, tmp_path: Path) -> None:

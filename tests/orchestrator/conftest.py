@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from orchestrator.config import Config, parse_config
-from orchestrator.core import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.runtime import Orchestrator
 
 TIME_SCALE = 0.001
 

@@ -19,7 +19,6 @@ from anyio.abc import TaskStatus
 
 from orchestrator.backends.simulated import SimulatedBackend, SimulatedModel
 from orchestrator.config import Config
-from orchestrator.core import Lease, Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.errors import (
     AcquireTimeout,
@@ -32,6 +31,7 @@ from orchestrator.errors import (
     VRAMNotReleased,
 )
 from orchestrator.events import Event
+from orchestrator.runtime import Lease, Orchestrator
 from states.ledger import Tier
 from states.machine import State, active_state
 from states.units import gib_to_bytes
@@ -436,7 +436,8 @@ async def test_foreign_memory_that_leaves_too_little_room_makes_the_request_wait
         device.take_foreign(4242, gib_to_bytes(6))  # 15.5 - 6 = 9.5 GiB left; sdxl-base needs 10.5
         async with anyio.create_task_group() as tg:
             tg.start_soon(user)
-            await anyio.sleep(0.2)
+            await wait_until(lambda: "sdxl-base" in orch.deferred(), what="the request deferred for the room")
+            assert "other processes hold 6.00 GiB" in orch.deferred()["sdxl-base"]
             assert not granted.is_set()
             assert [m for m, _, _ in orch.waiting()] == ["sdxl-base"]
             assert orch.state is State.IDLE
@@ -495,16 +496,16 @@ async def test_foreign_memory_taken_between_planning_and_loading(config: Config)
     async with orch:
         async with anyio.create_task_group() as tg:
             tg.start_soon(user)
-            await wait_until(lambda: device.used_bytes() > 0, what="the foreign process took memory")
-            await anyio.sleep(0.05)
+            await wait_until(lambda: bool(outcome), what="the request's outcome")
             device.release_foreign(77)
+        # The room was checked before the load; the foreign process took it during the load,
+        # so the device refused the allocation: the request fails with BackendOutOfMemory
+        # (nothing is ever allocated past the device), and the next one waits for the room.
         [result] = outcome
-        if isinstance(result, BackendOutOfMemory):
-            assert result.model == "sdxl-base"
-            assert "out of memory" in str(result)
-        else:  # the request waited for the room instead
-            assert isinstance(result, Lease)
-        assert device.held_by("sdxl-base") == 0 or orch.ledger().on_gpu("sdxl-base")
+        assert isinstance(result, BackendOutOfMemory), result
+        assert result.model == "sdxl-base"
+        assert "out of memory" in str(result)
+        assert device.held_by("sdxl-base") == 0 and not orch.ledger().on_gpu("sdxl-base")
         assert_settled(orch)
         with anyio.fail_after(2):
             async with orch.acquire("sdxl"):
@@ -690,7 +691,13 @@ async def test_a_reentrant_acquire_works_while_the_model_drains(orch: Orchestrat
         async with anyio.create_task_group() as tg:
             await tg.start(owner)
             tg.start_soon(image)
-            await anyio.sleep(3 * orch.config.fairness_s)  # past fairness_s: the LLM drains
+            # past fairness_s: the LLM drains
+            await wait_until(
+                lambda: any(
+                    m == "sdxl-base" and waited > orch.config.fairness_s for m, _, waited in orch.waiting()
+                ),
+                what="the SDXL waiter past the fairness bound",
+            )
             # Another task gets no new lease on the draining LLM...
             with pytest.raises(AcquireTimeout):
                 async with orch.acquire("llm", timeout=0.05):
@@ -1017,7 +1024,7 @@ async def test_the_event_iterator_sees_what_the_listeners_see(orch: Orchestrator
         async with anyio.create_task_group() as tg:
             async with orch:
                 tg.start_soon(consume)
-                await anyio.sleep(0.01)  # let it subscribe
+                await wait_until(lambda: orch.hub.subscribers == 1, what="the consumer subscribed")
                 orch.add_listener(heard.append)
                 async with orch.acquire("llm"):
                     pass

@@ -14,6 +14,7 @@ from orchestrator.config import load_config
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
 from states.machine import State, active_state
+from tests.orchestrator.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -29,6 +30,7 @@ def make(time_scale: float, fairness_s: float, max_wait_s: float) -> tuple[Orche
     config = dataclasses.replace(
         load_config(None),
         time_scale=time_scale,
+        fairness="time",  # these tests are about the fairness_s bound
         fairness_s=fairness_s,
         max_wait_s=max_wait_s,
         load_timeout_s=5.0,
@@ -108,7 +110,7 @@ async def test_a_hot_model_does_not_starve_the_others() -> None:
         async with orch, anyio.create_task_group() as tg:
             for _ in range(8):
                 tg.start_soon(hot)
-            await anyio.sleep(0.1)  # the LLM is loaded and busy
+            await wait_until(lambda: orch.leases().get("qwen-14b", 0) > 0, what="the LLM loaded and busy")
             async with orch.acquire("sdxl") as lease:
                 sdxl_wait = lease.waited_s
             stop.set()

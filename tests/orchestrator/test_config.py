@@ -3,14 +3,15 @@ names the file, the key, the bad value and the fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from orchestrator.config import Config, load_config, parse_config
-from orchestrator.core import Orchestrator
+from orchestrator.config import Config, RequestLimits, load_config, parse_config
 from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.runtime import Orchestrator
 from states.scheduling import Mode
 from states.units import gib_to_bytes
 
@@ -353,7 +354,8 @@ def test_file_not_found(tmp_path: Path) -> None:
     err = info.value
     assert err.source == str(missing)
     assert "file not found" in err.problem
-    assert "--config" in err.fix
+    assert "check the path" in err.fix
+    assert "--config" not in str(err)  # raised from Python too, where there is no --config
     assert str(err).startswith(str(missing))
 
 
@@ -379,3 +381,103 @@ def test_a_device_the_orchestrator_cannot_drive_is_a_config_error() -> None:
     assert info.value.key == "hardware.device"
     assert "'nvml'" in info.value.problem
     assert "device: simulated" in info.value.fix
+
+
+# -- max_concurrent and limits -------------------------------------------------------------------
+
+
+def with_model(body: str) -> str:
+    return VALID + f"  m: {body}\n"
+
+
+def test_max_concurrent_defaults_per_backend(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    cfg = parse(
+        with_model("{kind: sdxl, vram_gb: 1, backend: {type: diffusers, path: %s}}" % (tmp_path / "p"))
+        + f"  t: {{kind: tts, vram_gb: 1, backend: {{type: tts, path: {tmp_path / 'p'}}}}}\n"
+        + "  srv: {kind: llm, vram_gb: 1, backend: {type: server, command: [x]}}\n"
+        + "  v: {kind: llm, vram_gb: 1, backend: {type: vllm, model: /m}}\n"
+        + "  v8: {kind: llm, vram_gb: 1, backend: {type: vllm, model: /m, args: [--max-num-seqs, '8']}}\n"
+        + "  v9: {kind: llm, vram_gb: 1, backend: {type: vllm, model: /m, args: [--max-num-seqs=9]}}\n"
+    )
+    assert cfg.models["m"].max_concurrent == 1
+    assert cfg.models["t"].max_concurrent == 1
+    assert cfg.models["srv"].max_concurrent is None
+    assert cfg.models["qwen-14b"].max_concurrent is None  # simulated
+    assert cfg.models["v"].max_concurrent == 128  # the simulated device: vLLM's CPU build
+    assert cfg.models["v8"].max_concurrent == 8
+    assert cfg.models["v9"].max_concurrent == 9
+
+
+def test_vllm_max_concurrent_follows_the_gpu() -> None:
+    vllm = "{kind: llm, vram_gb: 10, backend: {type: vllm, model: /m}}"
+    small = parse(with_model(vllm).replace("device: simulated", "device: auto"))
+    assert small.models["m"].max_concurrent == 256
+    big = with_model(vllm).replace("device: simulated", "device: auto")
+    big = big.replace("total_vram_gb: 16.0", "total_vram_gb: 141.0")
+    assert parse(big).models["m"].max_concurrent == 1024
+    a100 = big.replace("hardware:\n", "hardware:\n  gpu_name: NVIDIA A100-SXM4-80GB\n")
+    assert parse(a100).models["m"].max_concurrent == 256
+
+
+def test_max_concurrent_set_or_unlimited() -> None:
+    cfg = parse(
+        with_model("{kind: llm, vram_gb: 1, max_concurrent: 3}")
+        + "  u: {kind: llm, vram_gb: 1, max_concurrent: null, backend: {type: vllm, model: /m}}\n"
+    )
+    assert cfg.models["m"].max_concurrent == 3
+    assert cfg.models["u"].max_concurrent is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "true", "lots"])
+def test_a_bad_max_concurrent(value: str) -> None:
+    err = config_error(with_model(f"{{kind: llm, vram_gb: 1, max_concurrent: {value}}}"))
+    assert_names(err, "models.m.max_concurrent", "expected a whole number >= 1 or null", "max_concurrent: 1")
+
+
+def test_limits_default_and_set() -> None:
+    cfg = parse(
+        with_model("{kind: sdxl, vram_gb: 1, limits: {max_steps: 20, max_width: 512, max_tokens: 512}}")
+    )
+    limits = cfg.models["m"].limits
+    assert (limits.max_steps, limits.max_width, limits.max_height, limits.max_tokens) == (20, 512, 1024, 512)
+    default = cfg.models["qwen-14b"].limits
+    assert default == RequestLimits()
+    assert (default.max_input_chars, default.max_steps, default.max_n, default.max_tokens) == (
+        4096,
+        50,
+        4,
+        None,
+    )
+    assert (default.max_width, default.max_height) == (1024, 1024)
+
+
+def test_limits_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RequestLimits().max_n = 10  # type: ignore[misc]
+
+
+def test_an_unknown_limit() -> None:
+    err = config_error(with_model("{kind: sdxl, vram_gb: 1, limits: {max_stepz: 20}}"))
+    assert_names(err, "models.m.limits.max_stepz", "unknown key", "max_steps")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("max_steps", "0"), ("max_n", "2.5"), ("max_width", "wide"), ("max_tokens", "-5")]
+)
+def test_a_bad_limit(key: str, value: str) -> None:
+    err = config_error(with_model(f"{{kind: sdxl, vram_gb: 1, limits: {{{key}: {value}}}}}"))
+    assert_names(err, f"models.m.limits.{key}", "expected a whole number >= 1", "whole number of at least 1")
+
+
+def test_limits_that_are_not_a_mapping() -> None:
+    err = config_error(with_model("{kind: sdxl, vram_gb: 1, limits: 5}"))
+    assert_names(err, "models.m.limits", "expected a mapping", "max_steps")
+
+
+def test_default_steps_above_the_step_limit() -> None:
+    model = (
+        "{kind: sdxl, vram_gb: 1, limits: {max_steps: 10}, backend: {type: diffusers, path: /p, steps: 30}}"
+    )
+    err = config_error(with_model(model))
+    assert_names(err, "models.m.backend.steps", "more than limits.max_steps (10)", "raise limits.max_steps")

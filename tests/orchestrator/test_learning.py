@@ -15,10 +15,10 @@ import pytest
 
 from orchestrator.backends.simulated import SimulatedBackend
 from orchestrator.config import Config, parse_config
-from orchestrator.core import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.errors import AcquireTimeout, BackendOutOfMemory, InsufficientVRAM
 from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
 from states.units import GIB, format_gib, gib_to_bytes
 from tests.orchestrator.conftest import config_yaml, device_of, wait_until
 

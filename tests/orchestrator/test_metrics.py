@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import orchestrator.config
 from orchestrator.backends.simulated import SimulatedBackend
-from orchestrator.core import Orchestrator
 from orchestrator.errors import AcquireTimeout, LoadFailed
 from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.runtime import Orchestrator
 from states.units import gib_to_bytes
 
 pytestmark = pytest.mark.anyio

@@ -19,12 +19,12 @@ import pytest
 
 import orchestrator.device.nvml as nvml_module
 from orchestrator.config import Config, load_config, parse_config
-from orchestrator.core import Orchestrator
 from orchestrator.device import DeviceUnavailable, ProcessUse, SimulatedDevice, open_device
 from orchestrator.device.nvml import NvmlDevice, nvml_available
 from orchestrator.errors import ConfigError, UnknownModel, VRAMNotReleased
 from orchestrator.footprints import FootprintStore
 from orchestrator.monitor import PeakSampler, VRAMMonitor, wait_released
+from orchestrator.runtime import Orchestrator
 from states.errors import InsufficientVRAM
 from states.units import GIB, format_gib, gib_to_bytes
 from tests.orchestrator.conftest import MODELS_YAML, build_config, config_yaml

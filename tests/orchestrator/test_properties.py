@@ -40,3 +40,31 @@ TestTightBudget.settings = SETTINGS
 # and the device still never passes the budget.
 TestWrongEstimates = machine_for(CONFIG, footprint_factor=1.25).TestCase
 TestWrongEstimates.settings = SETTINGS
+
+
+# Capacities (one image at a time, two speakers, an LLM batching four) and the wait bound:
+# no model ever holds more leases than its max_concurrent, and every waiter is served within
+# max_wait_s plus the switches and turns ahead of it. Without faults or foreign memory, which
+# may hold a request back for as long as they last.
+CAPACITIES = {"llm": 4, "sdxl": 1, "tts": 2}
+CAPPED = dataclasses.replace(
+    CONFIG,
+    models={
+        name: dataclasses.replace(spec, max_concurrent=CAPACITIES.get(spec.kind))
+        for name, spec in CONFIG.models.items()
+    },
+)
+
+
+class CapacityMachine(machine_for(CAPPED)):  # type: ignore[misc]
+    check_wait_bound = True
+
+    def inject_fault(self) -> None:  # not a rule here: no faults
+        pass
+
+    def foreign_process_takes_memory(self) -> None:  # not a rule here: no foreign memory
+        pass
+
+
+TestCapacities = CapacityMachine.TestCase
+TestCapacities.settings = SETTINGS

@@ -14,8 +14,8 @@ from hypothesis.stateful import run_state_machine_as_test
 from orchestrator.backends.simulated import SimulatedBackend
 from orchestrator.cli import _find_violation
 from orchestrator.config import Config, load_config
-from orchestrator.core import Orchestrator
 from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.runtime import Orchestrator
 from orchestrator.testing import (
     InvariantViolation,
     Unusable,

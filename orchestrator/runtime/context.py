@@ -1,0 +1,178 @@
+"""The runtime's shared books: the one ledger, the machine, the clock and the events.
+
+Every part of the runtime (the lease book, the scheduler, the executor, accounting, crash
+watching) works on one ``Context``. It holds the truth and the few helpers that keep it
+consistent when it changes (an event per change, the machine moved only through its table);
+it decides nothing and does no IO.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import anyio
+
+from orchestrator.backends.base import Backend
+from orchestrator.config import Config, ModelSpec
+from orchestrator.events import Event, EventHub
+from orchestrator.runtime.lease import ExternalReservation
+from orchestrator.runtime.stats import Counters
+from states.ledger import Ledger
+from states.machine import ModelMachine, State
+from states.plan import Policy
+from states.step import SwitchCosts, backoff_s
+
+logger = logging.getLogger("orchestrator")
+
+COST_SMOOTHING = 0.3  # how far one new measurement moves a learned switch cost
+
+
+class Context:
+    """The ledger, the machine, the per-model bookkeeping and the event stream."""
+
+    def __init__(
+        self,
+        config: Config,
+        backends: dict[str, Backend],
+        hub: EventHub,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.backends = backends
+        self.hub = hub
+        self.clock = clock
+        self.t0 = clock()
+        self.policy = Policy(exclusive_kinds=config.exclusive_kinds)
+        # leases at once per model (models.<name>.max_concurrent); a model not listed: no limit
+        self.capacity: dict[str, int] = {
+            name: spec.max_concurrent
+            for name, spec in config.models.items()
+            if spec.max_concurrent is not None
+        }
+        self.stats = Counters()
+
+        # Invariants (checked by tests/orchestrator/test_properties.py after every step):
+        # - ledger.committed_bytes <= budget; a load begins only when plan.after fits;
+        # - machine.state == active_state(ledger) unless a switch is running;
+        # - ledger and machine change only in the scheduler's step and the executor (and at
+        #   a crash, where the ledger is made true at once).
+        self.ledger = Ledger(budget_bytes=config.budget_bytes, host_budget_bytes=config.host_budget_bytes)
+        self.machine = ModelMachine()
+        self.lost_gpu_s: dict[str, float] = {}  # when each model last left the GPU
+        self.failures: dict[str, int] = {}  # failures in a row
+        self.backoff_until: dict[str, float] = {}
+        self.last_error: dict[str, BaseException] = {}
+        # residents to unload once idle (no new leases meanwhile), and why: a reload at a
+        # learned size, unload() asked for it, a reservation that ended during a switch
+        self.to_unload: dict[str, str] = {}
+        self.externals: dict[str, ExternalReservation] = {}  # held or waited for
+        self.costs: dict[str, SwitchCosts] = {
+            name: _first_costs(spec, config) for name, spec in config.models.items()
+        }
+        self._wake = anyio.Event()
+        self._measured: dict[str, set[str]] = {}  # which costs are measured, not estimated
+
+    # -- time and wake-ups -------------------------------------------------------------------
+
+    def now_s(self) -> float:
+        return self.clock() - self.t0
+
+    def wake(self) -> None:
+        """Something changed that may change a decision: the scheduler steps again."""
+        self._wake.set()
+
+    def next_wake(self) -> anyio.Event:
+        """A fresh wake-up for the scheduler's next sleep."""
+        self._wake = anyio.Event()
+        return self._wake
+
+    # -- changes that are events -------------------------------------------------------------
+
+    def emit(self, kind: str, **kw: Any) -> None:
+        stats = self.stats
+        stats.peak_committed_bytes = max(stats.peak_committed_bytes, self.ledger.committed_bytes)
+        # Every event carries the ledger's committed bytes and budget as they are now: the
+        # budget invariant can be checked from the event stream alone.
+        kw.setdefault("committed_bytes", self.ledger.committed_bytes)
+        kw.setdefault("budget_bytes", self.ledger.budget_bytes)
+        self.hub.emit(Event(time_s=self.now_s(), kind=kind, **kw))
+
+    def fire(
+        self,
+        trigger: str,
+        ledger: Ledger,
+        *,
+        model: str | None,
+        t0: float | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Move the machine through its table (with the ledger that holds after it)."""
+        before_state = self.machine.state
+        before_bytes = self.ledger.committed_bytes
+        self.machine.fire(trigger, ledger)
+        self.emit(
+            "transition",
+            model=model,
+            trigger=trigger,
+            from_state=before_state.name,
+            to_state=self.machine.state.name,
+            bytes_before=before_bytes,
+            bytes_after=ledger.committed_bytes,
+            duration_s=None if t0 is None else self.now_s() - t0,
+            detail=detail,
+        )
+
+    @property
+    def switching(self) -> bool:
+        return self.machine.state is State.SWITCHING
+
+    # -- per-model health --------------------------------------------------------------------
+
+    def note_lost(self, model: str) -> None:
+        self.lost_gpu_s[model] = self.now_s()
+
+    def back_off(self, model: str, exc: BaseException) -> tuple[int, float]:
+        """Count a failure in a row, record it, and hold the model back (``backoff_s``)."""
+        n = self.failures.get(model, 0) + 1
+        self.failures[model] = n
+        self.last_error[model] = exc
+        backoff = backoff_s(n, self.config.retry_backoff_s, self.config.max_wait_s)
+        self.backoff_until[model] = self.now_s() + backoff
+        return n, backoff
+
+    def learn_cost(self, model: str, what: str, seconds: float) -> None:
+        """A load ("load_s"), restore ("restore_s") or unload ("unload_s") of ``model`` took
+        ``seconds``: the estimate moves toward it (the decision weighs switches by these)."""
+        old = self.costs.get(model)
+        if old is None:
+            return  # a reservation: nothing to learn
+        now = getattr(old, what)
+        blended = (
+            seconds
+            if model not in self._measured.get(what, set())
+            else now + COST_SMOOTHING * (seconds - now)
+        )
+        self._measured.setdefault(what, set()).add(model)
+        self.costs[model] = replace(old, **{what: blended})
+
+    def succeeded(self, model: str) -> None:
+        """A switch to ``model`` worked: its failures in a row and its back-off are over."""
+        self.failures.pop(model, None)
+        self.last_error.pop(model, None)
+        self.backoff_until.pop(model, None)
+
+
+def _first_costs(spec: ModelSpec, config: Config) -> SwitchCosts:
+    """A model's switch costs before any is measured: a simulated model's configured
+    latencies, else the defaults (``SwitchCosts``); each is replaced by the first measurement."""
+    if spec.sim is None:
+        return SwitchCosts()
+    scale = config.time_scale
+    return SwitchCosts(
+        load_s=spec.sim.load_s * scale,
+        restore_s=(spec.sim.restore_s if spec.offload else spec.sim.load_s) * scale,
+        unload_s=spec.sim.unload_s * scale,
+    )

@@ -1,0 +1,389 @@
+"""The one place that does: every unload and every load goes through here.
+
+- ``unload(steps, ...)`` is the one unload path, for a switch's evictions, an eviction that
+  loads nothing (rebalancing, requested unloads), the shutdown and the reaping of leftovers:
+  the backend call under a deadline; if it fails or is cancelled, a second, shielded unload
+  with a deadline (unknown how far the first got; unloading is idempotent), after which the
+  ledger believes the backend; the ledger updated after each success, with one ``evict``
+  event; then the verified release wait (the device must show the memory back).
+- ``load(plan)`` is the one load path, for cold loads and restores from the host tier: the
+  room checked on the device, the bytes committed, the backend capped at its reservation, a
+  failure cleaned up (shielded, with a deadline) and translated into the project's errors.
+- ``switch(plan)`` runs a plan (its evictions, then its load) between the machine's
+  ``begin_switch`` and ``finish_switch`` / ``fail_switch``.
+
+One switch at a time: the scheduler is the only caller, and each action holds the switch lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from orchestrator.device.base import DeviceOutOfMemory
+from orchestrator.errors import BackendError, BackendOutOfMemory, LoadFailed, UnloadFailed, VRAMNotReleased
+from orchestrator.monitor import wait_released
+from orchestrator.runtime.accounting import Accounting, NoRoom
+from orchestrator.runtime.context import Context
+from orchestrator.runtime.queue import LeaseBook
+from orchestrator.runtime.watch import CrashWatch
+from states.ledger import Tier
+from states.plan import Eviction, Plan
+from states.step import DEFERRED_POLL_S
+from states.units import format_gib
+
+logger = logging.getLogger("orchestrator")
+
+RELEASE_POLL_S = 0.002  # how often the release wait reads the device
+
+
+@dataclass(frozen=True)
+class SwitchOutcome:
+    """How a switch ended, for the next decision: the model it loaded, or the error its
+    target's waiters get (neither when it found no room and simply waits)."""
+
+    target: str
+    loaded: bool = False
+    error: Exception | None = None
+
+
+@dataclass
+class ShutdownReport:
+    """What the shutdown really did: what was unloaded, and what could not be, and why."""
+
+    unloaded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        done = f"unloaded {', '.join(self.unloaded)}" if self.unloaded else "nothing was resident"
+        if not self.failed:
+            return done
+        why = "; ".join(f"{m}: {reason}" for m, reason in self.failed.items())
+        return f"{done}; could not unload {', '.join(self.failed)} ({why})"
+
+
+class Executor:
+    def __init__(self, ctx: Context, book: LeaseBook, accounting: Accounting, watch: CrashWatch) -> None:
+        self.ctx = ctx
+        self.book = book
+        self.accounting = accounting
+        self.watch = watch
+        self._lock = anyio.Lock()
+        self.rebalance_after_s = 0.0  # a failed eviction is retried after this
+        self.reap_after: dict[str, float] = {}  # a leftover whose unload failed: retried then
+
+    @contextmanager
+    def switching(self) -> Iterator[None]:
+        """Hold the switch lock, taken without a checkpoint.
+
+        The scheduler decides and starts a switch in one synchronous stretch: if taking the
+        lock yielded, a lease could be granted (acquire's fast path) on a model the switch is
+        about to evict. The scheduler is the only switcher while running, so the lock is free.
+        """
+        self._lock.acquire_nowait()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # -- the one unload path -----------------------------------------------------------------
+
+    async def unload(
+        self, steps: Sequence[Eviction], *, why: str, during: str, counted: bool, strict: bool = False
+    ) -> None:
+        """Carry out ``steps`` in order, then wait until the device shows the memory of those
+        that left the GPU released.
+
+        ``why`` ends each event's detail ("for sdxl-base", "(shutdown)"); ``during`` ends the
+        error's message ("while evicting it for 'sdxl-base'"); ``counted``: an eviction in the
+        statistics (a shutdown or a reaped leftover is not). ``strict``: a backend call that
+        failed is an error even when the second try freed the model (a switch reports it to
+        the waiters it was for; elsewhere the model is gone, which is all that was asked).
+
+        :raises UnloadFailed: a backend's unload failed (the second try too, or ``strict``).
+        :raises VRAMNotReleased: the memory did not come back within ``unload_timeout_s``.
+        """
+        freed: list[str] = []
+        for step in steps:
+            await self._unload_one(step, why=why, during=during, counted=counted, strict=strict)
+            if step.from_tier is Tier.GPU:
+                freed.append(step.model)
+        await self.wait_released(freed)
+
+    async def _unload_one(
+        self, step: Eviction, *, why: str, during: str, counted: bool, strict: bool
+    ) -> None:
+        ctx = self.ctx
+        backend = ctx.backends[step.model]
+        timeout_s = ctx.config.unload_timeout_s
+        self.watch.stop(step.model)
+        t0 = ctx.now_s()
+        try:
+            with anyio.fail_after(timeout_s):
+                if step.to_tier is Tier.HOST:
+                    await backend.offload(Tier.HOST)
+                else:
+                    await backend.unload()
+        except BaseException as exc:
+            # Unknown how far it got: finish the unload (idempotent), shielded, bounded; then
+            # believe the backend about what is still loaded.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
+                try:
+                    await backend.unload()
+                except Exception as again:
+                    logger.warning("second unload of %s failed too: %s", step.model, again)
+            recovered = not backend.is_loaded() and backend.tier is Tier.DISK
+            if recovered:
+                # (a switch that failed because of it counts no eviction)
+                self._landed(
+                    step, Tier.DISK, f"(after a failed unload) {why}", None, counted=counted and not strict
+                )
+            if not isinstance(exc, Exception):
+                raise
+            detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            if strict or not recovered:
+                raise UnloadFailed(step.model, f"{detail} {during}") from exc
+            logger.warning("unloading %s failed (%s) %s; the second try freed it", step.model, detail, during)
+            return
+        # A backend may fall back from keeping a host copy to dropping it (a vLLM server
+        # that cannot sleep): the ledger follows what it really did.
+        landed = backend.tier if backend.tier is not Tier.GPU else step.to_tier
+        if step.from_tier is Tier.GPU:
+            ctx.learn_cost(step.model, "unload_s", ctx.now_s() - t0)
+        self._landed(step, landed, why, ctx.now_s() - t0, counted=counted)
+
+    def _landed(
+        self, step: Eviction, landed: Tier, why: str, duration_s: float | None, *, counted: bool
+    ) -> None:
+        ctx = self.ctx
+        if ctx.ledger.get(step.model) is not None:
+            ctx.ledger = ctx.ledger.move(step.model, landed)
+        if step.from_tier is Tier.GPU:
+            ctx.note_lost(step.model)
+        if counted:
+            ctx.stats.evictions += 1
+        ctx.emit(
+            "evict",
+            model=step.model,
+            duration_s=duration_s,
+            detail=f"{step.from_tier.value} -> {landed.value} {why}",
+        )
+
+    async def wait_released(self, models: list[str]) -> None:
+        """Wait until the device shows the models' memory back, with a deadline."""
+        if not models:
+            return
+        backends = self.ctx.backends
+
+        def still_held() -> list[tuple[str, int]]:
+            return [(m, backends[m].measured_bytes(live_only=False) or 0) for m in models]
+
+        await wait_released(still_held, timeout_s=self.ctx.config.unload_timeout_s, poll_s=RELEASE_POLL_S)
+
+    # -- the actions -------------------------------------------------------------------------
+
+    async def switch(self, p: Plan) -> SwitchOutcome:
+        """Evict, then load, between ``begin_switch`` and ``finish_switch`` / ``fail_switch``."""
+        ctx = self.ctx
+        target = p.load
+        with self.switching():
+            t0 = ctx.now_s()
+            ctx.fire("begin_switch", p.after, model=target)
+            try:
+                await self.unload(
+                    p.evictions,
+                    why=f"for {target}",
+                    during=f"while evicting it for {target!r}",
+                    counted=True,
+                    strict=True,
+                )
+                await self.load(p)
+            except BaseException as exc:
+                ctx.fire("fail_switch", ctx.ledger, model=target, t0=t0)
+                ctx.stats.failed_switches += 1
+                ctx.stats.switching_s += ctx.now_s() - t0
+                if isinstance(exc, NoRoom):
+                    # Memory appeared that the ledger did not know of: nobody failed; the
+                    # next step reads the device again and waits for room (or fails, per
+                    # switching.foreign_memory).
+                    ctx.backoff_until[target] = ctx.now_s() + DEFERRED_POLL_S
+                    ctx.emit("fail", model=target, detail=str(exc.error))
+                    return SwitchOutcome(target)
+                if isinstance(exc, Exception):
+                    n, backoff = ctx.back_off(target, exc)
+                    logger.warning(
+                        "switch to %s failed (%d in a row; retry in %.2f s): %s", target, n, backoff, exc
+                    )
+                    ctx.emit("fail", model=target, detail=str(exc))
+                    return SwitchOutcome(target, error=exc)  # its waiters get the error
+                raise
+            ctx.stats.switching_s += ctx.now_s() - t0
+            ctx.stats.switches += 1
+            if p.gpu_evictions:
+                ctx.stats.exchanges += 1
+            ctx.succeeded(target)
+            ctx.fire("finish_switch", ctx.ledger, model=target, t0=t0)
+        return SwitchOutcome(target, loaded=True)
+
+    async def evict(self, models: Sequence[str], why: str) -> None:
+        """A switch that loads nothing: unload idle GPU residents to disk. A failure backs
+        evictions off for ``retry_backoff_s``."""
+        ctx = self.ctx
+        after = ctx.ledger
+        for m in models:
+            after = after.move(m, Tier.DISK)
+        with self.switching():
+            t0 = ctx.now_s()
+            ctx.fire("begin_switch", after, model=None, detail=f"unloading {', '.join(models)} ({why})")
+            try:
+                steps = [Eviction(m, Tier.GPU, Tier.DISK) for m in models]
+                await self.unload(steps, why=f"({why})", during=f"while evicting it ({why})", counted=True)
+            except Exception as exc:
+                logger.error("evicting %s (%s) failed: %s", ", ".join(models), why, exc)
+                self.rebalance_after_s = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
+            finally:
+                ctx.fire("finish_switch", ctx.ledger, model=None, t0=t0)
+
+    async def reap(self, models: Sequence[str]) -> None:
+        """Unload what a backend still holds but the ledger does not (a failed cleanup).
+
+        Such memory counts as foreign meanwhile, so the budget stays safe; this gives it back.
+        A leftover whose unload fails again is retried after ``retry_backoff_s``.
+        """
+        ctx = self.ctx
+        for name in models:
+            backend = ctx.backends.get(name)
+            if backend is None or backend.tier is Tier.DISK:
+                self.reap_after.pop(name, None)
+                continue
+            try:
+                with self.switching():
+                    step = Eviction(name, backend.tier, Tier.DISK)
+                    await self.unload(
+                        [step],
+                        why="(left over by a failed cleanup)",
+                        during="while reaping it",
+                        counted=False,
+                    )
+                self.reap_after.pop(name, None)
+            except Exception as exc:
+                self.reap_after[name] = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
+                logger.warning("%s still holds memory after a failed cleanup; retrying: %s", name, exc)
+
+    async def shutdown(self) -> ShutdownReport:
+        """Unload everything and close every backend; say what really happened."""
+        ctx = self.ctx
+        report = ShutdownReport()
+        # Leases held by tasks outside the `async with orch` block get a grace period.
+        with anyio.move_on_after(ctx.config.unload_timeout_s):
+            while any(self.book.leases.values()):  # noqa: ASYNC110 - leases end in other tasks; poll briefly
+                await anyio.sleep(RELEASE_POLL_S)
+        async with self._lock:
+            if ctx.ledger.residents:
+                target = ctx.ledger
+                for r in target.residents:
+                    target = target.move(r.model, Tier.DISK)
+                t0 = ctx.now_s()
+                ctx.fire("begin_switch", target, model=None, detail="shutdown: unloading everything")
+                for r in list(ctx.ledger.residents):
+                    try:
+                        step = Eviction(r.model, r.tier, Tier.DISK)
+                        await self.unload([step], why="(shutdown)", during="at shutdown", counted=False)
+                        report.unloaded.append(r.model)
+                    except Exception as exc:
+                        logger.error("could not unload %s at shutdown: %s", r.model, exc)
+                        report.failed[r.model] = str(exc)
+                trigger = "fail_switch" if ctx.ledger.residents else "finish_switch"
+                ctx.fire(trigger, ctx.ledger, model=None, t0=t0)
+            for b in list(ctx.backends.values()):
+                try:
+                    with anyio.fail_after(ctx.config.unload_timeout_s):
+                        await b.aclose()
+                except Exception as exc:
+                    logger.error("closing backend %s failed: %s", b.name, exc)
+                    report.failed.setdefault(b.name, f"closing it failed: {exc}")
+            try:
+                await self.wait_released(list(ctx.backends))
+            except VRAMNotReleased as exc:
+                logger.error("at shutdown: %s", exc)
+                report.failed.setdefault(exc.model, str(exc))
+        return report
+
+    # -- the one load path -------------------------------------------------------------------
+
+    async def load(self, p: Plan) -> None:
+        """Bring ``p.load`` onto the GPU (a cold load, or a restore from the host tier)."""
+        ctx = self.ctx
+        backend = ctx.backends[p.load]
+        resident = p.after.loading
+        assert resident is not None
+        self.accounting.check_room(p.load, resident.vram_bytes)
+        ctx.ledger = ctx.ledger.begin_load(resident)
+        t0 = ctx.now_s()
+        try:
+            # The backend may not take more than the bytes the ledger reserves for it: a
+            # model bigger than its estimate fails to load (and is learned) instead of
+            # pushing the device past the budget.
+            with anyio.fail_after(ctx.config.load_timeout_s):
+                if p.from_tier is Tier.HOST:
+                    await backend.restore(limit_bytes=resident.vram_bytes)
+                else:
+                    await backend.load(limit_bytes=resident.vram_bytes)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(ctx.config.unload_timeout_s):
+                    try:
+                        await backend.unload()
+                    except Exception as again:
+                        logger.error("cleanup of failed load of %s failed: %s", p.load, again)
+                still = backend.measured_bytes(live_only=False)
+                if still:
+                    # The memory stayed: it is no longer ours in the ledger, so it counts as
+                    # foreign until the device shows it gone (see Accounting.refresh_foreign).
+                    logger.error("failed load of %s left %s on the device", p.load, format_gib(still))
+                ctx.ledger = ctx.ledger.abort_load()
+            err = self._load_error(p, exc)
+            if err is exc:
+                raise  # already the project's error (or a cancellation)
+            raise err from exc
+        ctx.ledger = ctx.ledger.finish_load()
+        if p.from_tier is Tier.HOST:
+            ctx.stats.restores += 1
+        else:
+            ctx.stats.loads += 1
+        ctx.learn_cost(p.load, "restore_s" if p.from_tier is Tier.HOST else "load_s", ctx.now_s() - t0)
+        ctx.emit(
+            "load",
+            model=p.load,
+            duration_s=ctx.now_s() - t0,
+            detail=f"from {p.from_tier.value}",
+            bytes_after=resident.vram_bytes,  # what the ledger holds for it
+        )
+        self.accounting.learn(p.load, backend.measured_bytes(live_only=True), "load")
+        self.watch.start(p.load)
+
+    def _load_error(self, p: Plan, exc: BaseException) -> BaseException:
+        """The project's error for a failed load (the original is its ``__cause__``)."""
+        if isinstance(exc, DeviceOutOfMemory):
+            self.accounting.learn(p.load, exc.requested_bytes, "peak")
+            est = self.accounting.estimate(p.load)
+            nxt = (
+                f"; it needs {format_gib(exc.requested_bytes)}, learned: it is planned at "
+                f"{format_gib(est.estimated_vram_bytes)} from now on"
+                if est.source == "measured"
+                else ""
+            )
+            return BackendOutOfMemory(p.load, f"{exc}{nxt}")
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            return BackendOutOfMemory(p.load, str(exc).splitlines()[0])
+        if isinstance(exc, TimeoutError):
+            return LoadFailed(
+                p.load, f"did not finish within load_timeout_s={self.ctx.config.load_timeout_s:g}"
+            )
+        if isinstance(exc, Exception) and not isinstance(exc, BackendError):
+            return LoadFailed(p.load, f"{type(exc).__name__}: {exc}")
+        return exc

@@ -1,0 +1,141 @@
+"""The scheduler loop: snapshot, decide, do. The only code that grants, fails and switches.
+
+Each step reads the device (foreign memory, reservations' real use), takes a frozen
+snapshot (``StepView``), asks ``states.step.decide`` once, applies the grants and failures
+and the drains, and runs the decision's one action through the executor. Then it sleeps
+until the decision's wake time or until something changes (a new waiter, a release, a crash).
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from orchestrator.config import Config
+from orchestrator.runtime.accounting import Accounting
+from orchestrator.runtime.context import Context
+from orchestrator.runtime.executor import Executor, SwitchOutcome
+from orchestrator.runtime.externals import Externals
+from orchestrator.runtime.queue import LeaseBook
+from states.ledger import Tier
+from states.plan import Deferred
+from states.step import Decision, Evict, Reap, StepSettings, StepView, Switch, decide
+
+MIN_SLEEP_S = 0.0005  # the shortest sleep between two steps that found nothing to do now
+
+
+def settings_of(config: Config) -> StepSettings:
+    # Foreign memory can grow while nothing happens here: look at the device now and then
+    # (at the sampler's rate, at least once a second).
+    look = min(1.0, 1.0 / config.sample_hz) if config.sample_hz > 0 else 1.0
+    return StepSettings(
+        mode=config.mode,
+        fairness_by_cost=config.fairness == "cost",
+        fairness_s=config.fairness_s,
+        max_wait_s=config.max_wait_s,
+        foreign_memory_fails=config.foreign_memory == "fail",
+        look_period_s=look,
+    )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        ctx: Context,
+        book: LeaseBook,
+        accounting: Accounting,
+        executor: Executor,
+        externals: Externals,
+    ) -> None:
+        self.ctx = ctx
+        self.book = book
+        self.accounting = accounting
+        self.executor = executor
+        self.externals = externals
+        self.settings = settings_of(ctx.config)
+        self.deferred: dict[str, Deferred] = {}  # requests waiting for foreign memory, for messages
+        self._outcome: SwitchOutcome | None = None  # how the last switch ended
+
+    async def run(self) -> None:
+        while True:
+            wake = self.ctx.next_wake()
+            delay = await self.step()
+            if delay == 0:
+                continue
+            with anyio.move_on_after(delay):
+                await wake.wait()
+
+    async def step(self) -> float | None:
+        """One step. Returns how long to sleep (0: step again at once; None: until poked)."""
+        self.externals.forget_ended()
+        self.accounting.refresh_foreign()
+        self.externals.check_usage()
+        view = self.snapshot()
+        d = decide(view)
+        self._outcome = None
+        self.apply(d)
+        if d.action is None:
+            return None if d.wake_at_s is None else max(MIN_SLEEP_S, d.wake_at_s - view.now_s)
+        await self.execute(d.action)
+        return 0
+
+    def snapshot(self) -> StepView:
+        ctx, book, ex = self.ctx, self.book, self.executor
+        ledger = ctx.ledger
+        wanted = {w.model for w in book.waiters} | {m for m, n in book.leases.items() if n}
+        requests = {
+            m: self.accounting.request(m) for m in wanted if m in ctx.config.models or m in ctx.externals
+        }
+        leftovers = frozenset(
+            n for n, b in ctx.backends.items() if b.tier is not Tier.DISK and ledger.get(n) is None
+        )
+        outcome = self._outcome
+        failed = (
+            (outcome.target, outcome.error) if outcome is not None and outcome.error is not None else None
+        )
+        foreign = ""
+        if self.settings.foreign_memory_fails and ledger.foreign_bytes:
+            foreign = self.accounting.foreign_text()
+        return StepView(
+            now_s=ctx.now_s(),
+            ledger=ledger,
+            waiters=tuple(w.view() for w in book.waiters),
+            requests=requests,
+            policy=ctx.policy,
+            settings=self.settings,
+            leases=book.leases,
+            holders=book.holders,
+            lost_gpu_s=ctx.lost_gpu_s,
+            backoff_until=ctx.backoff_until,
+            to_unload=ctx.to_unload,
+            leftovers=leftovers,
+            reap_after=ex.reap_after,
+            rebalance_after_s=ex.rebalance_after_s,
+            just_loaded=outcome.target if outcome is not None and outcome.loaded else None,
+            just_failed=failed,
+            foreign_text=foreign,
+            capacity=ctx.capacity,
+            costs=ctx.costs,
+        )
+
+    def apply(self, d: Decision) -> None:
+        """The decision's bookkeeping: failures, grants, drains, deferrals, settled unloads."""
+        book, ctx = self.book, self.ctx
+        for seq, error in d.failures:
+            book.fail(book.waiter(seq), error)
+        for seq in d.grants:
+            book.grant(book.waiter(seq))
+        book.draining = d.drain
+        self.deferred = dict(d.deferred)
+        for m in d.settled_unloads:
+            ctx.to_unload.pop(m, None)
+
+    async def execute(self, action: Switch | Evict | Reap) -> None:
+        if isinstance(action, Switch):
+            self._outcome = await self.executor.switch(action.plan)
+        elif isinstance(action, Evict):
+            if action.requested:
+                for m in action.models:
+                    self.ctx.to_unload.pop(m, None)
+            await self.executor.evict(action.models, action.reason)
+        else:
+            await self.executor.reap(action.models)

@@ -1,0 +1,431 @@
+"""One scheduler step: a pure function from a frozen snapshot to everything to do next.
+
+``decide(view)`` is the only place that decides. The runtime (``orchestrator/runtime``)
+takes a snapshot of the queue, the lease book, the ledger and its own bookkeeping, calls
+``decide`` once, applies the grants and failures, sets the drains, runs the ONE action through
+its executor, and sleeps until the wake time (or until something changes). Nothing outside
+checks a state and then acts on it; this is httpcore's ``_assign_requests_to_connections()``:
+the bookkeeping is decided synchronously, and the IO still to do is returned.
+
+The rules, in the order ``decide`` applies them:
+
+1. After a switch (not in fcfs mode), every waiter of the model it loaded is granted first:
+   one switch serves the whole batch that was waiting for it. After a failed switch, every
+   waiter of its target gets its error (the next acquire retries, after a back-off).
+2. Leftovers (memory a backend still holds after a failed cleanup, which the ledger no longer
+   counts) are reaped first, each after its retry time: action ``Reap``.
+3. A waiter whose own holder holds a lease on the model it waits for is granted at once, even
+   while that model drains (the drain waits for this very lease).
+4. A waiter whose holder holds a lease on a model that must leave the GPU for it fails with
+   ``LeaseDeadlock``: it would wait forever.
+5. Over the room (foreign memory grew, or a resident holds more than planned): idle residents
+   are evicted in plan's victim order until the ledger fits: action ``Evict``. Requested
+   unloads (``unload()``, a reload at a learned size, an ended reservation) of idle residents
+   come next: action ``Evict``. Both wait while a failed eviction backs off.
+6. Otherwise the scheduling rules (``states.scheduling``) rank the targets; the first whose
+   plan is possible is chosen. A model that can never fit fails its waiters
+   (``InsufficientVRAM``); one that waits for foreign processes is deferred (its waiters fail
+   at once under the ``fail`` foreign-memory policy).
+7. ``admission`` grants leases on resident models and says which must drain. A resident
+   marked for unloading takes no new lease and drains. A model with a capacity
+   (``max_concurrent``) holds at most that many leases at once: the waiters past it keep
+   waiting in the queue (higher priority first), where the scheduler sees them, and a drain
+   waits only for the leases in progress.
+8. If the plan evicts a busy model, the switch waits (until the target's waiters have waited
+   long enough: ``scheduling.drain_due_at``, by the measured cost of this switch or by
+   ``fairness_s``; or until the leases end); meanwhile, in fair mode, a model that fits
+   without evicting anything is loaded beside it (a side load). Otherwise the switch is the
+   action: ``Switch``.
+9. The wake time is the earliest of: a back-off ending, a reap or rebalance retry, the
+   fairness bound, a deferred request's next look, a waiter becoming overdue, and (while
+   models are resident) the next look at the device for foreign memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+
+from states.errors import InsufficientVRAM, LeaseDeadlock
+from states.ledger import Ledger, Resident, Tier
+from states.plan import Deferred, Plan, PlanRequest, Policy, plan, victim_order
+from states.scheduling import Mode, SchedulerView, WaiterView, admission, drain_due_at, rank_targets
+
+DEFERRED_POLL_S = 0.05  # how often a request blocked by foreign memory looks again
+
+
+@dataclass(frozen=True)
+class SwitchCosts:
+    """What bringing a model in and taking it out costs, in seconds (measured, or estimated
+    until measured)."""
+
+    load_s: float = 10.0  # a cold load from disk
+    restore_s: float = 1.0  # from its host copy
+    unload_s: float = 1.0  # unloading or offloading it
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The policy knobs one step reads (from the config)."""
+
+    mode: Mode = Mode.FAIR
+    fairness_by_cost: bool = False  # the cost rule of drain_due_at (else the time rule)
+    fairness_s: float = 5.0
+    max_wait_s: float = 300.0
+    foreign_memory_fails: bool = False  # switching.foreign_memory: fail (else wait)
+    look_period_s: float = 1.0  # while models are resident, how often to read the device
+
+
+@dataclass(frozen=True)
+class StepView:
+    """A frozen snapshot of everything a step decides from.
+
+    ``requests`` describes every model that is waited for or holds leases (its kind, the
+    bytes it is planned at, whether it can keep a host copy). ``holders`` maps a model to the
+    holders (tasks, or remote clients) with leases on it and how many each holds.
+    """
+
+    now_s: float
+    ledger: Ledger
+    waiters: tuple[WaiterView, ...]
+    requests: Mapping[str, PlanRequest]
+    policy: Policy = field(default_factory=Policy)
+    settings: StepSettings = field(default_factory=StepSettings)
+    leases: Mapping[str, int] = field(default_factory=dict)
+    holders: Mapping[str, Mapping[Hashable, int]] = field(default_factory=dict)
+    lost_gpu_s: Mapping[str, float] = field(default_factory=dict)
+    backoff_until: Mapping[str, float] = field(default_factory=dict)
+    to_unload: Mapping[str, str] = field(default_factory=dict)  # model -> why
+    leftovers: frozenset[str] = frozenset()  # held by a backend, not in the ledger
+    reap_after: Mapping[str, float] = field(default_factory=dict)
+    rebalance_after_s: float = 0.0  # a failed eviction backs off until then
+    just_loaded: str | None = None  # the model the switch before this step loaded
+    just_failed: tuple[str, Exception] | None = None  # the target of a switch that just failed
+    foreign_text: str = ""  # "; other processes: ..." for messages (may be empty)
+    capacity: Mapping[str, int] = field(default_factory=dict)  # leases at once, per limited model
+    costs: Mapping[str, SwitchCosts] = field(default_factory=dict)  # per model; absent: the defaults
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Carry out ``plan``: its evictions, then its load."""
+
+    plan: Plan
+    side_load: bool = False  # beside a busy model that drains for another target
+
+
+@dataclass(frozen=True)
+class Evict:
+    """A switch that loads nothing: unload ``models`` (idle GPU residents) to disk."""
+
+    models: tuple[str, ...]
+    reason: str
+    requested: bool = False  # these were unload requests (forget them once done)
+
+
+@dataclass(frozen=True)
+class Reap:
+    """Unload what backends still hold though the ledger no longer counts it."""
+
+    models: tuple[str, ...]
+
+
+Action = Switch | Evict | Reap
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Everything one step decided. The runtime applies it in this order: failures,
+    grants, drains, then the action."""
+
+    grants: tuple[int, ...] = ()  # waiter seqs, in grant order
+    failures: tuple[tuple[int, Exception], ...] = ()  # (waiter seq, its error)
+    drain: frozenset[str] = frozenset()  # residents that take no new leases
+    action: Action | None = None
+    wake_at_s: float | None = None  # decide again then at the latest (None: when poked)
+    deferred: Mapping[str, Deferred] = field(default_factory=dict)
+    settled_unloads: frozenset[str] = frozenset()  # unload requests whose model is gone
+
+
+def backoff_s(failures_in_a_row: int, retry_backoff_s: float, max_wait_s: float) -> float:
+    """How long a model is held back after its ``failures_in_a_row``-th failure in a row:
+    doubling from ``retry_backoff_s``, at most a quarter of ``max_wait_s``."""
+    return float(min(retry_backoff_s * 2 ** (failures_in_a_row - 1), max_wait_s / 4))
+
+
+def grants_at_once(
+    ledger: Ledger,
+    model: str,
+    *,
+    queue_length: int,
+    switching: bool,
+    draining: frozenset[str],
+    to_unload: Mapping[str, str],
+    held: int = 0,
+    capacity: int | None = None,
+) -> bool:
+    """What ``decide`` would answer for a lone waiter, without a round trip through the
+    scheduler (acquire()'s fast path): grant at once when the model is on the GPU with a free
+    slot (``held`` leases of its ``capacity``), nothing drains it, it is not marked for
+    unloading, no switch runs and nobody else waits."""
+    return (
+        queue_length == 1
+        and not switching
+        and model not in draining
+        and model not in to_unload
+        and (capacity is None or held < capacity)
+        and ledger.on_gpu(model)
+    )
+
+
+class _Step:
+    """The working state of one ``decide`` call (a private helper, thrown away after it)."""
+
+    def __init__(self, view: StepView) -> None:
+        self.view = view
+        self.waiters = list(view.waiters)
+        self.grants: list[int] = []
+        self.failures: list[tuple[int, Exception]] = []
+        self.leases = dict(view.leases)
+        self.wake_at: list[float] = []
+        self.on_gpu = frozenset(r.model for r in view.ledger.gpu_residents)
+
+    def grant(self, w: WaiterView) -> None:
+        self.waiters.remove(w)
+        self.grants.append(w.seq)
+        self.leases[w.model] = self.leases.get(w.model, 0) + 1
+
+    def grant_within_capacity(self, waiters: list[WaiterView]) -> None:
+        """Grant ``waiters`` while their model has a free slot: overdue ones (waited
+        ``max_wait_s``) first, then higher priority, then arrival (arrival alone in fcfs
+        mode); the rest keep waiting, seen by the scheduler."""
+        fcfs = self.view.settings.mode is Mode.FCFS
+        capacity = self.view.capacity
+        deadline = self.view.now_s - self.view.settings.max_wait_s
+
+        def order(w: WaiterView) -> tuple[bool, int, int]:
+            return (w.arrived_s > deadline, 0 if fcfs else -w.priority, w.seq)
+
+        for w in sorted(waiters, key=order):
+            cap = capacity.get(w.model)
+            if cap is None or self.leases.get(w.model, 0) < cap:
+                self.grant(w)
+
+    def fail(self, w: WaiterView, error: Exception) -> None:
+        self.waiters.remove(w)
+        self.failures.append((w.seq, error))
+
+    def decision(self, **kw: object) -> Decision:
+        return Decision(grants=tuple(self.grants), failures=tuple(self.failures), **kw)  # type: ignore[arg-type]
+
+
+def decide(view: StepView) -> Decision:
+    """Decide one scheduler step (see the module docstring for the rules)."""
+    s = _Step(view)
+    now = view.now_s
+    ledger = view.ledger
+    settled = frozenset(m for m in view.to_unload if ledger.get(m) is None)
+
+    # 1. The batch the last switch was for: served by it, or given its error.
+    if view.just_loaded is not None and view.settings.mode is not Mode.FCFS and view.just_loaded in s.on_gpu:
+        s.grant_within_capacity([w for w in s.waiters if w.model == view.just_loaded])
+    if view.just_failed is not None:
+        failed, error = view.just_failed
+        for w in [w for w in s.waiters if w.model == failed]:
+            s.fail(w, error)
+
+    # 2. Leftovers of failed cleanups.
+    reap = tuple(sorted(m for m in view.leftovers if view.reap_after.get(m, 0.0) <= now))
+    if reap:
+        return s.decision(action=Reap(reap), wake_at_s=now, settled_unloads=settled)
+    s.wake_at += [t for m, t in view.reap_after.items() if m in view.leftovers and t > now]
+
+    # 3. Re-entrant acquires (past the model's capacity too: the holder's own slot is taken,
+    #    and refusing it a second one would have it wait for itself).
+    for w in [w for w in s.waiters if w.model in s.on_gpu and view.holders.get(w.model, {}).get(w.holder)]:
+        s.grant(w)
+
+    # 4. Deadlocks.
+    for w in list(s.waiters):
+        held = _deadlocked_on(view, w)
+        if held is not None:
+            s.fail(w, LeaseDeadlock(w.model, held))
+
+    # 5. Rebalance, then requested unloads.
+    if view.rebalance_after_s > now:
+        s.wake_at.append(view.rebalance_after_s)
+    else:
+        evict = _rebalance(view, s.leases) or _requested_unloads(view, s.leases, settled)
+        if evict is not None:
+            return s.decision(action=evict, wake_at_s=now, settled_unloads=settled)
+
+    # 6. The target: the best-ranked model whose plan is possible now.
+    blocked = {m for m, until in view.backoff_until.items() if until > now}
+    s.wake_at += [t for t in view.backoff_until.values() if t > now]
+    deferred: dict[str, Deferred] = {}
+    target: str | None = None
+    chosen: Plan | None = None
+    while True:
+        ranked = rank_targets(_scheduler_view(view, s.waiters, s.on_gpu, s.leases, blocked))
+        if not ranked:
+            break
+        target = ranked[0]
+        try:
+            p = plan(view.requests[target], ledger, view.policy)
+        except InsufficientVRAM as exc:
+            for w in [w for w in s.waiters if w.model == target]:
+                s.fail(w, exc)
+            target = None
+            continue
+        if isinstance(p, Deferred):
+            deferred[target] = p
+            if view.settings.foreign_memory_fails:
+                err = InsufficientVRAM(
+                    target,
+                    p.needed_bytes,
+                    p.available_bytes,
+                    ledger.budget_bytes,
+                    reason=p.reason + view.foreign_text,
+                    advice="wait for those processes to end, or set switching.foreign_memory: wait",
+                )
+                for w in [w for w in s.waiters if w.model == target]:
+                    s.fail(w, err)
+            else:
+                blocked.add(target)
+                s.wake_at.append(now + DEFERRED_POLL_S)
+            target = None
+            continue
+        chosen = p
+        break
+
+    # 7. Grants on resident models, and drains.
+    sv = _scheduler_view(view, s.waiters, s.on_gpu, s.leases, frozenset(blocked))
+    evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen is not None else frozenset()
+    cost_s = switch_cost_s(view, chosen) if chosen is not None and view.settings.fairness_by_cost else None
+    adm = admission(sv, target, evictees, cost_s)
+    drain = frozenset(adm.drain | set(view.to_unload))
+    s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in view.to_unload])
+
+    done = {"drain": drain, "deferred": deferred, "settled_unloads": settled}
+    if chosen is None or target is None:
+        return s.decision(wake_at_s=_wake_at(view, s), **done)
+
+    # 8. A busy evictee holds the switch back; a side load may go meanwhile.
+    side = False
+    if any(s.leases.get(m, 0) for m in evictees):
+        if not adm.drain:  # wake when the waiters have waited long enough
+            s.wake_at.append(drain_due_at(sv, target, evictees, cost_s))
+        beside = _side_load(view, sv, target) if view.settings.mode is Mode.FAIR else None
+        if beside is None:
+            return s.decision(wake_at_s=_wake_at(view, s), **done)
+        chosen, side = beside, True
+    return s.decision(action=Switch(chosen, side_load=side), wake_at_s=now, **done)
+
+
+def switch_cost_s(view: StepView, p: Plan) -> float:
+    """What carrying out ``p`` costs: its GPU evictions' unloads, then its load or restore."""
+    default = SwitchCosts()
+    out = sum(view.costs.get(e.model, default).unload_s for e in p.gpu_evictions)
+    target = view.costs.get(p.load, default)
+    return out + (target.restore_s if p.from_tier is Tier.HOST else target.load_s)
+
+
+def _scheduler_view(
+    view: StepView,
+    waiters: list[WaiterView],
+    on_gpu: frozenset[str],
+    leases: Mapping[str, int],
+    blocked: set[str] | frozenset[str],
+) -> SchedulerView:
+    st = view.settings
+    return SchedulerView(
+        now_s=view.now_s,
+        waiters=tuple(waiters),
+        on_gpu=on_gpu,
+        leases=leases,
+        lost_gpu_s=view.lost_gpu_s,
+        blocked=frozenset(blocked),
+        mode=st.mode,
+        fairness_s=st.fairness_s,
+        max_wait_s=st.max_wait_s,
+    )
+
+
+def _kind_bytes(view: StepView, model: str) -> tuple[str, int]:
+    """A model's kind and its configured bytes (a reservation that ended: nothing)."""
+    r = view.requests.get(model)
+    if r is None:
+        return "", 0
+    return r.kind, (r.configured_bytes or r.vram_bytes)
+
+
+def _deadlocked_on(view: StepView, w: WaiterView) -> str | None:
+    """The model on which ``w``'s own holder holds a lease and that must leave for ``w``."""
+    if view.ledger.on_gpu(w.model):
+        return None  # nothing has to leave for a model that is already resident
+    kind, n_bytes = _kind_bytes(view, w.model)
+    for held, by_holder in view.holders.items():
+        if held == w.model or not by_holder.get(w.holder):
+            continue
+        other_kind, other_bytes = _kind_bytes(view, held)
+        both_heavy = view.policy.is_exclusive(kind) and view.policy.is_exclusive(other_kind)
+        if both_heavy or n_bytes + other_bytes > view.ledger.budget_bytes:
+            return held
+    return None
+
+
+def _rebalance(view: StepView, leases: Mapping[str, int]) -> Evict | None:
+    """Over the room: evict idle residents, in plan's victim order, until the ledger fits."""
+    ledger = view.ledger
+    if ledger.fits():
+        return None
+    idle: list[Resident] = [r for r in ledger.gpu_residents if not leases.get(r.model) and not r.external]
+    over = ledger.committed_bytes - ledger.available_bytes
+    chosen = _enough(victim_order(idle), over)
+    if not chosen:
+        return None  # every resident is in use: their releases wake the scheduler
+    return Evict(tuple(r.model for r in chosen), "over the room")
+
+
+def _enough(order: list[Resident], over_bytes: int) -> list[Resident]:
+    """The first residents of ``order`` that free ``over_bytes`` (all of them if not enough)."""
+    chosen: list[Resident] = []
+    freed = 0
+    for r in order:
+        if freed >= over_bytes:
+            break
+        chosen.append(r)
+        freed += r.vram_bytes
+    return chosen
+
+
+def _requested_unloads(view: StepView, leases: Mapping[str, int], settled: frozenset[str]) -> Evict | None:
+    idle = sorted(m for m in view.to_unload if m not in settled and not leases.get(m))
+    if not idle:
+        return None
+    reasons = sorted({view.to_unload[m] for m in idle})
+    return Evict(tuple(idle), "; ".join(reasons), requested=True)
+
+
+def _side_load(view: StepView, sv: SchedulerView, target: str) -> Plan | None:
+    """A model further down the ranking that fits without evicting anything."""
+    for model in rank_targets(sv):
+        if model == target:
+            continue
+        try:
+            p = plan(view.requests[model], view.ledger, view.policy)
+        except InsufficientVRAM:
+            continue
+        if isinstance(p, Plan) and not p.gpu_evictions:
+            return p
+    return None
+
+
+def _wake_at(view: StepView, s: _Step) -> float | None:
+    times = list(s.wake_at)
+    times += [w.arrived_s + view.settings.max_wait_s for w in s.waiters]
+    if view.ledger.gpu_residents:
+        # Foreign memory can grow while nothing happens here: look at the device now and then.
+        times.append(view.now_s + view.settings.look_period_s)
+    later = [t for t in times if t > view.now_s]
+    return min(later) if later else None
