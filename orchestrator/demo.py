@@ -1,20 +1,29 @@
-"""The demo: the design document's Example 1 workflow, for several agents at once.
+"""The demo: the Model Management Module's Example 1 workflow, for several agents at once.
 
 Each agent does LLM plans -> SDXL draws -> TTS speaks -> LLM reviews through one
 orchestrator. Switches are shown as they run; at the end a summary (switches, time switching
 versus working, peak VRAM against the budget) is printed and the outputs are written to a
-folder (the event log as JSON lines, the summary, each agent's transcript and, when
-matplotlib is installed, the VRAM timeline chart).
+folder (the event log as JSON lines, the summary, each agent's transcript, the images and
+speech of real models and, when matplotlib is installed, the VRAM timeline chart).
+
+Each step uses whatever the config's default model of its kind is: a simulated model sleeps
+for the step's work time; a ``diffusers`` model draws a real PNG; a ``tts`` model speaks a
+real WAV; an LLM served by ``vllm`` or a ``server`` backend answers the prompt through its
+OpenAI-compatible API. The tiny models (``--tiny-models``) have random weights: their images
+and speech are noise, by design. A config whose models point at real folders gives real ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import random
 import sys
+import threading
 import time
-from collections.abc import Callable
+import wave
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -29,9 +38,10 @@ from orchestrator.config import Config
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
 from orchestrator.footprints import default_path
-from orchestrator.media import generate_image, synthesize_speech
+from orchestrator.media import MediaUnsupported, generate_image
 from orchestrator.runtime import Orchestrator
 from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable, render_timeline
+from orchestrator.tiny_models import MODELS as TINY_MODEL_NAMES
 from orchestrator.tiny_models import build as build_tiny
 from states.units import format_gib
 
@@ -46,6 +56,105 @@ SCENES = [
 
 # Work per step, in seconds at real speed (scaled like the switches).
 WORK_S = {"plan": 2.0, "draw": 6.0, "speak": 1.5, "review": 2.0}
+
+#: The demo's speech peaks at this level (dBFS) at most: the tiny TTS model's random weights
+#: give near-full-scale noise, too loud to play at a normal volume.
+SPEECH_PEAK_DBFS = -12.0
+#: A switch that has run this long (wall seconds) gets a live elapsed-time line on a terminal.
+SLOW_SWITCH_S = 1.0
+
+NOISE_NOTE = (
+    "the tiny models have random weights: their images and speech are noise by design (the "
+    "speech is kept at {peak:g} dBFS); for real ones, give --config a file whose sdxl and tts "
+    "models point at real folders (backend: {{type: diffusers, path: ...}} and {{type: tts, path: ...}})"
+)
+
+
+class StatusLine:
+    """One line on a terminal rewritten in place (carriage return), for long waits.
+
+    Quiet when ``stream`` is not a terminal (a pipe, a file, a test's buffer): the lines that
+    matter are printed anyway (``print``); the status line only shows that something is still
+    happening. Safe to use from two threads.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        isatty = getattr(stream, "isatty", None)
+        self.enabled = bool(isatty and isatty())
+        self._shown = 0  # characters on the status line now
+        self._lock = threading.Lock()
+
+    def show(self, text: str) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.stream.write("\r" + text + " " * max(0, self._shown - len(text)))
+            self.stream.flush()
+            self._shown = len(text)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def print(self, text: str) -> None:
+        """A line of output that stays (the status line, if any, is cleared first)."""
+        with self._lock:
+            self._clear()
+            print(text, file=self.stream, flush=True)
+
+    def _clear(self) -> None:
+        if self.enabled and self._shown:
+            self.stream.write("\r" + " " * self._shown + "\r")
+            self.stream.flush()
+            self._shown = 0
+
+
+class Ticker:
+    """Shows how long the current step has run on a ``StatusLine``, refreshed four times a
+    second by a background thread, once it has run ``after_s``; on a non-terminal it does
+    nothing. Use it as a context manager around the work."""
+
+    def __init__(self, line: StatusLine) -> None:
+        self.line = line
+        self._what: str | None = None
+        self._since = 0.0
+        self._after_s = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Ticker:
+        if self.line.enabled:
+            self._thread = threading.Thread(target=self._run, name="vram-demo-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.done()
+
+    def step(self, what: str, *, after_s: float = 0.0) -> None:
+        with self._lock:
+            self._what, self._since, self._after_s = what, time.monotonic(), after_s
+        self._render()
+
+    def done(self) -> None:
+        with self._lock:
+            self._what = None
+            self.line.clear()
+
+    def _render(self) -> None:
+        with self._lock:
+            elapsed = time.monotonic() - self._since
+            if self._what is not None and elapsed >= self._after_s:
+                self.line.show(f"  {self._what} ... {elapsed:.1f} s")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._render()
 
 
 @dataclass
@@ -78,29 +187,40 @@ def default_tiny_dir() -> Path:
     return default_path().parent / "tiny-models"
 
 
-def with_tiny_models(config: Config, root: Path) -> tuple[Config, list[str]]:
-    """The config with its simulated (or synthetic) SDXL and TTS defaults replaced by the real
-    tiny models (built under ``root`` on first use). On the simulated device they run on the
-    CPU and their configured sizes stand for them in VRAM; on a real one they run on the GPU.
-    Returns the new config and the models replaced."""
-    wanted = {"sdxl": "tiny-sdxl", "tts": "tiny-tts"}
-    targets = {
+def tiny_targets(config: Config) -> dict[str, str]:
+    """The config's default SDXL and TTS models that the tiny models would replace (kind ->
+    name): those that are simulated or synthetic. Models with a real backend stay."""
+    return {
         kind: config.defaults[kind]
-        for kind in wanted
+        for kind in ("sdxl", "tts")
         if kind in config.defaults
         and config.models[config.defaults[kind]].backend in ("simulated", "synthetic")
     }
+
+
+def with_tiny_models(config: Config, root: Path, *, stream: TextIO | None = None) -> tuple[Config, list[str]]:
+    """The config with its simulated (or synthetic) SDXL and TTS defaults replaced by the real
+    tiny models (built under ``root`` on first use). On the simulated device they run on the
+    CPU and their configured sizes stand for them in VRAM; on a real one they run on the GPU.
+    Returns the new config and the models replaced.
+
+    :param stream: where a terminal shows the build's progress (first use: about 15 s).
+    """
+    wanted = {"sdxl": "tiny-sdxl", "tts": "tiny-tts"}
+    targets = tiny_targets(config)
     if not targets:
         return config, []
-    paths = build_tiny(root, tuple(wanted[k] for k in targets))
-    # Import the libraries now, so their import time (seconds) is not counted as a switch.
     from orchestrator.backends.inprocess import quiet_imports
 
-    with quiet_imports():
-        import diffusers
-        import transformers
+    with Ticker(StatusLine(stream or sys.stdout)) as ticker:
+        paths = build_tiny(root, tuple(wanted[k] for k in targets), progress=ticker.step)
+        # Import the libraries now, so their import time (seconds) is not counted as a switch.
+        ticker.step("importing diffusers and transformers")
+        with quiet_imports():
+            import diffusers
+            import transformers
 
-        diffusers.StableDiffusionXLPipeline, transformers.VitsModel  # noqa: B018 - lazy modules
+            diffusers.StableDiffusionXLPipeline, transformers.VitsModel  # noqa: B018 - lazy modules
     models = dict(config.models)
     for kind, name in targets.items():
         options: dict[str, Any] = {"path": str(paths[wanted[kind]])}
@@ -167,6 +287,8 @@ async def _step(orch: Orchestrator, log: AgentLog, kind: str, step: str, prompt:
             touched = await anyio.to_thread.run_sync(handle.run)
             await anyio.sleep(WORK_S[step] * orch.config.time_scale)
             out = f"[{lease.model} (synthetic: wrote {format_gib(touched)} of real GPU memory)] {prompt}"
+        elif kind == "llm":
+            out = await _ask_llm(orch, lease.model, handle, prompt)
         elif kind == "sdxl":
             # the scene itself: the simulated LLM's text is no prompt, and CLIP reads 77 tokens
             png = await generate_image(handle, log.scene, width=64, height=64, seed=log.agent)
@@ -174,7 +296,7 @@ async def _step(orch: Orchestrator, log: AgentLog, kind: str, step: str, prompt:
             path.write_bytes(png)
             out = f"drew {path.name} ({len(png)} bytes, a real PNG from {lease.model})"
         else:
-            wav = await synthesize_speech(handle, prompt, seed=log.agent)
+            wav = await _speak(handle, prompt, seed=log.agent)
             path = log.out_dir / f"agent-{log.agent}.wav"
             path.write_bytes(wav)
             out = f"spoke {path.name} ({len(wav)} bytes, a real WAV from {lease.model})"
@@ -184,8 +306,62 @@ async def _step(orch: Orchestrator, log: AgentLog, kind: str, step: str, prompt:
     return str(out)
 
 
+async def _ask_llm(orch: Orchestrator, model: str, handle: Any, prompt: str) -> str:
+    """The prompt to an LLM served by ``vllm`` or a ``server`` backend (OpenAI chat API)."""
+    client = getattr(handle, "client", None)
+    if client is None:
+        raise MediaUnsupported(
+            f"{model!r}: the demo cannot talk to this LLM ({type(handle).__name__}); give it "
+            "backend: vllm or backend: {type: server, ...}"
+        )
+    served = getattr(orch.backends.get(model), "served_model", None) or _option(
+        orch.config, model, "served_model"
+    )
+    body = {
+        "model": str(served or model),
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 64,
+    }
+    r = await client.post("/v1/chat/completions", json=body)
+    r.raise_for_status()
+    return str(r.json()["choices"][0]["message"]["content"]).strip()
+
+
+async def _speak(handle: Any, text: str, *, seed: int) -> bytes:
+    """``text`` spoken by a TTS model's ``Speaker``, as WAV bytes at a sane level."""
+    if not callable(getattr(handle, "synthesize", None)):
+        raise MediaUnsupported(
+            f"{type(handle).__name__} speaks no audio: give the tts model backend: tts with the path "
+            "of a local VITS model"
+        )
+    samples, rate = await anyio.to_thread.run_sync(lambda: handle.synthesize(text, seed=seed))
+    return speech_wav(samples, rate)
+
+
+def speech_wav(samples: Any, rate: int, *, peak_dbfs: float = SPEECH_PEAK_DBFS) -> bytes:
+    """A mono 16-bit WAV of ``samples`` (floats, full scale 1.0), scaled down so that its peak
+    is at most ``peak_dbfs`` (never up: a real model's quiet speech stays as it is, and nothing
+    clips). The tiny TTS model's random weights give noise near full scale, a blast at normal
+    volume; at -12 dBFS it is a hiss."""
+    import numpy as np
+
+    x = np.nan_to_num(np.asarray(samples, dtype=np.float64).reshape(-1))
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    limit = 10.0 ** (peak_dbfs / 20.0)
+    if peak > limit:
+        x = x * (limit / peak)
+    pcm = np.round(x * 32767.0).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(rate))
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
 async def creative_agent(orch: Orchestrator, log: AgentLog) -> None:
-    """The design's Example 1 with the new API: plan, draw, speak, review."""
+    """The Model Management Module's Example 1 with the new API: plan, draw, speak, review."""
     prompt = await _step(orch, log, "llm", "plan", f"Write an image prompt for: {log.scene}")
     image = await _step(orch, log, "sdxl", "draw", prompt)
     await _step(orch, log, "tts", "speak", f"Here is {log.scene}")
@@ -193,31 +369,32 @@ async def creative_agent(orch: Orchestrator, log: AgentLog) -> None:
 
 
 class Progress:
-    """Prints switches and evictions as they happen."""
+    """Prints switches and evictions as they happen; on a terminal, a switch that takes more
+    than ``SLOW_SWITCH_S`` (a cold load of a real model) shows its elapsed time meanwhile."""
 
-    def __init__(self, orch: Orchestrator, out: TextIO, time_scale: float) -> None:
-        self.orch, self.out, self.time_scale = orch, out, time_scale
+    def __init__(self, orch: Orchestrator, line: StatusLine, time_scale: float, ticker: Ticker) -> None:
+        self.orch, self.line, self.time_scale, self.ticker = orch, line, time_scale, ticker
 
     def __call__(self, e: Event) -> None:
         stamp = f"[{e.time_s:7.2f} s]"
         if e.kind == "transition" and e.trigger == "begin_switch":
             what = f"loading {e.model}" if e.model else (e.detail or "unloading")
-            print(f"{stamp} switching: {e.from_state} -> {what} ...", file=self.out)
+            self.line.print(f"{stamp} switching: {e.from_state} -> {what} ...")
+            self.ticker.step(what, after_s=SLOW_SWITCH_S)
         elif e.kind == "transition" and e.trigger in ("finish_switch", "fail_switch"):
+            self.ticker.done()
             dur = (e.duration_s or 0.0) / self.time_scale if self.time_scale else 0.0
             verb = "now" if e.trigger == "finish_switch" else "FAILED, back to"
-            print(
+            self.line.print(
                 f"{stamp} {verb} {e.to_state} ({format_gib(e.bytes_after or 0)} committed; "
-                f"the switch takes {dur:.1f} s at real speed)",
-                file=self.out,
+                f"the switch takes {dur:.1f} s at real speed)"
             )
         elif e.kind == "evict":
-            print(f"{stamp}   evicted {e.model}: {e.detail}", file=self.out)
+            self.line.print(f"{stamp}   evicted {e.model}: {e.detail}")
         elif e.kind == "load":
-            print(f"{stamp}   loaded {e.model} {e.detail}", file=self.out)
+            self.line.print(f"{stamp}   loaded {e.model} {e.detail}")
         elif e.kind == "fail":
-            print(f"{stamp}   error: {e.detail}", file=self.out)
-        self.out.flush()
+            self.line.print(f"{stamp}   error: {e.detail}")
 
 
 async def run_demo(
@@ -230,6 +407,8 @@ async def run_demo(
     on_event: Callable[[Event], None] | None = None,
 ) -> dict[str, Any]:
     """Run the workflow for ``agents`` agents; write the outputs; return the summary."""
+    if agents < 1:
+        raise ValueError(f"agents must be at least 1, got {agents}")
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     logs = [AgentLog(i + 1, SCENES[(i + seed) % len(SCENES)], out_dir=out_dir) for i in range(agents)]
@@ -242,13 +421,14 @@ async def run_demo(
         f"budget {format_gib(budget)}; time runs {1 / scale:g}x faster than real",
         file=stream,
     )
-    with events_path.open("w") as ev_file:
+    line = StatusLine(stream)
+    with events_path.open("w") as ev_file, Ticker(line) as ticker:
 
         def record(e: Event) -> None:
             ev_file.write(json.dumps(e.to_dict()) + "\n")
 
         orch.add_listener(record)
-        orch.add_listener(Progress(orch, stream, scale))
+        orch.add_listener(Progress(orch, line, scale, ticker))
         if on_event is not None:
             orch.add_listener(on_event)
         if isinstance(device, SimulatedDevice):
@@ -276,6 +456,7 @@ async def run_demo(
         "peak_vram_bytes": peak,
         "peak_committed_bytes": stats.peak_committed_bytes,
         "switches": stats.switches,
+        "exchanges": stats.exchanges,
         "failed_switches": stats.failed_switches,
         "cold_loads": stats.loads,
         "restores_from_host": stats.restores,
@@ -290,18 +471,32 @@ async def run_demo(
     }
     summary["images"] = sorted(p.name for p in out_dir.glob("agent-*.png"))
     summary["audio"] = sorted(p.name for p in out_dir.glob("agent-*.wav"))
-    summary["real_models"] = [
-        name for name, spec in orch.config.models.items() if spec.backend in ("diffusers", "tts")
-    ]
+    real = [name for name, spec in orch.config.models.items() if spec.backend in ("diffusers", "tts")]
+    summary["real_models"] = real
+    summary["tiny_models"] = [name for name in real if _is_tiny(orch.config, name)]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with (out_dir / "transcripts.txt").open("w") as f:
         for log in logs:
             f.write(f"agent {log.agent}: {log.scene}\n")
-            for line in log.lines:
-                f.write(f"  {line}\n")
+            for text in log.lines:
+                f.write(f"  {text}\n")
     chart = _write_chart(events_path, out_dir / "timeline.png", budget, orch.config.time_scale)
     print(_format_summary(summary, out_dir, chart), file=stream)
     return summary
+
+
+def _option(config: Config, name: str, key: str) -> Any:
+    """One of a model's backend options (a mapping, or the backend type's options object)."""
+    options = config.models[name].options
+    if isinstance(options, Mapping):
+        return options.get(key)
+    return getattr(options, key, None)
+
+
+def _is_tiny(config: Config, name: str) -> bool:
+    """Is this model one of ``orchestrator.tiny_models`` (random weights)?"""
+    path = _option(config, name, "path")
+    return bool(path) and Path(str(path)).name in TINY_MODEL_NAMES
 
 
 def _write_chart(events_path: Path, out: Path, budget_bytes: int, time_scale: float) -> Path | None:
@@ -317,8 +512,9 @@ def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str
     lines = [
         "",
         "summary (times at real speed)",
-        f"  switches             {s['switches']} ({s['cold_loads']} cold loads, {s['restores_from_host']} "
-        f"restores from host RAM, {s['evictions']} evictions, {s['failed_switches']} failed)",
+        f"  switches             {s['switches']} ({s['exchanges']} took the GPU from another model; "
+        f"{s['cold_loads']} cold loads, {s['restores_from_host']} restores from host RAM, "
+        f"{s['evictions']} evictions, {s['failed_switches']} failed)",
         f"  leases               {s['leases']}",
         f"  total time           {s['real_speed_s']:.1f} s",
         f"  switching            {s['switching_real_speed_s']:.1f} s",
@@ -327,13 +523,20 @@ def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str
         f"  peak VRAM            {format_gib(s['peak_vram_bytes'])} of the {format_gib(s['budget_bytes'])} "
         f"budget ({ok})",
     ]
-    if s.get("real_models"):
+    tiny = s.get("tiny_models") or []
+    real = [m for m in s.get("real_models") or [] if m not in tiny]
+    where = "on the CPU" if s["device"] == "simulated" else "on the GPU"
+    files = ", ".join(s["images"] + s["audio"]) or "no outputs"
+    if tiny:
         lines.append(
-            f"  real tiny models     {', '.join(s['real_models'])} (on the CPU, standing in for the "
-            f"full-size ones; their real times are scaled like the simulated ones): "
-            f"{', '.join(s['images'] + s['audio']) or 'no outputs'}"
+            f"  real tiny models     {', '.join(tiny)} ({where}, standing in for the full-size ones; "
+            f"their real times are scaled like the simulated ones): {files}"
         )
-    else:
+    if real:
+        lines.append(f"  real models          {', '.join(real)} ({where}): {files}")
+    if tiny:
+        lines.append("  note: " + NOISE_NOTE.format(peak=SPEECH_PEAK_DBFS))
+    if not tiny and not real:
         lines.append(f"  models               all simulated (no image or audio); {TINY_HINT}")
     if chart is not None:
         lines.append(

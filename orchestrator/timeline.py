@@ -16,11 +16,19 @@ switch's committed bytes. From it, ``reconstruct()`` rebuilds each model's resid
   each run's clock starts at zero, so a time that goes backwards begins the next run;
 - switch spans run from ``begin_switch`` to ``finish_switch`` or ``fail_switch``. A failed
   switch is shaded red; the bytes its failed load had committed are not drawn (the log does
-  not say whether the load had begun or an eviction failed first).
+  not say whether the load had begun or an eviction failed first). A span that loads nothing
+  is an unload (idle models evicted to make room for foreign memory) or the shutdown; they
+  are shaded and labelled apart, so the title's count of switches is the number of regions
+  labelled "switching" (and ``statistics().switches``); of those, the title also counts the
+  exchanges: the switches that took the GPU from another model (``statistics().exchanges``);
+- the stack's order is fixed for the whole chart: the largest model at the bottom. The heavy
+  models (which replace one another) sit at the bottom and the light ones ride on top, so a
+  light model that leaves moves no other band.
 
-``render_timeline()`` draws it with matplotlib (the optional ``charts`` extra, imported only
-here and only when called): committed bytes per model stacked over time, the budget line,
-switch spans shaded, GiB and seconds.
+``chart_data()`` works out everything the chart shows (the stacked bands, the shaded regions,
+the title, the axis range) as plain numbers; ``render_timeline()`` draws it with matplotlib
+(the optional ``charts`` extra, imported only there and only when called): committed bytes per
+model stacked over time, the budget line, switch spans shaded, GiB and seconds.
 """
 
 from __future__ import annotations
@@ -67,15 +75,17 @@ class Span:
 class SwitchSpan:
     start_s: float
     end_s: float
-    model: str | None  # the switch's target; None for the shutdown's unload-everything
+    model: str | None  # the switch's target; None when it loads nothing (an unload, the shutdown)
     ok: bool
+    what: str = "switch"  # "switch" (loads ``model``), "unload" (evicts only) or "shutdown"
+    exchange: bool = False  # a switch that took the GPU from another model (evicted one from it)
 
 
 @dataclass(frozen=True)
 class Timeline:
     spans: tuple[Span, ...]
     switches: tuple[SwitchSpan, ...]
-    models: tuple[str, ...]  # the stack's order, bottom first: by bytes, then first appearance
+    models: tuple[str, ...]  # the stack's order, bottom first: largest first, then first appearance
     end_s: float
     restarts: tuple[float, ...] = ()  # where a later run's log begins (appended logs)
 
@@ -131,11 +141,24 @@ def event_from_dict(raw: Mapping[str, Any]) -> Event:
     return Event(**{k: v for k, v in raw.items() if k in _EVENT_FIELDS})
 
 
+def budget_from_events(events: Iterable[Event]) -> int | None:
+    """The budget the events carry (each has the ledger's ``budget_bytes``): the latest one,
+    as a log appended to by several runs ends with the current config's. ``None`` when no
+    event carries one (a log from before they did)."""
+    budget: int | None = None
+    for e in events:
+        b = e.budget_bytes
+        if isinstance(b, int) and not isinstance(b, bool) and b > 0:
+            budget = b
+    return budget
+
+
 def read_run(events_path: str | Path) -> tuple[list[Event], int | None, float]:
-    """The events, and the budget and time scale from a ``summary.json`` beside them, if any."""
+    """The events, the budget and the time scale: from a ``summary.json`` beside them (the
+    demo writes one) when there is one, else the budget the events carry and a scale of 1."""
     events = read_events(events_path)
     summary_path = Path(events_path).with_name("summary.json")
-    budget: int | None = None
+    budget = budget_from_events(events)
     time_scale = 1.0
     try:
         summary = json.loads(summary_path.read_text())
@@ -174,7 +197,8 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
     models: list[str] = []
     resident: dict[str, tuple[float, int | None]] = {}  # model -> (since, bytes; None: not known yet)
     loading_from: dict[str, float] = {}  # model -> when its load began (in the open switch)
-    open_switch: tuple[float, str | None] | None = None
+    open_switch: tuple[float, str | None, str] | None = None  # (since, target, what)
+    evicted_in_switch = False  # the open switch took a model off the GPU
     floor_s = 0.0  # nothing in the open switch began before this
     end_s = evs[-1].time_s if evs else 0.0
 
@@ -195,8 +219,9 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
             for m in list(resident):
                 close(m, e.time_s)
             if open_switch is not None:
-                switches.append(SwitchSpan(open_switch[0], e.time_s, open_switch[1], ok=False))
+                switches.append(SwitchSpan(open_switch[0], e.time_s, open_switch[1], False, open_switch[2]))
             open_switch = None
+            evicted_in_switch = False
             loading_from.clear()
         if e.kind == "load" and e.model is not None:
             note(e.model)
@@ -208,11 +233,16 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
                 close(e.model, start)
             resident[e.model] = (e.time_s, given.get(e.model))
         elif e.kind == "evict" and e.model is not None:
+            if open_switch is not None and open_switch[1] is None and "(shutdown)" in (e.detail or ""):
+                open_switch = (open_switch[0], None, "shutdown")  # said by its evictions too
+            if open_switch is not None and _gpu_eviction(e.detail):
+                evicted_in_switch = True
             if e.model in resident and _gpu_eviction(e.detail):
                 close(e.model, e.time_s)
                 floor_s = max(floor_s, e.time_s)
         elif e.kind == "transition" and e.trigger == "begin_switch":
-            open_switch = (e.time_s, e.model)
+            open_switch = (e.time_s, e.model, _what(e))
+            evicted_in_switch = False
             floor_s = e.time_s
         elif e.kind == "transition" and e.trigger in ("finish_switch", "fail_switch"):
             # Bytes of the models loaded in this switch: what is committed now, less the rest.
@@ -229,26 +259,37 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
                     spans.append(Span(m, start, resident[m][0], n_m, loading=True))
             loading_from.clear()
             if open_switch is not None:
-                switches.append(
-                    SwitchSpan(open_switch[0], e.time_s, open_switch[1], ok=e.trigger == "finish_switch")
-                )
+                ok = e.trigger == "finish_switch"
+                since, target, what = open_switch
+                exchange = ok and what == "switch" and evicted_in_switch
+                switches.append(SwitchSpan(since, e.time_s, target, ok, what, exchange))
             open_switch = None
+            evicted_in_switch = False
     for m in list(resident):
         close(m, end_s)
     if open_switch is not None:  # the log ends inside a switch
-        switches.append(SwitchSpan(open_switch[0], end_s, open_switch[1], ok=True))
+        switches.append(SwitchSpan(open_switch[0], end_s, open_switch[1], True, open_switch[2]))
     # Models whose bytes never became known (a log cut short) are left out of the chart.
-    # Stack order: smaller models at the bottom. The small ones are the light models that
-    # ride along across switches; at the bottom their band stays put while the heavy models
-    # above them come and go.
+    # Stack order, fixed for the whole chart: the largest model at the bottom. The large ones
+    # are the heavy models, which never share the GPU with each other: each takes the bottom
+    # while it is in. The light models ride along on top, so when one leaves (a TTS model at
+    # the shutdown) no band below it moves; with the light models at the bottom instead, the
+    # heavy model's band would drop from the top of the stack to the floor.
     size = {m: max((s.bytes for s in spans if s.model == m), default=0) for m in models}
     return Timeline(
         spans=tuple(sorted(spans, key=lambda s: s.start_s)),
         switches=tuple(switches),
-        models=tuple(sorted((m for m in models if size[m]), key=lambda m: size[m])),
+        models=tuple(sorted((m for m in models if size[m]), key=lambda m: (-size[m], models.index(m)))),
         end_s=end_s,
         restarts=tuple(evs[i].time_s for i in sorted(restart_at)),
     )
+
+
+def _what(begin: Event) -> str:
+    """What a switch that begins with this ``begin_switch`` does."""
+    if begin.model is not None:
+        return "switch"
+    return "shutdown" if (begin.detail or "").startswith("shutdown") else "unload"
 
 
 def _one_clock(events: Iterable[Event]) -> tuple[list[Event], set[int]]:
@@ -289,6 +330,123 @@ def charts_available() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Band:
+    """One layer of the stack: a model's bytes (resident, or loading) over the chart's x."""
+
+    model: str
+    loading: bool
+    base_gib: tuple[float, ...]  # at each x, where the layer starts
+    top_gib: tuple[float, ...]  # and where it ends (equal to base where the model is absent)
+    color: str
+    label: str  # "qwen-14b (11.50 GiB)"
+
+
+@dataclass(frozen=True)
+class Region:
+    """A shaded span of the x axis (a switch, a failed one, an unload, the shutdown)."""
+
+    start: float
+    end: float
+    label: str  # "switching", "failed switch", "unloading" or "shutdown"
+
+
+REGION_STYLE = {  # label -> (face colour, alpha, hatch)
+    "switching": ("#9aa0a6", 0.18, None),
+    "failed switch": ("#d93025", 0.28, None),
+    "unloading": ("#9aa0a6", 0.10, None),
+    "shutdown": ("#5f6368", 0.08, "..."),
+}
+
+
+@dataclass(frozen=True)
+class ChartData:
+    """Everything the chart shows, in its own units (seconds at the chart's speed, GiB)."""
+
+    x: tuple[float, ...]  # breakpoints, piecewise constant after each (step "post")
+    bands: tuple[Band, ...]  # bottom first
+    committed_gib: tuple[float, ...]  # the stack's top at each x
+    regions: tuple[Region, ...]
+    restarts: tuple[float, ...]
+    x_max: float  # the axis' end: past the last event, so the last eviction shows
+    peak_gib: float
+    title: str
+
+    def band(self, model: str, *, loading: bool = False) -> Band:
+        for b in self.bands:
+            if b.model == model and b.loading is loading:
+                return b
+        raise KeyError(f"no {'loading ' if loading else ''}band for {model!r}")
+
+
+def chart_data(
+    tl: Timeline, *, budget_bytes: int | None = None, time_scale: float = 1.0, title: str | None = None
+) -> ChartData:
+    """The numbers the chart is drawn from (pure: no matplotlib), for ``render_timeline``."""
+    if time_scale <= 0:
+        raise TimelineError(f"time_scale must be positive, got {time_scale!r}")
+    k = 1.0 / time_scale
+    # The axis runs a little past the last event: the last eviction (the shutdown's) happens
+    # at the last event, and a drop to zero on the axis' edge cannot be seen.
+    pad_s = max(tl.end_s * 0.03, 1e-3)
+    t_max = tl.end_s + pad_s
+    times = sorted({0.0, tl.end_s, t_max, *(s.start_s for s in tl.spans), *(s.end_s for s in tl.spans)})
+    x = tuple(t * k for t in times)
+    # Colours follow the order of first appearance (the first model loaded is blue).
+    palette = _palette(len(tl.models))
+    first_seen = sorted(tl.models, key=lambda m: min(s.start_s for s in tl.spans if s.model == m))
+    base = [0.0] * len(times)
+    bands: list[Band] = []
+    for model in tl.models:
+        color = palette[first_seen.index(model)]
+        size = max(s.bytes for s in tl.spans if s.model == model)
+        for loading in (False, True):
+            layer = [0.0] * len(times)
+            for sp in tl.spans:
+                if sp.model == model and sp.loading is loading:
+                    for j in range(bisect_left(times, sp.start_s), bisect_left(times, sp.end_s)):
+                        layer[j] += sp.bytes / GIB
+            if not any(layer):
+                continue
+            top = [b + v for b, v in zip(base, layer, strict=True)]
+            bands.append(
+                Band(model, loading, tuple(base), tuple(top), color, f"{model} ({format_gib(size)})")
+            )
+            base = top
+    labels = {"switch": "switching", "unload": "unloading", "shutdown": "shutdown"}
+    regions = tuple(
+        Region(sw.start_s * k, sw.end_s * k, labels.get(sw.what, "switching") if sw.ok else "failed switch")
+        for sw in tl.switches
+    )
+    peak = max(base, default=0.0)
+    n_ok = sum(1 for r in regions if r.label == "switching")
+    n_exchanges = sum(1 for sw in tl.switches if sw.exchange)
+    n_failed = sum(1 for r in regions if r.label == "failed switch")
+    n_unloads = sum(1 for r in regions if r.label == "unloading")
+    peak_txt = f"peak {peak:.2f} GiB" + (f" of the {format_gib(budget_bytes)} budget" if budget_bytes else "")
+    title = title or (
+        f"VRAM timeline: {_plural(n_ok, 'switch')}"
+        + (f" ({n_exchanges} took the GPU from another model)" if n_ok else "")
+        + (f", {_plural(n_failed, 'failed switch')}" if n_failed else "")
+        + (f", {_plural(n_unloads, 'unload')}" if n_unloads else "")
+        + f", {peak_txt}"
+    )
+    return ChartData(
+        x=x,
+        bands=tuple(bands),
+        committed_gib=tuple(base),
+        regions=regions,
+        restarts=tuple(t * k for t in tl.restarts),
+        x_max=t_max * k,
+        peak_gib=peak,
+        title=title,
+    )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else ('es' if word.endswith('ch') else 's')}"
+
+
 def render_timeline(
     events: Sequence[Event] | str | Path,
     out_path: str | Path,
@@ -320,74 +478,50 @@ def render_timeline(
         raise TimelineError(f"{source or 'the event list'}: no events to draw; run the orchestrator first")
     if time_scale <= 0:
         raise TimelineError(f"time_scale must be positive, got {time_scale!r}")
-    tl = reconstruct(evs, sizes)
-    k = 1.0 / time_scale
+    data = chart_data(reconstruct(evs, sizes), budget_bytes=budget_bytes, time_scale=time_scale, title=title)
 
     fig = Figure(figsize=(11, 5.2), dpi=110, layout="constrained")
     ax = fig.add_subplot()
-
-    # Piecewise-constant layers, one per model (resident) plus one per model (loading),
-    # evaluated on every breakpoint and stacked in the models' order of first appearance.
-    times = sorted({0.0, tl.end_s, *(s.start_s for s in tl.spans), *(s.end_s for s in tl.spans)})
-    x = [t * k for t in times]
-    # Colours follow the order of first appearance (the first model loaded is blue).
-    palette = _palette(len(tl.models))
-    first_seen = sorted(tl.models, key=lambda m: min(s.start_s for s in tl.spans if s.model == m))
-    colors = [palette[first_seen.index(m)] for m in tl.models]
-    base = [0.0] * len(times)
     model_handles: list[Any] = []
-    for i, model in enumerate(tl.models):
-        for loading in (False, True):
-            layer = [0.0] * len(times)
-            for sp in tl.spans:
-                if sp.model == model and sp.loading is loading:
-                    for j in range(bisect_left(times, sp.start_s), bisect_left(times, sp.end_s)):
-                        layer[j] += sp.bytes / GIB
-            if not any(layer):
-                continue
-            top = [b + v for b, v in zip(base, layer, strict=True)]
-            size = max(s.bytes for s in tl.spans if s.model == model)
-            poly = ax.fill_between(
-                x,
-                base,
-                top,
-                step="post",
-                facecolor=to_rgba(colors[i], 0.3 if loading else 0.9),
-                hatch="///" if loading else None,
-                edgecolor=colors[i] if loading else "white",
-                linewidth=0.0 if loading else 0.6,
-                label=None if loading else f"{model} ({format_gib(size)})",
-            )
-            if not loading:
-                model_handles.append(poly)
-            base = top
+    for band in data.bands:
+        poly = ax.fill_between(
+            data.x,
+            band.base_gib,
+            band.top_gib,
+            step="post",
+            facecolor=to_rgba(band.color, 0.3 if band.loading else 0.9),
+            hatch="///" if band.loading else None,
+            edgecolor=band.color if band.loading else "white",
+            linewidth=0.0 if band.loading else 0.6,
+            label=None if band.loading else band.label,
+        )
+        if not band.loading:
+            model_handles.append(poly)
     # The committed total, as a crisp outline of the stack.
-    ax.step(x, base, where="post", color="#333333", linewidth=0.9, label="committed")
+    ax.step(data.x, data.committed_gib, where="post", color="#333333", linewidth=0.9, label="committed")
 
-    ok_label, failed_label = "switching", "failed switch"
-    for sw in tl.switches:
+    labelled: set[str] = set()
+    for r in data.regions:
+        face, alpha, hatch = REGION_STYLE[r.label]
         ax.axvspan(
-            sw.start_s * k,
-            sw.end_s * k,
-            facecolor="#9aa0a6" if sw.ok else "#d93025",
-            alpha=0.18 if sw.ok else 0.28,
+            r.start,
+            r.end,
+            facecolor=to_rgba(face, alpha),
+            hatch=hatch,
+            edgecolor=to_rgba(face, 0.35) if hatch else "none",
             linewidth=0,
-            label=ok_label if sw.ok else failed_label,
+            label="_" if r.label in labelled else r.label,
             zorder=0,
         )
-        if sw.ok:
-            ok_label = "_"
-        else:
-            failed_label = "_"
-    for i, t in enumerate(tl.restarts):
-        ax.axvline(t * k, color="#555555", linestyle=":", linewidth=1.2, label="restart" if i == 0 else "_")
-    if any(s.loading for s in tl.spans):
+        labelled.add(r.label)
+    for i, t in enumerate(data.restarts):
+        ax.axvline(t, color="#555555", linestyle=":", linewidth=1.2, label="restart" if i == 0 else "_")
+    if any(b.loading for b in data.bands):
         ax.fill_between(
             [], [], [], facecolor="white", edgecolor="#555555", hatch="///", label="loading (committed)"
         )
 
-    peak = max(base, default=0.0)
-    top_gib = peak
+    top_gib = data.peak_gib
     if budget_bytes is not None:
         ax.axhline(budget_bytes / GIB, color="#c5221f", linestyle="--", linewidth=1.6)
         ax.annotate(
@@ -403,23 +537,15 @@ def render_timeline(
         )
         top_gib = max(top_gib, budget_bytes / GIB)
     ax.set_ylim(0, max(1.0, top_gib * 1.12))
-    ax.set_xlim(0, max(x[-1], 1e-9))
+    ax.set_xlim(0, max(data.x_max, 1e-9))
     ax.set_ylabel("committed VRAM (GiB)")
     ax.set_xlabel(
-        "time (s)" if time_scale == 1 else f"time at real speed (s); the run was {k:g}x faster than real"
+        "time (s)"
+        if time_scale == 1
+        else f"time at real speed (s); the run was {1 / time_scale:g}x faster than real"
     )
     ax.grid(axis="y", alpha=0.3)
-    ax.margins(x=0)
-    n_ok = sum(1 for s in tl.switches if s.ok and s.model is not None)
-    n_failed = sum(1 for s in tl.switches if not s.ok)
-    peak_txt = f"peak {peak:.2f} GiB" + (f" of the {format_gib(budget_bytes)} budget" if budget_bytes else "")
-    ax.set_title(
-        title
-        or f"VRAM timeline: {n_ok} switch{'es' if n_ok != 1 else ''}"
-        + (f", {n_failed} failed switch{'es' if n_failed != 1 else ''}" if n_failed else "")
-        + f", {peak_txt}",
-        fontsize=12,
-    )
+    ax.set_title(data.title, fontsize=12)
     # The models in the legend read top-down, as the stack does.
     handles, _ = ax.get_legend_handles_labels()
     handles = [*reversed(model_handles), *(h for h in handles if h not in model_handles)]

@@ -28,6 +28,7 @@ import json
 import shutil
 import string
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -300,20 +301,29 @@ MODELS = ("tiny-llm", "tiny-sdxl", "tiny-sdxl-lora", "tiny-controlnet", "tiny-tt
 COMPLETE = ".complete"  # written last: a folder without it was interrupted and is rebuilt
 
 
-def build(root: Path, which: tuple[str, ...] = MODELS) -> dict[str, Path]:
-    """Build the named tiny models under ``root`` (those already complete are kept)."""
+def build(
+    root: Path, which: tuple[str, ...] = MODELS, *, progress: Callable[[str], None] | None = None
+) -> dict[str, Path]:
+    """Build the named tiny models under ``root`` (those already complete are kept).
+
+    :param progress: called with a short text before each model that has to be built (the
+        demo shows it on a terminal: a first build takes about 15 s).
+    """
     from orchestrator.backends.inprocess import quiet_imports
 
     root.mkdir(parents=True, exist_ok=True)
     need = set(which)
     if need & {"tiny-sdxl-lora", "tiny-controlnet"}:
         need.add("tiny-sdxl")
+    todo = [n for n in MODELS if n in need and not (root / n / COMPLETE).exists()]
     out: dict[str, Path] = {}
     for name in MODELS:
         if name not in need:
             continue
         path = root / name
         if not (path / COMPLETE).exists():
+            if progress is not None:
+                progress(f"building {name} ({todo.index(name) + 1} of {len(todo)}, first use only)")
             shutil.rmtree(path, ignore_errors=True)
             with quiet_imports():  # the libraries' import-time notices are not the user's concern
                 _build_one(name, path, root)
@@ -340,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="folder to write the tiny models into")
     p.add_argument("--only", nargs="+", choices=MODELS, help="build only these (default: all)")
     args = p.parse_args(argv)
-    for name, path in build(Path(args.dir), tuple(args.only or MODELS)).items():
+    progress = (lambda text: print(f"{text} ...", flush=True)) if sys.stdout.isatty() else None
+    for name, path in build(Path(args.dir), tuple(args.only or MODELS), progress=progress).items():
         print(f"{name}: {path}")
     return 0
 

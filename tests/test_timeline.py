@@ -18,6 +18,8 @@ from orchestrator.timeline import (
     ChartsUnavailable,
     Span,
     TimelineError,
+    budget_from_events,
+    chart_data,
     read_events,
     read_run,
     reconstruct,
@@ -110,7 +112,8 @@ def test_residency_is_rebuilt_from_the_events() -> None:
         (52.0, 72.0, "qwen-14b", True),
         (80.0, 87.0, None, True),
     ]
-    assert tl.models == ("gpt-sovits-small", "sdxl-base", "qwen-14b")  # smallest at the bottom
+    assert [s.what for s in tl.switches] == ["switch"] * 5 + ["shutdown"]
+    assert tl.models == ("qwen-14b", "sdxl-base", "gpt-sovits-small")  # largest at the bottom
     assert tl.peak_bytes == LLM + TTS
 
 
@@ -152,6 +155,88 @@ def test_an_appended_log_is_drawn_run_after_run(tmp_path: Path) -> None:
     png_ok(render_timeline([*crashed, *HAND_EVENTS], tmp_path / "appended.png"))
 
 
+# -- the data the chart is drawn from ----------------------------------------------------------
+
+
+def test_the_title_counts_the_regions_shaded_as_switching() -> None:
+    """Five spans are shaded in HAND_EVENTS' run besides the failed one; the shutdown is one of
+    them and is labelled so: the title counts the four others, as statistics().switches does."""
+    data = chart_data(reconstruct(HAND_EVENTS), budget_bytes=int(15.5 * GIB))
+    labels = [r.label for r in data.regions]
+    assert labels == ["switching", "switching", "switching", "failed switch", "switching", "shutdown"]
+    assert data.title == (
+        "VRAM timeline: 4 switches (1 took the GPU from another model), 1 failed switch, "
+        "peak 15.00 GiB of the 15.50 GiB budget"
+    )
+    # The one exchange: SDXL took the GPU from the LLM; the first load, TTS beside SDXL and the
+    # LLM's return to a GPU that SDXL had already left (in the failed switch) took it from none.
+    assert [s.exchange for s in reconstruct(HAND_EVENTS).switches] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert (data.regions[-1].start, data.regions[-1].end) == (80.0, 87.0)
+
+
+def test_an_unload_that_loads_nothing_is_shaded_apart_and_not_counted() -> None:
+    """Idle models evicted for foreign memory: a switch span with no target, not a switch."""
+    log = [
+        *HAND_EVENTS[:3],
+        transition(30.0, "begin_switch", None, LLM, 0, frm="LLM_ACTIVE"),
+        Event(31.0, "evict", "qwen-14b", detail="gpu -> disk (over the room)"),
+        transition(31.0, "finish_switch", None, 0, 0, to="IDLE"),
+    ]
+    log[3] = dataclasses.replace(log[3], detail="unloading qwen-14b (over the room)")
+    data = chart_data(reconstruct(log))
+    assert [r.label for r in data.regions] == ["switching", "unloading"]
+    assert (
+        data.title == "VRAM timeline: 1 switch (0 took the GPU from another model), 1 unload, peak 11.50 GiB"
+    )
+
+
+def test_a_light_model_leaving_moves_no_other_band() -> None:
+    """At the shutdown the TTS model goes first (81 s), the LLM at 87 s: the LLM's band stays
+    on the floor where it was, it does not drop from the top of the stack."""
+    data = chart_data(reconstruct(HAND_EVENTS))
+    llm = data.band("qwen-14b")
+    present = [i for i, (b, t) in enumerate(zip(llm.base_gib, llm.top_gib, strict=True)) if t > b]
+    assert present, "the LLM is drawn"
+    assert {llm.base_gib[i] for i in present} == {0.0}
+    assert {llm.top_gib[i] for i in present} == {LLM / GIB}
+    tts = data.band("gpt-sovits-small")
+    during = [i for i, t in enumerate(data.x) if 72.0 <= t < 81.0]
+    assert [tts.base_gib[i] for i in during] == [LLM / GIB] * len(during)  # on top of the LLM
+    after = [i for i, t in enumerate(data.x) if 81.0 <= t < 87.0]
+    assert after and all(llm.top_gib[i] == LLM / GIB and llm.base_gib[i] == 0 for i in after)
+
+
+def test_the_last_eviction_is_drawn() -> None:
+    """The axis runs past the last event, so the drop to zero at the last eviction shows."""
+    data = chart_data(reconstruct(HAND_EVENTS), time_scale=0.5)
+    last_event_x = 87.0 / 0.5
+    assert data.x_max > last_event_x and data.x[-1] == data.x_max
+    at = data.x.index(last_event_x)
+    assert data.committed_gib[at - 1] == LLM / GIB  # the LLM until its eviction
+    assert data.committed_gib[at:] == (0.0,) * (len(data.x) - at)  # nothing after it
+    assert data.x_max - last_event_x >= 0.02 * last_event_x  # a visible stretch of it
+
+
+def test_the_budget_comes_from_the_events_without_a_summary(tmp_path: Path) -> None:
+    budget = int(15.5 * GIB)
+    log = tmp_path / "events.jsonl"
+    stamped = [dataclasses.replace(e, budget_bytes=budget) for e in HAND_EVENTS]
+    log.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in stamped))
+    assert budget_from_events(stamped) == budget
+    assert read_run(log) == (stamped, budget, 1.0)
+    assert budget_from_events(HAND_EVENTS) is None  # a log from before events carried it
+    # A summary.json beside the events wins (it also carries the time scale).
+    (tmp_path / "summary.json").write_text(json.dumps({"budget_bytes": 8 * GIB, "time_scale": 0.1}))
+    assert read_run(log)[1:] == (8 * GIB, 0.1)
+
+
 def png_ok(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE
@@ -183,6 +268,16 @@ async def test_chart_from_a_real_demo_run(tmp_path: Path) -> None:
     assert {"qwen-14b", "sdxl-base", "gpt-sovits-small"} == set(tl.models)
     assert tl.peak_bytes == summary["peak_committed_bytes"] <= config.budget_bytes
     assert sum(1 for s in tl.switches if s.model is not None) == summary["switches"]
+    data = chart_data(tl, budget_bytes=budget, time_scale=time_scale)
+    took = f"({summary['exchanges']} took the GPU from another model)"
+    assert data.title.startswith(f"VRAM timeline: {summary['switches']} switches {took}, ")
+    assert summary["exchanges"] == sum(1 for s in tl.switches if s.exchange) == 2  # LLM -> SDXL -> LLM
+    assert sum(1 for r in data.regions if r.label == "switching") == summary["switches"]
+    assert [r.label for r in data.regions][-1] == "shutdown"
+    for heavy in ("qwen-14b", "sdxl-base"):  # the heavy models keep the floor of the stack
+        band = data.band(heavy)
+        assert {b for b, t in zip(band.base_gib, band.top_gib, strict=True) if t > b} == {0.0}
+    assert data.committed_gib[-1] == 0.0 and data.x_max > tl.end_s / time_scale
     # Redrawn from the log, as `vram-orchestrator timeline` does.
     png_ok(render_timeline(tmp_path / "events.jsonl", tmp_path / "again.png", budget_bytes=budget))
 

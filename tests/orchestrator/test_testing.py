@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 from typing import Any
 
 import pytest
@@ -13,7 +16,14 @@ from orchestrator.cli import _find_violation
 from orchestrator.config import Config, load_config
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.runtime import Orchestrator
-from orchestrator.testing import InvariantViolation, machine_for, scaled
+from orchestrator.testing import (
+    InvariantViolation,
+    Unusable,
+    machine_for,
+    quiet_expected_failures,
+    scaled,
+    unusable_models,
+)
 
 SETTINGS = settings(
     max_examples=30,
@@ -67,3 +77,38 @@ def test_scaled_config_scales_every_time() -> None:
     assert fast.load_timeout_s == pytest.approx(config.load_timeout_s * factor)
     sdxl = fast.models["sdxl-base"]
     assert sdxl.sim is not None and sdxl.sim.true_vram_bytes == 2 * config.models["sdxl-base"].vram_bytes
+
+
+def test_unusable_models_are_those_whose_learned_size_passes_the_budget() -> None:
+    config = load_config(None)
+    assert unusable_models(config) == []  # at their estimates every model fits
+    found = {u.model: u for u in unusable_models(config, footprint_factor=1.5)}
+    assert set(found) == set(config.models) - {"gpt-sovits-small"}  # 3.5 GiB x 1.5 fits
+    qwen = config.models["qwen-14b"].vram_bytes
+    assert found["qwen-14b"] == Unusable("qwen-14b", int(qwen * 1.5), math.ceil(int(qwen * 1.5) * 1.05))
+    # sdxl-base: 10.5 GiB x 1.4 = 14.7 GiB, planned with the 5% margin at 15.44 GiB: it still fits.
+    names = {u.model for u in unusable_models(config, footprint_factor=1.4)}
+    assert "sdxl-base" not in names and "qwen-14b" in names
+    # With learning off, a model larger than its estimate fails every load, whatever its size.
+    no_learning = dataclasses.replace(config, learn_footprints=False)
+    off = unusable_models(no_learning, footprint_factor=1.1)
+    assert {u.model for u in off} == set(config.models)
+    assert all(u.planned_bytes is None and "learning off" in u.describe() for u in off)
+
+
+@pytest.mark.parametrize("factor", [0.0, -1.0, math.nan, math.inf])
+def test_unusable_models_refuses_a_meaningless_factor(factor: float) -> None:
+    with pytest.raises(ValueError, match="footprint_factor must be a positive number"):
+        unusable_models(load_config(None), footprint_factor=factor)
+
+
+def test_the_expected_failures_are_not_logged_while_the_harness_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = logging.getLogger("orchestrator.core")
+    with caplog.at_level(logging.DEBUG), quiet_expected_failures():
+        log.error("failed load of 'qwen-14b': injected")
+    assert caplog.records == []
+    with caplog.at_level(logging.DEBUG):
+        log.error("after the run: logged again")
+    assert [r.getMessage() for r in caplog.records] == ["after the run: logged again"]
