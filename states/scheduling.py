@@ -37,7 +37,6 @@ import enum
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
-
 FLOOR_SHARE = 0.6  # the cost rule drains no sooner than this share of max_wait_s
 PRICE_FACTOR = 16.0  # waiter-seconds per second of switch, per user the switch holds up
 
