@@ -364,6 +364,9 @@ def test_an_overdue_waiter_drains_a_busy_model_only_when_its_backlog_outlasts_th
     v = replace(v, waiters=(w(1, "qwen", ago=301),))
     short = decide(v)
     assert short.drain == frozenset() and short.action is None
+    # New requests may keep the short backlog going: past max_wait_s plus the switch, it drains.
+    later = replace(v, waiters=(w(1, "qwen", ago=311),))
+    assert decide(later).drain == {"sdxl"}
     # The time rule drains for an overdue waiter whatever the backlog.
     assert decide(replace(v, settings=replace(v.settings, fairness_by_cost=False))).drain == {"sdxl"}
 
