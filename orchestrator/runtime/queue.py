@@ -32,9 +32,10 @@ class Waiter:
     event: anyio.Event = field(default_factory=anyio.Event)
     granted: bool = False
     error: BaseException | None = None
+    view: WaiterView = field(init=False)  # what the decision sees of it (made once)
 
-    def view(self) -> WaiterView:
-        return WaiterView(self.seq, self.model, self.priority, self.arrived_s, self.holder)
+    def __post_init__(self) -> None:
+        self.view = WaiterView(self.seq, self.model, self.priority, self.arrived_s, self.holder)
 
 
 class LeaseBook:
