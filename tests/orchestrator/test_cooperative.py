@@ -473,3 +473,69 @@ async def test_comfyui_frees_its_models_then_reloads_them_by_its_next_prompt(
         r = await http("GET", comfy.url + "/free")
         assert r.status_code == 405
         assert (await http("POST", comfy.url + "/free", json={"unload_model": True})).status_code == 400
+
+
+# -- demand from programs that never call the orchestrator ---------------------------------------
+
+
+async def test_comfyui_queue_takes_the_card_from_an_idle_llm_and_gives_it_back(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    ol = fakes.start("ollama", "--models", "qwen2.5:7b=9.0")
+    # Its checkpoint takes 0.5 s to read from disk before it reaches the GPU.
+    comfy = fakes.start(
+        "comfyui", "--models", "sdxl.safetensors=7.0", "--context-gb", "0.5", "--load-s", "0.5"
+    )
+    comfy_spec = {
+        "kind": "sdxl",
+        "vram_gb": 7.5,
+        "backend": {"type": "comfyui", "url": comfy.url, "idle_gb": 0.5, "poll_s": 0.05},
+    }
+    orch = make_orch(device, {"qwen": ollama_model(ol.url), "comfy": comfy_spec})
+    async with orch:
+        async with orch.acquire("qwen"):
+            (runner,) = runner_pids(ol)
+        # A prompt sent to ComfyUI directly, as its web UI does: the orchestrator never hears of it.
+        r = await http("POST", comfy.url + "/prompt", json=comfy_prompt("sdxl.safetensors"))
+        prompt_id = r.json()["prompt_id"]
+        await wait_until(
+            lambda: orch.leases().get("comfy") == 1, within=5, what="a lease on ComfyUI's behalf"
+        )
+        # The idle LLM was asked to leave through Ollama's own API before ComfyUI's model came in.
+        assert (await ol.get("/api/ps"))["models"] == [] and not process_alive(runner)
+        await wait_queue_empty(comfy)
+        history = await comfy.get("/history")
+        assert history[prompt_id]["status"]["status_str"] == "success"
+        # The queue is empty: the lease on its behalf ends, and the card is there for others.
+        await wait_until(lambda: not orch.leases().get("comfy"), within=5, what="the lease ended")
+        async with orch.acquire("qwen", timeout=10):
+            assert device.held_by_pid(comfy.pid) == GIB // 2  # /free took ComfyUI's models back
+        assert device.peak_bytes <= BUDGET
+
+
+async def test_a_model_loaded_by_hand_in_ollama_while_sdxl_is_resident(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    ol = fakes.start("ollama", "--models", "llama3.2:3b=3.0")
+    small = ollama_model(ol.url, model="llama3.2:3b")
+    small["vram_gb"] = 3.5
+    orch = make_orch(device, {"small": small, "sdxl-base": SDXL}, heavy_models=["sdxl"], light_models=["llm"])
+    async with orch:
+        async with orch.acquire("sdxl-base"):
+            pass
+        # `ollama run llama3.2:3b` in a terminal: Ollama loads it for 5 minutes, on its own.
+        await http("POST", ol.url + "/api/generate", json={"model": "llama3.2:3b"})
+
+        def resident() -> bool:
+            r = orch.ledger().get("small")
+            return r is not None and r.tier is Tier.GPU and not orch.leases().get("small")
+
+        await wait_until(resident, within=10, what="the hand-loaded model is resident in the ledger")
+        # Counted as the model it is (measured by its runner), not as someone else's memory;
+        # SDXL stayed, and the budget held.
+        assert cooperative(orch, "small").measured_bytes() == 3 * GIB
+        assert orch.ledger().get("sdxl-base") is not None
+        assert orch.ledger().foreign_bytes == 0
+        ps = (await ol.get("/api/ps"))["models"]
+        assert [m["name"] for m in ps] == ["llama3.2:3b"] and ps[0]["expires_at"].startswith("2318")
+        assert device.peak_bytes <= BUDGET
