@@ -37,6 +37,7 @@ TYPES: Mapping[str, str] = {
     "llamacpp_router": "orchestrator.backends.llamacpp",
     "comfyui": "orchestrator.backends.comfyui",
     "sglang": "orchestrator.backends.sglang",
+    "lmstudio": "orchestrator.backends.lmstudio",
 }
 
 

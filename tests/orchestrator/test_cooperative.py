@@ -424,6 +424,35 @@ async def test_an_sglang_started_without_memory_saver_is_stopped_to_evict_it(
         fakes.pids.add(cooperative(orch, "qwen").pid or 0)
 
 
+# -- LM Studio ---------------------------------------------------------------------------------
+
+
+async def test_lmstudio_unloads_its_instance_for_sdxl(device: SharedSimulatedDevice, fakes: Fakes) -> None:
+    lm = fakes.start("lmstudio", "--models", "qwen/qwen3-4b-2507=4.0,google/gemma-3-12b=8.0")
+    spec = {
+        "kind": "llm",
+        "vram_gb": 4.5,
+        "backend": {"type": "lmstudio", "model": "qwen/qwen3-4b-2507", "url": lm.url, "poll_s": 0.05},
+    }
+    orch = make_orch(device, {"qwen": spec, "sdxl-base": SDXL})
+    async with orch:
+        async with orch.acquire("qwen"):
+            entry = next(
+                m for m in (await lm.get("/api/v1/models"))["models"] if m["key"] == "qwen/qwen3-4b-2507"
+            )
+            assert [i["id"] for i in entry["loaded_instances"]] == ["qwen/qwen3-4b-2507"]
+            assert cooperative(orch, "qwen").measured_bytes() == 4 * GIB
+        async with orch.acquire("sdxl-base"):
+            models = (await lm.get("/api/v1/models"))["models"]
+            assert all(m["loaded_instances"] == [] for m in models)
+            assert runner_pids(lm) == set()
+        assert device.peak_bytes <= BUDGET
+    r = await http("POST", lm.url + "/api/v1/models/unload", json={"instance_id": "nope"})
+    assert r.status_code == 404
+    r = await http("POST", lm.url + "/api/v1/models/load", json={"model": "qwen/qwen3-4b-2507", "ttl": 5})
+    assert r.status_code == 400 and "ttl" in r.json()["error"]["message"]
+
+
 # -- ComfyUI -----------------------------------------------------------------------------------
 
 
