@@ -283,6 +283,38 @@ async def test_ollama_started_by_the_orchestrator_never_unloads_on_its_own(
     assert not process_alive(pid)  # started by us: stopped with us
 
 
+async def test_an_ollama_the_orchestrator_started_crashing_is_started_again(
+    device: SharedSimulatedDevice, fakes: Fakes, tmp_path: Path
+) -> None:
+    cmd = [
+        sys.executable,
+        FAKES,
+        "ollama",
+        "--device-socket",
+        str(device.socket_path),
+        "--models",
+        "qwen2.5:7b=9.0",
+    ]
+    orch = make_orch(device, {"qwen": ollama_model(command=cmd, log_dir=str(tmp_path), stop_grace_s=1)})
+    async with orch:
+        with pytest.raises(BackendCrashed) as ei:
+            async with orch.acquire("qwen"):
+                pid = cooperative(orch, "qwen").pid
+                assert pid is not None
+                fakes.pids |= with_descendants([pid])
+                os.killpg(pid, signal.SIGKILL)  # the OOM killer takes Ollama and its runners
+                await anyio.sleep(10)
+                pytest.fail("the lease outlived the program that held its model")
+        assert f"(pid {pid}" in str(ei.value) and "exited with code -9" in str(ei.value)
+        assert orch.ledger().get("qwen") is None
+        await anyio.sleep(SWITCHING["retry_backoff_s"] * 2)  # (the crash's back-off)
+        async with orch.acquire("qwen", timeout=10):
+            again = cooperative(orch, "qwen").pid
+            assert again is not None and again != pid
+            fakes.pids |= with_descendants([again])
+    assert not process_alive(again)
+
+
 async def test_ollama_options_are_checked(device: SharedSimulatedDevice) -> None:
     with pytest.raises(ConfigError, match=r"backend\.model: missing"):
         make_config(
@@ -502,6 +534,53 @@ async def test_comfyui_frees_its_models_then_reloads_them_by_its_next_prompt(
         r = await http("GET", comfy.url + "/free")
         assert r.status_code == 405
         assert (await http("POST", comfy.url + "/free", json={"unload_model": True})).status_code == 400
+
+
+async def test_a_comfyui_that_keeps_its_models_fails_closed_naming_its_queue(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    comfy = fakes.start(
+        "comfyui", "--models", "sdxl.safetensors=7.0", "--context-gb", "0.5", "--ignore-release"
+    )
+    spec = {
+        "kind": "sdxl",
+        "vram_gb": 8.0,
+        "backend": {"type": "comfyui", "url": comfy.url, "idle_gb": 0.5, "poll_s": 0.05},
+    }
+    orch = make_orch(device, {"comfy": spec, "qwen": {"kind": "llm", "vram_gb": 9.0}})
+    async with orch:
+        async with orch.acquire("comfy"):
+            await http("POST", comfy.url + "/prompt", json=comfy_prompt("sdxl.safetensors"))
+            await wait_until(lambda: device.held_by_pid(comfy.pid) == int(7.5 * GIB), within=5)
+            await wait_queue_empty(comfy)
+        with pytest.raises(VRAMNotReleased) as ei:
+            async with orch.acquire("qwen", timeout=15):
+                pytest.fail("qwen was loaded although ComfyUI kept its models")
+        msg = str(ei.value)
+        assert f"comfyui at {comfy.url} (pid {comfy.pid})" in msg and "7.00 GiB" in msg
+        assert "POST /free" in msg
+        assert device.held_by("qwen") == 0 and device.peak_bytes <= BUDGET
+
+
+async def test_the_llamacpp_and_comfyui_fakes_answer_as_the_programs_do(fakes: Fakes) -> None:
+    router = fakes.start("llamacpp", "--models", "qwen-7b=1.0")
+    r = await http("POST", router.url + "/models/unload", json={"model": "qwen-7b"})
+    assert r.status_code == 400
+    assert r.json() == {
+        "error": {"code": 400, "message": "model is not running", "type": "invalid_request_error"}
+    }
+    r = await http("POST", router.url + "/models/load", json={"model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["message"] == "model is not found"
+    assert (
+        await http("POST", router.url + "/models/load", json={"model": "qwen-7b", "x": 1})
+    ).status_code == 400
+    assert (await http("GET", router.url + "/models/load")).status_code == 404
+    comfy = fakes.start("comfyui", "--models", "sdxl.safetensors=1.0")
+    r = await http("POST", comfy.url + "/prompt", json={"prompt": {}})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "no_prompt"
+    r = await http("POST", comfy.url + "/prompt", json=comfy_prompt("other.safetensors"))
+    assert r.status_code == 400 and r.json()["node_errors"]
+    assert (await http("POST", comfy.url + "/free", json={})).text == ""
 
 
 # -- demand from programs that never call the orchestrator ---------------------------------------
