@@ -21,6 +21,16 @@ model's estimate (the config's ``vram_gb``, then what it measured), and
   model (unloaded by hand, or by its own timer) makes the model leave the ledger at once, as a
   crashed server does, and its leases end with ``BackendCrashed``.
 
+- **takes over** what the program holds of the model outside the ledger (an attached program
+  that had it loaded already, a model loaded by hand): such a copy counts as on the GPU
+  (``tier``), so the scheduler reaps it through the program's release call instead of
+  mistaking it for another program's memory, and loads it again within the budget when it is
+  wanted;
+- **serves the program's own demand** (``watch_demand``, attached programs only): the
+  program's view is read every ``poll_s``, and while it shows work that never came through the
+  orchestrator (ComfyUI's queue, an Ollama model a client loaded), a lease is held on the
+  model on its behalf.
+
 Either the orchestrator starts the program (``command``; with the program's own settings set
 so that it never unloads on its own, e.g. ``OLLAMA_KEEP_ALIVE=-1``), and stops it when the
 orchestrator stops, or it attaches to one already running (``url``) and never stops or kills
@@ -577,7 +587,8 @@ class CooperativeBackend(Backend):
                     view = await self.read_view(client)
                 except httpx.HTTPError:
                     continue
-                self._root = await anyio.to_thread.run_sync(self._find_root)
+                if self._tier is Tier.DISK:  # (while resident, wait_exit tells a restart apart)
+                    self._root = await anyio.to_thread.run_sync(self._find_root)
                 self.view = view
                 if not self._holding and self.has_demand(view):
                     self._holding = True

@@ -201,6 +201,26 @@ async def test_ollama_gives_its_model_back_when_sdxl_needs_the_card(
     assert ol.proc.poll() is None and (await ol.get("/api/ps"))["models"] == []
 
 
+async def test_the_openai_client_reaches_ollama_through_the_capabilities(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    """What the gateway uses (``url``, ``served_model``, the lease's client): an ``openai``
+    client on them gets Ollama's OpenAI-compatible answer while the lease holds the model."""
+    openai = pytest.importorskip("openai")
+    ol = fakes.start("ollama", "--models", "qwen2.5:7b=9.0")
+    orch = make_orch(device, {"qwen": ollama_model(ol.url)})
+    async with orch:
+        b = cooperative(orch, "qwen")
+        assert (b.url, b.served_model) == (ol.url, "qwen2.5:7b")
+        async with orch.acquire("qwen"):
+            client = openai.AsyncOpenAI(base_url=f"{b.url}/v1", api_key="unused", max_retries=0)
+            reply = await client.chat.completions.create(
+                model=b.served_model, messages=[{"role": "user", "content": "hi"}]
+            )
+            assert reply.choices[0].message.content == "echo: hi"
+            await client.close()
+
+
 async def test_an_ollama_that_ignores_the_release_fails_closed(
     device: SharedSimulatedDevice, fakes: Fakes
 ) -> None:
