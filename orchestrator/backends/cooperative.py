@@ -191,9 +191,11 @@ def parse_cooperative(
 # -- the program's processes -------------------------------------------------------------------
 
 
-def listening_pid(host: str, port: int) -> int | None:
+def listening_pid(host: str, port: int, hint: int | None = None) -> int | None:
     """The pid of the process listening on TCP ``port`` of this machine (Linux ``/proc``);
-    None when nobody listens, the host is another machine's, or it cannot be told."""
+    None when nobody listens, the host is another machine's, or it cannot be told. ``hint``
+    (the pid found last time) is checked first: a scan of every process is slow on a busy
+    machine."""
     if host not in ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::") and not host.startswith("127."):
         return None
     inodes: set[str] = set()
@@ -209,7 +211,11 @@ def listening_pid(host: str, port: int) -> int | None:
     if not inodes:
         return None
     wanted = {f"socket:[{i}]" for i in inodes}
-    for pid, _, _ in live_processes():
+    candidates = [pid for pid, _, _ in live_processes()]
+    if hint is not None and hint in candidates:
+        candidates.remove(hint)
+        candidates.insert(0, hint)
+    for pid in candidates:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -433,7 +439,7 @@ class CooperativeBackend(Backend):
             return self._server.pid
         parts = urlsplit(self.url or "")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return listening_pid(parts.hostname or "", port)
+        return listening_pid(parts.hostname or "", port, hint=self._root)
 
     async def _ensure_program(self) -> None:
         """Start the program (or attach to it) unless it is up; find its main process."""

@@ -28,6 +28,7 @@ counts it as resident, never as anonymous foreign memory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,8 +51,19 @@ from states.ledger import Tier
 if TYPE_CHECKING:
     from orchestrator.device.base import Device
 
-# ``keep_alive: -1`` shows in /api/ps as an expiry centuries away (Go's maximum duration from now)
-FOREVER_YEARS = ("22", "23", "24", "25", "26", "27", "28", "29")
+# ``keep_alive: -1`` shows in /api/ps as an expiry centuries away (Go's maximum duration, about
+# 292 years, from now); any client's finite keep_alive is an expiry within years.
+FOREVER_AFTER_YEARS = 100
+
+
+def kept_forever(expires_at: str) -> bool:
+    """An ``expires_at`` of ``keep_alive: -1`` (the orchestrator's own loads)."""
+    try:
+        return int(expires_at[:4]) > time.gmtime().tm_year + FOREVER_AFTER_YEARS
+    except ValueError:
+        return False
+
+
 RESERVED_ENV = {"OLLAMA_HOST": "{host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
 
 
@@ -110,7 +122,7 @@ class OllamaBackend(CooperativeBackend):
         """Loaded by a client of Ollama's own (a finite ``keep_alive``: the orchestrator's own
         loads keep it forever) while the orchestrator has not loaded it."""
         return self._tier is Tier.DISK and any(
-            self._mine(m) and not str(m.get("expires_at", "")).startswith(FOREVER_YEARS) for m in view or ()
+            self._mine(m) and not kept_forever(str(m.get("expires_at", ""))) for m in view or ()
         )
 
     async def request_load(self, client: httpx.AsyncClient, limit_bytes: int | None) -> None:

@@ -610,9 +610,18 @@ async def test_comfyui_queue_takes_the_card_from_an_idle_llm_and_gives_it_back(
     device: SharedSimulatedDevice, fakes: Fakes
 ) -> None:
     ol = fakes.start("ollama", "--models", "qwen2.5:7b=9.0")
-    # Its checkpoint takes 0.5 s to read from disk before it reaches the GPU.
+    # Its checkpoint takes a second to read from disk before it reaches the GPU; each prompt
+    # then runs half a second.
     comfy = fakes.start(
-        "comfyui", "--models", "sdxl.safetensors=7.0", "--context-gb", "0.5", "--load-s", "0.5"
+        "comfyui",
+        "--models",
+        "sdxl.safetensors=7.0",
+        "--context-gb",
+        "0.5",
+        "--load-s",
+        "1.0",
+        "--job-s",
+        "0.5",
     )
     comfy_spec = {
         "kind": "sdxl",
