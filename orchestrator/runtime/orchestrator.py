@@ -207,6 +207,8 @@ class Orchestrator:
         tg.start_soon(self._accounting.run_writer, name="vram-orchestrator footprint writer")
         if self.config.sample_hz > 0:
             tg.start_soon(self.sampler.run, name="vram-orchestrator peak sampler")
+        for b in self.backends.values():  # demand from programs that never call us (most return at once)
+            tg.start_soon(b.watch_demand, self.acquire, name=f"vram-orchestrator demand of {b.name}")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
