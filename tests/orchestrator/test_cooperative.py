@@ -28,7 +28,8 @@ import httpx
 import pytest
 
 from orchestrator import BackendCrashed, ConfigError, Orchestrator, VRAMNotReleased, parse_config
-from orchestrator.backends.cooperative import CooperativeBackend, listening_pid, with_descendants
+from orchestrator.backends.cooperative import CooperativeBackend
+from orchestrator.backends.procs import listening_pid, with_descendants
 from orchestrator.backends.server import free_port
 from orchestrator.config import Config
 from states.ledger import Tier
