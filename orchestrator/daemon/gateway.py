@@ -24,7 +24,7 @@ import httpcore
 from starlette.requests import Request
 
 from orchestrator.daemon.asgi import HeldResponse, read_body
-from orchestrator.daemon.errors import ApiError, Send, dumps, send_json
+from orchestrator.daemon.errors import ApiError, ASGIApp, Receive, Scope, Send, api_error, dumps, send_json
 from orchestrator.daemon.requests import (
     check_image_limits,
     check_speech_limits,
@@ -102,6 +102,22 @@ def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
     return handler
 
 
+def proxy_app(d: Daemon, path: str) -> ASGIApp:
+    """``proxy(d, path)`` as a bare ASGI app, for the hot path: ``POST`` to a completions
+    route reaches it without the router and the middlewares (``app.FastRoutes``); its errors
+    get the JSON shape as through ``app.endpoint``."""
+    handler = proxy(d, path)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response: ASGIApp = await handler(Request(scope, receive))
+        except Exception as exc:
+            response = api_error(exc).response()
+        await response(scope, receive, send)
+
+    return app
+
+
 def _upstream_failed(what: str, exc: Exception, hint: str = "retry") -> ApiError:
     return ApiError(502, f"the model's server {what} ({type(exc).__name__}: {exc}); {hint}", "upstream_error")
 
@@ -122,41 +138,41 @@ async def forward(up: Upstream, path: str, body: bytes, send: Send, *, streaming
     ]
     request = httpcore.Request(b"POST", up.url(path), headers=headers, content=body)
     try:
-        upstream = await up.pool.handle_async_request(request)
-    except UPSTREAM_ERRORS as exc:
+        async with up.request(request) as upstream:
+            await _answer(upstream, send, streaming=streaming)
+    except UPSTREAM_ERRORS as exc:  # raised while the request was sent, before any answer
         raise _upstream_failed(
             "failed the request", exc, "retry: the next request restarts it if it crashed"
         ) from None
-    try:
-        content_type = _content_type(upstream.headers)
-        if not streaming or upstream.status != 200:
-            try:
-                data = await upstream.aread()
-            except UPSTREAM_ERRORS as exc:
-                raise _upstream_failed("broke off its answer", exc) from None
-            out = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
-            await send({"type": "http.response.start", "status": upstream.status, "headers": out})
-            await send({"type": "http.response.body", "body": data})
-            return
-        out = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
-        await send({"type": "http.response.start", "status": 200, "headers": out})
+
+
+async def _answer(upstream: httpcore.Response, send: Send, *, streaming: bool) -> None:
+    content_type = _content_type(upstream.headers)
+    if not streaming or upstream.status != 200:
         try:
-            async for chunk in upstream.aiter_stream():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            data = await upstream.aread()
         except UPSTREAM_ERRORS as exc:
-            err = {
-                "error": {
-                    "message": f"the model's server broke off the stream ({exc}); retry",
-                    "type": "upstream_error",
-                    "code": 502,
-                }
-            }
-            chunk = f"data: {json.dumps(err)}\n\n".encode()
+            raise _upstream_failed("broke off its answer", exc) from None
+        out = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": upstream.status, "headers": out})
+        await send({"type": "http.response.body", "body": data})
+        return
+    out = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": 200, "headers": out})
+    try:
+        async for chunk in upstream.aiter_stream():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    finally:
-        with anyio.CancelScope(shield=True):
-            await upstream.aclose()
+    except UPSTREAM_ERRORS as exc:
+        err = {
+            "error": {
+                "message": f"the model's server broke off the stream ({exc}); retry",
+                "type": "upstream_error",
+                "code": 502,
+            }
+        }
+        chunk = f"data: {json.dumps(err)}\n\n".encode()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 # -- images and speech -------------------------------------------------------------------------
