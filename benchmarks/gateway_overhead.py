@@ -27,8 +27,11 @@ vLLM CPU server instead (the flags of tests/integration/test_vllm.py; sequential
 ``--peer CMD`` (repeatable): a shell command that starts a proxy listening on ``{port}`` in
 front of ``{upstream}`` (the server's base URL, no ``/v1``), serving the model as
 ``bench-llm``; ``{upstream_v1}`` is the base URL with ``/v1``, ``{config_dir}`` a scratch
-directory. Example for LiteLLM (its config names ``bench-llm`` as ``openai/bench`` at
-``{upstream_v1}``): see docs/measurements.md.
+directory. Two built-in forms: ``litellm:PATH`` runs LiteLLM's proxy (``PATH``: the ``litellm``
+of its own virtual environment) with a config naming ``bench-llm`` as ``openai/bench`` at the
+server, and ``checkout:DIR`` runs ``vram-orchestrator serve`` from another checkout (an older
+version, to compare) attached to the server. Every request carries ``Authorization: Bearer
+sk-bench`` (LiteLLM's master key there; the gateway on loopback needs none).
 
 Run: ``python -m benchmarks.gateway_overhead [--requests 200] [--clients 16] [--peer CMD]
 [--json PATH]``.
@@ -43,6 +46,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import signal
 import socket
 import statistics
@@ -147,9 +151,40 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout_s: flo
     raise SystemExit(f"{what} did not answer {url} within {timeout_s:g} s")
 
 
+def peer_command(cmd: str, config_dir: Path) -> str:
+    """A ``--peer`` as a shell command: the two built-in forms written out, else ``cmd``."""
+    kind, _, where = cmd.partition(":")
+    if kind == "litellm" and where:
+        # LiteLLM's proxy (its own environment's ``litellm``): bench-llm is openai/bench at the
+        # server; it refuses to start without a master key, and fetches a cost map unless told.
+        (config_dir / "litellm.yaml").write_text(
+            "model_list:\n  - model_name: bench-llm\n    litellm_params:\n      model: openai/bench\n"
+            "      api_base: {upstream_v1}\n      api_key: none\n"
+        )
+        return (
+            f"LITELLM_MASTER_KEY={PEER_TOKEN} LITELLM_LOCAL_MODEL_COST_MAP=True exec {shlex.quote(where)} "
+            "--config {config_dir}/litellm.yaml --host 127.0.0.1 --port {port}"
+        )
+    if kind == "checkout" and where:
+        # Another checkout of vram-orchestrator (an older version, say), on this Python.
+        peer_config = config("{upstream}", None, 64)
+        (config_dir / "peer.json.in").write_text(json.dumps(peer_config))
+        return (
+            f"cd {shlex.quote(where)} && PYTHONPATH={shlex.quote(where)} exec {shlex.quote(sys.executable)} "
+            "-m orchestrator serve --config {config_dir}/peer.json --port {port}"
+        )
+    return cmd
+
+
 def start_peer(cmd: str, upstream: str, config_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    line = cmd.format(port=port, upstream=upstream, upstream_v1=upstream + "/v1", config_dir=config_dir)
+    cmd = peer_command(cmd, config_dir)
+    fields = {"port": port, "upstream": upstream, "upstream_v1": upstream + "/v1", "config_dir": config_dir}
+    for template in config_dir.glob("*.in"):  # a built-in peer's config, its placeholders filled
+        template.with_suffix("").write_text(template.read_text().replace("{upstream}", upstream))
+    for written in config_dir.glob("*.yaml"):
+        written.write_text(written.read_text().format(**fields))
+    line = cmd.format(**fields)
     proc = subprocess.Popen(
         line, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
