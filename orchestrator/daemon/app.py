@@ -8,6 +8,7 @@ error of any kind becomes OpenAI's error shape (``errors.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -241,9 +242,10 @@ class FastRoutes:
             if fast is not None:
                 try:
                     await fast(scope, receive, send)
-                except Exception as exc:  # a bug: as internal_error answers it
+                except Exception as exc:  # a bug: answered as internal_error answers it
                     logger.error("request POST %s failed", shorten(scope["path"]), exc_info=exc)
-                    raise
+                    with contextlib.suppress(RuntimeError):  # (unless the answer had begun)
+                        await api_error(exc).response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
