@@ -1,38 +1,63 @@
-"""Overhead of the daemon's OpenAI-compatible gateway per request.
+"""Overhead of the daemon's OpenAI-compatible gateway per request, and under concurrent load.
 
 The same requests, side by side in one run, against the same server: once straight to the
-model's server (the URL the daemon's lease hands out), once through the gateway
-(``vram-orchestrator serve``), which resolves the model, takes a lease (the model is already
-resident: no switch), proxies the request and releases the lease. The difference is what the
-gateway costs. Measured for a plain completion and for a streamed one (time to the last
-chunk), sequentially (one request at a time) so that the figures are latencies, not
-throughput. Each figure is the median (and p90) over the requests of a repeat, after a warm-up.
+model's server, once through the gateway (``vram-orchestrator serve``, attached to that server
+with ``base_url``: it resolves the model, takes a lease on it (resident: no switch), proxies the
+request and releases the lease), and once through each ``--peer``: another OpenAI-compatible
+proxy started in front of the same server (LiteLLM's, for example, installed in its own
+environment). The difference to the direct figures is what a proxy costs.
+
+Two measurements, each interleaved in rounds (direct, gateway, peers, direct, ...) so that
+drift (other programs, CPU clocks) hits every side alike:
+
+- **sequential**: one request at a time, a plain completion and a streamed one (time to the
+  last chunk); the median and p90 per side, after a warm-up. These are latencies.
+- **concurrent** (``--clients N``, default 16): N clients on keep-alive connections, each sending
+  its next request when its last one is answered; throughput (req/s), p50 and p99 latency, and
+  the proxy's CPU time per request, read from ``/proc/<pid>/stat`` (utime + stime, the proxy's
+  whole process group) before and after.
+
+The load generator is a few lines of asyncio over raw sockets (uvloop when installed), light
+enough that on a small machine the proxies, not the load, take the CPU.
 
 By default the server is tests/fixtures/fake_openai_server.py (it answers at once, so the
 overhead is not hidden under model time); ``--vllm MODEL_DIR`` serves a model with the real
-vLLM CPU server instead (the flags of tests/integration/test_vllm.py).
+vLLM CPU server instead (the flags of tests/integration/test_vllm.py; sequential only).
 
-Run: ``python -m benchmarks.gateway_overhead [--requests 200] [--vllm MODEL_DIR]``.
+``--peer CMD`` (repeatable): a shell command that starts a proxy listening on ``{port}`` in
+front of ``{upstream}`` (the server's base URL, no ``/v1``), serving the model as
+``bench-llm``; ``{upstream_v1}`` is the base URL with ``/v1``, ``{config_dir}`` a scratch
+directory. Two built-in forms: ``litellm:PATH`` runs LiteLLM's proxy (``PATH``: the ``litellm``
+of its own virtual environment) with a config naming ``bench-llm`` as ``openai/bench`` at the
+server, and ``checkout:DIR`` runs ``vram-orchestrator serve`` from another checkout (an older
+version, to compare) attached to the server. Every request carries ``Authorization: Bearer
+sk-bench`` (LiteLLM's master key there; the gateway on loopback needs none).
+
+Run: ``python -m benchmarks.gateway_overhead [--requests 200] [--clients 16] [--peer CMD]
+[--json PATH]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import platform
 import select
+import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = str(ROOT / "tests" / "fixtures" / "fake_openai_server.py")
@@ -40,25 +65,53 @@ LEAN = [
     "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4",
     "--enforce-eager", "--kv-cache-memory-bytes", "64M",
 ]  # fmt: skip
+GATEWAY_MODEL = "bench-llm"  # what the gateway (and each peer) is asked for
+SERVED_MODEL = "bench"  # what the server itself calls the model
+PEER_TOKEN = "sk-bench"  # sent to every side: a peer may require a key (LiteLLM's master key)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def config(vllm_model: str | None) -> dict[str, Any]:
-    if vllm_model is None:
-        backend: dict[str, Any] = {
-            "type": "server", "served_model": "bench",
-            "command": [sys.executable, FAKE_SERVER, "--port", "{port}", "--model", "{model}"],
-        }  # fmt: skip
-    else:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(upstream: str | None, vllm_model: str | None, max_concurrent: int) -> dict[str, Any]:
+    backend: dict[str, Any]
+    if vllm_model is not None:
         backend = {
-            "type": "vllm", "model": vllm_model, "served_model": "bench", "args": LEAN,
+            "type": "vllm", "model": vllm_model, "served_model": SERVED_MODEL, "args": LEAN,
             "start_timeout_s": 300, "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         }  # fmt: skip
+    else:
+        backend = {"type": "server", "served_model": SERVED_MODEL, "base_url": upstream}
     return {
         "hardware": {"device": "simulated", "total_vram_gb": 16, "safe_max_vram_gb": 15.5},
         "switching": {"load_timeout_s": 400},
         "monitor": {"sample_hz": 0, "footprints_path": None},
-        "models": {"bench-llm": {"kind": "llm", "vram_gb": 11.5, "backend": backend}},
-    }
+        "models": {
+            GATEWAY_MODEL: {
+                "kind": "llm", "vram_gb": 11.5, "max_concurrent": max_concurrent, "backend": backend,
+            }
+        },
+    }  # fmt: skip
+
+
+def wait_for_line(proc: subprocess.Popen[bytes], marker: str, what: str, timeout_s: float = 60) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.1)[0]:
+            line = proc.stdout.readline().decode()
+            if marker in line:
+                return line
+            if not line:
+                break
+            seen.append(line)
+    proc.kill()
+    raise SystemExit(f"{what} did not start:\n{''.join(seen[-20:])}")
 
 
 def start_daemon(config_path: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -66,99 +119,408 @@ def start_daemon(config_path: Path) -> tuple[subprocess.Popen[bytes], str]:
         [sys.executable, "-m", "orchestrator", "serve", "--config", str(config_path), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
     )  # fmt: skip
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
+    line = wait_for_line(proc, " on http", "the daemon")
+    return proc, line.split(" on ")[1].split()[0]
+
+
+def start_fake_server() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, FAKE_SERVER, "--port", str(port), "--model", SERVED_MODEL],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, "the fake OpenAI server")
+    return proc, url
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.1)[0]:
-            line = proc.stdout.readline().decode()
-            if " on http" in line:
-                return proc, line.split(" on ")[1].split()[0]
-            if not line:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before it answered {url}")
+        try:
+            auth = {"authorization": f"Bearer {PEER_TOKEN}"}
+            if httpx.get(url, timeout=2, headers=auth).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{what} did not answer {url} within {timeout_s:g} s")
+
+
+def peer_command(cmd: str, config_dir: Path) -> str:
+    """A ``--peer`` as a shell command: the two built-in forms written out, else ``cmd``."""
+    kind, _, where = cmd.partition(":")
+    if kind == "litellm" and where:
+        # LiteLLM's proxy (its own environment's ``litellm``): bench-llm is openai/bench at the
+        # server; it refuses to start without a master key, and fetches a cost map unless told.
+        (config_dir / "litellm.yaml").write_text(
+            "model_list:\n  - model_name: bench-llm\n    litellm_params:\n      model: openai/bench\n"
+            "      api_base: {upstream_v1}\n      api_key: none\n"
+        )
+        return (
+            f"LITELLM_MASTER_KEY={PEER_TOKEN} LITELLM_LOCAL_MODEL_COST_MAP=True exec {shlex.quote(where)} "
+            "--config {config_dir}/litellm.yaml --host 127.0.0.1 --port {port}"
+        )
+    if kind == "checkout" and where:
+        # Another checkout of vram-orchestrator (an older version, say), on this Python.
+        peer_config = config("{upstream}", None, 64)
+        (config_dir / "peer.json.in").write_text(json.dumps(peer_config))
+        return (
+            f"cd {shlex.quote(where)} && PYTHONPATH={shlex.quote(where)} exec {shlex.quote(sys.executable)} "
+            "-m orchestrator serve --config {config_dir}/peer.json --port {port}"
+        )
+    return cmd
+
+
+def start_peer(cmd: str, upstream: str, config_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = peer_command(cmd, config_dir)
+    fields = {"port": port, "upstream": upstream, "upstream_v1": upstream + "/v1", "config_dir": config_dir}
+    for template in config_dir.glob("*.in"):  # a built-in peer's config, its placeholders filled
+        template.with_suffix("").write_text(template.read_text().replace("{upstream}", upstream))
+    for written in config_dir.glob("*.yaml"):
+        written.write_text(written.read_text().format(**fields))
+    line = cmd.format(**fields)
+    proc = subprocess.Popen(
+        line, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/v1/models", proc, f"the peer ({shorten_cmd(cmd)})")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def shorten_cmd(cmd: str) -> str:
+    return cmd if len(cmd) <= 60 else cmd[:57] + "..."
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid``."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[2]) == pgid:  # field 5: pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / CLOCK_TICKS
+
+
+# -- the load generator -------------------------------------------------------------------------
+
+
+def request_bytes(base: str, model: str, stream: bool, max_tokens: int) -> tuple[str, int, bytes]:
+    host_port = base.removeprefix("http://")
+    host, _, port = host_port.partition(":")
+    body = json.dumps(
+        {"model": model, "prompt": "one two three", "max_tokens": max_tokens, "stream": stream}
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {PEER_TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return host, int(port), head + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (Content-Length or chunked) to its end; its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = None
+    chunked = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
                 break
-    proc.kill()
-    raise SystemExit("the daemon did not start")
-
-
-def one(client: httpx.Client, url: str, body: dict[str, Any], stream: bool) -> float:
-    t0 = time.perf_counter()
-    if stream:
-        with client.stream("POST", url, json=body) as r:
-            r.raise_for_status()
-            for _ in r.iter_bytes():
-                pass
+    elif length is not None:
+        await reader.readexactly(length)
     else:
-        r = client.post(url, json=body)
-        r.raise_for_status()
-    return (time.perf_counter() - t0) * 1e3
+        raise RuntimeError("a response without Content-Length or chunked encoding")
+    return status
 
 
-def measure(
-    client: httpx.Client, base: str, model: str, n: int, stream: bool, max_tokens: int
-) -> list[float]:
-    body = {"model": model, "prompt": "one two three", "max_tokens": max_tokens, "stream": stream}
-    url = f"{base}/v1/completions"
-    for _ in range(max(3, n // 10)):  # warm-up
-        one(client, url, body, stream)
-    return [one(client, url, body, stream) for _ in range(n)]
+@dataclass
+class Run:
+    latencies_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies_ms) / self.wall_s if self.wall_s else 0.0
 
 
-def row(label: str, direct: list[float], gateway: list[float]) -> str:
-    def p90(v: list[float]) -> float:
-        return sorted(v)[int(0.9 * (len(v) - 1))]
+async def load(target: tuple[str, int, bytes], clients: int, n: int) -> Run:
+    """``n`` requests from ``clients`` concurrent keep-alive connections."""
+    host, port, raw = target
+    run = Run()
+    left = n
 
-    d50, g50 = statistics.median(direct), statistics.median(gateway)
+    async def client() -> None:
+        nonlocal left
+        reader, writer = await asyncio.open_connection(host, port)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while left > 0:
+                left -= 1
+                t0 = time.perf_counter()
+                writer.write(raw)
+                status = await read_response(reader)
+                run.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+                if status != 200:
+                    raise RuntimeError(f"{host}:{port} answered {status}")
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    run.wall_s = time.perf_counter() - t0
+    return run
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+@dataclass
+class Side:
+    label: str
+    base: str
+    model: str
+    pgid: int | None  # the proxy's process group (None: direct)
+    seq: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+    seq_cpu_s: float = 0.0
+    seq_n: int = 0
+    conc: list[Run] = field(default_factory=list)
+
+
+async def measure(sides: list[Side], args: argparse.Namespace) -> None:
+    rounds = max(1, args.rounds)
+    for stream in (False, True):
+        targets = [request_bytes(s.base, s.model, stream, args.max_tokens) for s in sides]
+        for t in targets:  # warm-up
+            await load(t, 1, max(5, args.requests // 10))
+        for _ in range(rounds):
+            for s, t in zip(sides, targets, strict=True):
+                cpu0 = group_cpu_s(s.pgid) if s.pgid else 0.0
+                run = await load(t, 1, max(1, args.requests // rounds))
+                if s.pgid:
+                    s.seq_cpu_s += group_cpu_s(s.pgid) - cpu0
+                    s.seq_n += len(run.latencies_ms)
+                s.seq[stream].extend(run.latencies_ms)
+    if args.clients <= 0 or args.vllm:
+        return
+    targets = [request_bytes(s.base, s.model, False, args.max_tokens) for s in sides]
+    for t in targets:  # warm-up: open the pools
+        await load(t, args.clients, args.clients * 4)
+    for _ in range(rounds):
+        for s, t in zip(sides, targets, strict=True):
+            cpu0 = group_cpu_s(s.pgid) if s.pgid else 0.0
+            run = await load(t, args.clients, max(args.clients, args.load_requests // rounds))
+            if s.pgid:
+                run.cpu_s = group_cpu_s(s.pgid) - cpu0
+            s.conc.append(run)
+
+
+def summary(sides: list[Side], clients: int) -> dict[str, Any]:
+    direct = sides[0]
+    out: dict[str, Any] = {"clients": clients, "sides": {}}
+    for s in sides:
+        entry: dict[str, Any] = {}
+        for stream, name in ((False, "completion"), (True, "streamed")):
+            v = s.seq[stream]
+            entry[name] = {
+                "p50_ms": statistics.median(v),
+                "p90_ms": pct(v, 0.9),
+                "overhead_p50_ms": statistics.median(v) - statistics.median(direct.seq[stream]),
+                "n": len(v),
+            }
+        if s.seq_n:
+            entry["sequential_cpu_per_request_ms"] = s.seq_cpu_s / s.seq_n * 1e3
+        if s.conc:
+            lat = [x for r in s.conc for x in r.latencies_ms]
+            n = len(lat)
+            wall = sum(r.wall_s for r in s.conc)
+            rates = [r.rate for r in s.conc]
+            conc: dict[str, Any] = {
+                "requests": n,
+                "req_per_s": n / wall,
+                "req_per_s_rounds": rates,
+                "p50_ms": statistics.median(lat),
+                "p99_ms": pct(lat, 0.99),
+            }
+            conc["p99_over_p50"] = conc["p99_ms"] / conc["p50_ms"]
+            if s.pgid:
+                cpu = sum(r.cpu_s or 0.0 for r in s.conc)
+                conc["cpu_per_request_ms"] = cpu / n * 1e3
+                conc["cpu_busy_fraction"] = cpu / wall
+            entry["concurrent"] = conc
+        out["sides"][s.label] = entry
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    sides = result["sides"]
+    print(f"  {'':<18} {'completion':>22}   {'streamed':>22}")
+    print(f"  {'':<18} {'p50':>7} {'p90':>7} {'+p50':>7}   {'p50':>7} {'p90':>7} {'+p50':>7}   cpu/req")
+    for label, e in sides.items():
+        c, st = e["completion"], e["streamed"]
+        cpu = e.get("sequential_cpu_per_request_ms")
+        print(
+            f"  {label:<18} {c['p50_ms']:>7.2f} {c['p90_ms']:>7.2f} {c['overhead_p50_ms']:>+7.2f}   "
+            f"{st['p50_ms']:>7.2f} {st['p90_ms']:>7.2f} {st['overhead_p50_ms']:>+7.2f}   "
+            + (f"{cpu:.2f} ms" if cpu is not None else "-")
+        )
+    if not any("concurrent" in e for e in sides.values()):
+        return
+    print(f"\n{result['clients']} concurrent clients, plain completions:\n")
+    print(f"  {'':<18} {'req/s':>8} {'p50':>7} {'p99':>7} {'p99/p50':>8} {'cpu/req':>9}   req/s per round")
+    for label, e in sides.items():
+        c = e.get("concurrent")
+        if c is None:
+            continue
+        cpu = c.get("cpu_per_request_ms")
+        rounds = " ".join(f"{r:.0f}" for r in c["req_per_s_rounds"])
+        print(
+            f"  {label:<18} {c['req_per_s']:>8.1f} {c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} "
+            f"{c['p99_over_p50']:>8.2f} "
+            + (f"{cpu:>6.2f} ms" if cpu is not None else f"{'-':>9}")
+            + f"   {rounds}"
+        )
+
+
+def versions() -> str:
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+
     return (
-        f"  {label:<22} {d50:>9.2f} {p90(direct):>9.2f}   {g50:>9.2f} {p90(gateway):>9.2f}   "
-        f"{g50 - d50:>+9.2f}"
+        f"python {platform.python_version()}, starlette {v('starlette')}, uvicorn {v('uvicorn')}, "
+        f"httpx {v('httpx')}, httpcore {v('httpcore')}, uvloop {v('uvloop')}, "
+        f"httptools {v('httptools')}; {os.cpu_count()} CPUs"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=200, help="requests per figure (default 200)")
+    p.add_argument("--requests", type=int, default=200, help="sequential requests per figure (default 200)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (0: sequential only)")
+    p.add_argument(
+        "--load-requests", type=int, default=2000, help="requests per side under load (default 2000)"
+    )
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per measurement (default 4)")
     p.add_argument("--vllm", metavar="MODEL_DIR", help="serve this model with the real vLLM CPU server")
     p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--max-concurrent", type=int, default=64, help="the model's max_concurrent (default 64)")
+    p.add_argument("--peer", action="append", default=[], metavar="CMD", help="another proxy (see above)")
+    p.add_argument("--peer-label", action="append", default=[], metavar="LABEL", help="a name per --peer")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
-    n = args.requests if args.vllm is None else min(args.requests, 30)
+    if args.vllm:
+        args.requests = min(args.requests, 30)
+    try:
+        import uvloop
 
+        loop_factory: Any = uvloop.new_event_loop
+        loader = "uvloop"
+    except ImportError:
+        loop_factory, loader = None, "asyncio"
+
+    procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(json.dumps(config(args.vllm)))
-        proc, gateway = start_daemon(path)
         try:
+            upstream = None
+            if args.vllm is None:
+                server, upstream = start_fake_server()
+                procs.append(server)
+            path = Path(tmp) / "config.yaml"
+            path.write_text(json.dumps(config(upstream, args.vllm, args.max_concurrent)))
+            daemon, gateway = start_daemon(path)
+            procs.append(daemon)
+            import httpx
+
             with httpx.Client(timeout=600) as client:
-                # Load the model through a lease, learn its server's URL, and keep it resident.
-                lease = client.post(f"{gateway}/v1/leases", json={"model": "bench-llm", "ttl_s": 3600})
+                # Make the model resident through a lease, and learn its server's URL.
+                lease = client.post(f"{gateway}/v1/leases", json={"model": GATEWAY_MODEL, "ttl_s": 3600})
                 lease.raise_for_status()
                 direct = lease.json()["url"]
                 client.delete(f"{gateway}/v1/leases/{lease.json()['id']}").raise_for_status()
-                server = "vLLM CPU (" + Path(args.vllm).name + ")" if args.vllm else "fake OpenAI server"
-                print(
-                    f"gateway overhead, {server}; python {platform.python_version()}, "
-                    f"starlette {version('starlette')}, uvicorn {version('uvicorn')}, "
-                    f"httpx {version('httpx')}, {os.cpu_count()} CPUs"
-                )
-                print(f"milliseconds per request, {n} sequential requests each (after a warm-up)\n")
-                print(f"  {'':<22} {'direct':>19}   {'through gateway':>19}   {'overhead':>9}")
-                print(f"  {'':<22} {'p50':>9} {'p90':>9}   {'p50':>9} {'p90':>9}   {'p50':>9}")
-                for stream in (False, True):
-                    label = "streamed completion" if stream else "completion"
-                    # Interleaved in halves, so that drift (caches, CPU clocks) hits both sides.
-                    d1 = measure(client, direct, "bench", n // 2, stream, args.max_tokens)
-                    g1 = measure(client, gateway, "bench-llm", n // 2, stream, args.max_tokens)
-                    d2 = measure(client, direct, "bench", n - n // 2, stream, args.max_tokens)
-                    g2 = measure(client, gateway, "bench-llm", n - n // 2, stream, args.max_tokens)
-                    print(row(label, d1 + d2, g1 + g2))
-                st = client.get(f"{gateway}/v1/status").json()
-                print(
-                    f"\nswitches during the measurement: {st['statistics']['switches'] - 1} "
-                    f"(the model stayed resident); leases granted: {st['statistics']['grants']}"
-                )
+            sides = [
+                Side("direct", direct, SERVED_MODEL, None),
+                Side("gateway", gateway, GATEWAY_MODEL, daemon.pid),
+            ]
+            for i, cmd in enumerate(args.peer):
+                peer_dir = Path(tmp) / f"peer{i}"
+                peer_dir.mkdir()
+                proc, url = start_peer(cmd, direct, peer_dir)
+                procs.append(proc)
+                label = args.peer_label[i] if i < len(args.peer_label) else f"peer {i + 1}"
+                sides.append(Side(label, url, GATEWAY_MODEL, proc.pid))
+            server_name = "vLLM CPU (" + Path(args.vllm).name + ")" if args.vllm else "fake OpenAI server"
+            print(f"gateway overhead, {server_name}; {versions()}; load generator on {loader}")
+            print(
+                f"milliseconds per request; sequential: {args.requests} requests per side and kind, "
+                f"interleaved in {args.rounds} rounds (after a warm-up)\n"
+            )
+            runner = asyncio.Runner(loop_factory=loop_factory)
+            with runner:
+                runner.run(measure(sides, args))
+            result = summary(sides, args.clients)
+            result["versions"] = versions()
+            print_table(result)
+            with httpx.Client(timeout=60) as client:
+                st = client.get(f"{gateway}/v1/status").json()["statistics"]
+            result["gateway_switches"] = st["switches"]
+            result["gateway_grants"] = st["grants"]
+            print(
+                f"\nthe gateway's switches: {st['switches']} (the model stayed resident); "
+                f"leases granted: {st['grants']}"
+            )
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for proc in reversed(procs):
+                stop(proc)
     return 0
 
 

@@ -216,7 +216,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator.daemon import resolve_token, serve
+    from orchestrator.daemon import event_loop_options, resolve_token, serve
 
     config = load_config(args.config)
     host = args.host or config.daemon.host
@@ -225,7 +225,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"vram-orchestrator serving {config.source} on {url} (pid {os.getpid()})", flush=True)
 
-    report = anyio.run(lambda: serve(config, host=host, port=args.port, token=args.token, on_ready=ready))
+    report = anyio.run(
+        lambda: serve(config, host=host, port=args.port, token=args.token, on_ready=ready),
+        backend_options=event_loop_options(),
+    )
     print(f"vram-orchestrator: {report.line()}", flush=True)
     return EXIT_OK
 

@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
-import httpx
+import httpcore
 from starlette.requests import Request
 
 from orchestrator.daemon.asgi import HeldResponse, read_body
-from orchestrator.daemon.errors import ApiError, Send, send_json
+from orchestrator.daemon.errors import ApiError, ASGIApp, Receive, Scope, Send, api_error, dumps, send_json
 from orchestrator.daemon.requests import (
     check_image_limits,
     check_speech_limits,
@@ -36,6 +36,7 @@ from orchestrator.daemon.requests import (
     parse_speech,
 )
 from orchestrator.daemon.state import Daemon
+from orchestrator.daemon.upstream import UPSTREAM_ERRORS, Upstream
 from orchestrator.spec import ModelSpec
 
 
@@ -69,7 +70,8 @@ def _served_name(d: Daemon, s: ModelSpec) -> str | None:
 
 def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
     async def handler(request: Request) -> HeldResponse:
-        body = await read_json(d, request)
+        raw = await read_body(request, d.spec.max_body_bytes, d.body_timeout_s)
+        body = parse_json(raw)
         s = d.orch.resolve(model_of(body))
         served = _served_name(d, s)
         if served is None:
@@ -80,66 +82,97 @@ def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
                 + (f"use POST {where}" if where else "configure a server or vllm backend for it"),
                 "invalid_request",
             )
-        upstream_body = {**body, "model": served, **completion_limits(body, s.limits, s.name)}
+        changes = completion_limits(body, s.limits, s.name)
+        if body.get("model") == served and not changes:
+            upstream_body = raw  # as it came: nothing to change
+        else:
+            upstream_body = dumps({**body, "model": served, **changes})
         opts = lease_options(request.headers, d.spec.request_timeout_s)
         streaming = bool(body.get("stream"))
 
         async def work(send: Send) -> None:
             async with d.orch.acquire(s.name, timeout=opts.timeout_s, priority=opts.priority) as lease:
-                client = getattr(lease.handle, "client", None)  # a server's handle: its ready client
-                assert isinstance(client, httpx.AsyncClient), f"{s.name} is served without a client"
-                await forward(client, path, upstream_body, send, streaming=streaming)
+                base_url = getattr(lease.handle, "base_url", None)  # a server's handle: where it is
+                assert isinstance(base_url, str), f"{s.name} is served without a base URL"
+                up = await d.upstreams.get(s.name, base_url, s.max_concurrent)
+                await forward(up, path, upstream_body, send, streaming=streaming)
 
         return HeldResponse(work, stop=d.stopping, grace_s=d.in_flight_grace_s)
 
     return handler
 
 
+def proxy_app(d: Daemon, path: str) -> ASGIApp:
+    """``proxy(d, path)`` as a bare ASGI app, for the hot path: ``POST`` to a completions
+    route reaches it without the router and the middlewares (``app.FastRoutes``); its errors
+    get the JSON shape as through ``app.endpoint``."""
+    handler = proxy(d, path)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response: ASGIApp = await handler(Request(scope, receive))
+        except Exception as exc:
+            response = api_error(exc).response()
+        await response(scope, receive, send)
+
+    return app
+
+
 def _upstream_failed(what: str, exc: Exception, hint: str = "retry") -> ApiError:
     return ApiError(502, f"the model's server {what} ({type(exc).__name__}: {exc}); {hint}", "upstream_error")
 
 
-async def forward(
-    client: httpx.AsyncClient, path: str, body: dict[str, Any], send: Send, *, streaming: bool
-) -> None:
+def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for k, v in headers:
+        if k.lower() == b"content-type":
+            return v
+    return b"application/json"
+
+
+async def forward(up: Upstream, path: str, body: bytes, send: Send, *, streaming: bool) -> None:
     """Proxy one request to the model's server and its answer (streamed as it comes) back."""
-    request = client.build_request("POST", path, json=body)
+    headers = [
+        (b"host", up.host_header),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    request = httpcore.Request(b"POST", up.url(path), headers=headers, content=body)
     try:
-        upstream = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+        async with up.request(request) as upstream:
+            await _answer(upstream, send, streaming=streaming)
+    except UPSTREAM_ERRORS as exc:  # raised while the request was sent, before any answer
         raise _upstream_failed(
             "failed the request", exc, "retry: the next request restarts it if it crashed"
         ) from None
-    try:
-        content_type = upstream.headers.get("content-type", "application/json").encode()
-        if not streaming or upstream.status_code != 200:
-            try:
-                data = await upstream.aread()
-            except httpx.HTTPError as exc:
-                raise _upstream_failed("broke off its answer", exc) from None
-            headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
-            await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
-            await send({"type": "http.response.body", "body": data})
-            return
-        headers = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+
+async def _answer(upstream: httpcore.Response, send: Send, *, streaming: bool) -> None:
+    content_type = _content_type(upstream.headers)
+    if not streaming or upstream.status != 200:
         try:
-            async for chunk in upstream.aiter_bytes():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            err = {
-                "error": {
-                    "message": f"the model's server broke off the stream ({exc}); retry",
-                    "type": "upstream_error",
-                    "code": 502,
-                }
-            }
-            chunk = f"data: {json.dumps(err)}\n\n".encode()
+            data = await upstream.aread()
+        except UPSTREAM_ERRORS as exc:
+            raise _upstream_failed("broke off its answer", exc) from None
+        out = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": upstream.status, "headers": out})
+        await send({"type": "http.response.body", "body": data})
+        return
+    out = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": 200, "headers": out})
+    try:
+        async for chunk in upstream.aiter_stream():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    finally:
-        with anyio.CancelScope(shield=True):
-            await upstream.aclose()
+    except UPSTREAM_ERRORS as exc:
+        err = {
+            "error": {
+                "message": f"the model's server broke off the stream ({exc}); retry",
+                "type": "upstream_error",
+                "code": 502,
+            }
+        }
+        chunk = f"data: {json.dumps(err)}\n\n".encode()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 # -- images and speech -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any
 
 from orchestrator.daemon.asgi import Stopper
 from orchestrator.daemon.leases import LeaseManager
+from orchestrator.daemon.upstream import Upstreams
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.runtime import Orchestrator
 from orchestrator.spec import DaemonSpec
@@ -26,6 +27,7 @@ class Daemon:
     token: str | None
     stopping: Stopper = field(default_factory=Stopper)
     metrics: OrchestratorMetrics | None = None
+    upstreams: Upstreams = field(default_factory=Upstreams)  # the gateway's pools to servers
     body_timeout_s: float = BODY_TIMEOUT_S
     work_timeout_s: float | None = None  # a request's work after its grant; None: request_timeout_s
 
