@@ -2,9 +2,9 @@
 virtual clock.
 
 Each trace is a fixed, seeded list of requests; every mode replays the same traces on a fresh
-Orchestrator built from the embedded default config (the design document's 16 GiB card and
-models, its scheduler settings untouched) at time scale 1, so simulated latencies are the
-design's real seconds. Every run has its own event loop: anyio on trio with
+Orchestrator built from the embedded default config (the Model Management Module's 16 GiB card
+and models, its scheduler settings untouched) at time scale 1, so simulated latencies are the
+module's real seconds. Every run has its own event loop: anyio on trio with
 ``trio.testing.MockClock(autojump_threshold=0)``, the orchestrator's clock being the loop's
 (``anyio.current_time``). Whenever every task waits, the clock jumps to the next deadline: no
 real time is slept, and the figures are exact. Trio shuffles the order in which tasks woken
@@ -14,8 +14,8 @@ the same seed gives the same figures, bit for bit, in any process.
 Traces:
 
 ``interleaved``
-    16 agents, each looping through the design document's Example 1 (LLM plans, SDXL draws,
-    TTS speaks, LLM reviews), with a work time per step and small random think times.
+    16 agents, each looping through the Model Management Module's Example 1 (LLM plans, SDXL
+    draws, TTS speaks, LLM reviews), with a work time per step and small random think times.
 ``bursts``
     Open-loop bursts of requests for one model, then for another (LLM, SDXL, sometimes TTS):
     a burst every 40 s, its requests spread over 50 s, so each burst's tail overlaps the next.
@@ -27,8 +27,8 @@ Traces:
     16 agents of three sorts: chat agents (LLM only), artists (a short LLM prompt, then
     several SDXL images) and Example-1 workflows (LLM prompt -> SDXL image -> TTS narration).
     Run at two switch costs: ``design`` (no host tier: an exchange unloads and reloads from
-    disk, 12-22 s, the design document's figures) and ``fast`` (every model keeps a pinned
-    host copy: after the first cold loads an exchange takes under 1 s).
+    disk, 12-22 s, the Model Management Module's figures) and ``fast`` (every model keeps a
+    pinned host copy: after the first cold loads an exchange takes under 1 s).
 
 The other traces run at the ``default`` costs: the embedded config as shipped (the LLM
 reloads from disk, SDXL and TTS come back from the host tier).
@@ -121,7 +121,7 @@ class Trace:
 
 
 def interleaved_agents(rng: random.Random, agents: int, loops: int) -> Trace:
-    """Example 1 of the design document, looped by several agents at once."""
+    """Example 1 of the Model Management Module, looped by several agents at once."""
     out = []
     for _ in range(agents):
         steps: list[Step] = []

@@ -437,7 +437,7 @@ class ServerBackend(Backend):
             self._log = None
 
     def status(self) -> dict[str, Any]:
-        """The design document's ``get_llm_status`` fields."""
+        """The Model Management Module's ``get_llm_status`` fields."""
         return {
             "running": self.is_alive(),
             "pid": self.pid,
