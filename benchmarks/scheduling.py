@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import random
@@ -75,6 +74,7 @@ from orchestrator import Orchestrator, OrchestratorError, parse_config
 from orchestrator.config import DEFAULT_CONFIG_NAME, Config
 from orchestrator.events import Event
 from orchestrator.footprints import FootprintStore
+from orchestrator.runtime.stats import percentile  # nearest rank: the orchestrator's own
 
 MODES = ("fair", "fcfs", "resident_first")
 KINDS = ("llm", "sdxl", "tts")
@@ -264,14 +264,6 @@ def make_config(mode: str, costs: str) -> Config:
     return parse_config(
         yaml.safe_dump(raw), source=f"<benchmark: {DEFAULT_CONFIG_NAME}, {mode}, {costs} costs>"
     )
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (the orchestrator's own definition)."""
-    if not sorted_values:
-        return 0.0
-    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[i]
 
 
 # -- one run -------------------------------------------------------------------------------------

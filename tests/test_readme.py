@@ -80,6 +80,17 @@ def test_the_api_example_runs_from_any_folder(tmp_path: Path) -> None:
     assert out.stdout.strip(), "it prints the statistics"
 
 
+def plan(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``vram-orchestrator plan --config config``, run from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
 def test_the_api_page_example_prints_what_the_page_shows(tmp_path: Path) -> None:
     """docs/api.md's first example, as written, prints a summary line for line in the shape of
     the one the page shows (the same words; only the figures may differ)."""
@@ -113,13 +124,7 @@ def test_the_config_reference_passes_plan(tmp_path: Path) -> None:
     """docs/configuration.md's "every key" config, as written, is a valid config."""
     config = tmp_path / "every-key.yaml"
     config.write_text(block_after((ROOT / "docs" / "configuration.md").read_text(), "## Every key", "yaml"))
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "plan", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    out = plan(config, tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "fairness: the measured cost of each switch" in out.stdout
 
@@ -157,13 +162,7 @@ def test_the_config_example_passes_plan(tmp_path: Path) -> None:
     """The tour's config, as written (its model paths are the user's to fill in)."""
     config = tmp_path / "my-machine.yaml"
     config.write_text(block_after(README.read_text(), "### Your machine: a config", "yaml"))
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "plan", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    out = plan(config, ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "host-RAM tier 12.00 GiB" in out.stdout
     assert out.stdout.rstrip().endswith("groups are consistent")
