@@ -239,7 +239,7 @@ def make_config(mode: str, costs: str) -> Config:
     ``default``: as shipped; ``design``: no host tier (every exchange unloads and loads from
     disk); ``fast``: a pinned host copy of every model (exchanges are offloads and restores).
     Every model's ``max_concurrent`` is its kind's ``CAPACITY``. The scheduler's own settings
-    (``fairness_s``, ``max_wait_s``) are the default config's.
+    (``fairness``, ``fairness_s``, ``max_wait_s``) are the default config's.
     """
     if costs not in COSTS:
         raise ValueError(f"unknown switch costs {costs!r}; choose one of {', '.join(COSTS)}")
@@ -284,7 +284,7 @@ class Result:
     stats_switches: int = 0  # statistics().switches, for comparison
     makespan_s: float = 0.0
     switching_s: float = 0.0  # inside switches (statistics().switching_s)
-    waits_s: list[float] = field(default_factory=list)  # acquire() to the start of the work
+    waits_s: list[float] = field(default_factory=list)  # acquire() to the start of the work (sorted)
     lease_waits_s: list[float] = field(default_factory=list)  # lease.waited_s, the same requests
     waits_by_kind: dict[str, list[float]] = field(default_factory=dict)
     max_leases: dict[str, int] = field(default_factory=dict)  # most leases held at once, per kind
@@ -407,6 +407,13 @@ async def _run(trace: Trace, mode: str, costs: str, seed: int) -> Result:
         remove()
     res.switches, res.loads, res.restores = counter.switches, counter.loads, counter.restores
     res.max_leases = dict(counter.max_held)
+    # Leases granted in the same instant start their work in an order that no figure depends on
+    # and that differs from process to process (the grant wakes them together): keep the waits
+    # sorted, so that one seed gives one JSON.
+    pairs = sorted(zip(res.waits_s, res.lease_waits_s, strict=True))
+    res.waits_s = [w for w, _ in pairs]
+    res.lease_waits_s = [lw for _, lw in pairs]
+    res.waits_by_kind = {k: sorted(v) for k, v in sorted(res.waits_by_kind.items())}
     res.stats_switches = stats.switches
     res.switching_s = stats.switching_s
     res.peak_committed_bytes = stats.peak_committed_bytes
@@ -577,9 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     traces = [t for t in TRACES if not args.trace or t in args.trace]
 
     sw = make_config("fair", "default")
+    fairness = f"time (fairness_s {sw.fairness_s:g})" if sw.fairness == "time" else sw.fairness
     print(
         f"scheduling benchmark: {'quick' if args.quick else 'full'} run on a virtual clock (trio MockClock), "
-        f"time scale 1, seeds {seeds[0]}-{seeds[-1]}; the default config: fairness_s {sw.fairness_s:g}, "
+        f"time scale 1, seeds {seeds[0]}-{seeds[-1]}; the default config: fairness {fairness}, "
         f"max_wait_s {sw.max_wait_s:g}"
     )
     print(
