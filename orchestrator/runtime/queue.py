@@ -184,11 +184,13 @@ class LeaseBook:
         # BackendCrashed raised from it (see CrashWatch).
         scope = anyio.CancelScope()
         self.scopes.setdefault(model, {})[scope] = None
+        started = ctx.now_s()
         try:
             with scope:
                 yield lease
         finally:
             lease._end()
+            ctx.learn_cost(model, "hold_s", ctx.now_s() - started)
             crash = self.scopes.get(model, {}).pop(scope, None)
             self._release(model, w.holder)
         if crash is not None and scope.cancelled_caught:

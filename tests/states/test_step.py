@@ -320,26 +320,52 @@ def cost_view(
     return replace(v, settings=replace(v.settings, fairness_by_cost=True))
 
 
-def test_the_cost_rule_waits_for_the_price_of_the_switch() -> None:
+def test_the_cost_rule_never_drains_before_its_floor() -> None:
+    # A cheap switch: only the floor (0.6 of max_wait_s = 180 s) holds the drain back.
+    cheap = {"qwen": SwitchCosts(unload_s=0.05), "sdxl": SwitchCosts(restore_s=0.1, load_s=0.1)}
+    early = decide(cost_view([w(1, "sdxl", ago=100)], leases=2, costs=cheap))
+    assert early.drain == frozenset() and early.wake_at_s == pytest.approx(NOW + 80)
+    assert decide(cost_view([w(1, "sdxl", ago=181)], leases=2, costs=cheap)).drain == {"qwen"}
+
+
+def test_past_its_floor_the_cost_rule_waits_for_the_price_of_the_switch() -> None:
     # Switching to SDXL costs the LLM's unload (1 s) and SDXL's cold load (6 s); the LLM has
-    # two leases, so the switch holds up three users: a price of 21 waiter-seconds.
-    fresh = decide(cost_view([w(1, "sdxl", ago=5)], leases=2))
-    assert fresh.drain == frozenset() and fresh.wake_at_s == pytest.approx(NOW + 16)
-    due = decide(cost_view([w(1, "sdxl", ago=21)], leases=2))
-    assert due.drain == {"qwen"}
+    # two leases, so the switch holds up three users: a price of 16 x 7 x 3 = 336 waiter-s.
+    # 190 are in; the other 146 come from two waiters at once: 73 s from now.
+    d = decide(cost_view([w(1, "sdxl", ago=190), w(2, "sdxl")], leases=2))
+    assert d.drain == frozenset() and d.wake_at_s == pytest.approx(NOW + 73)
+    assert decide(cost_view([w(1, "sdxl", ago=190), w(2, "sdxl", ago=185)], leases=2)).drain == {"qwen"}
 
 
 def test_under_the_cost_rule_many_waiters_drain_sooner() -> None:
-    # Three waiters of 4, 3 and 0 s have waited 7 s together; 14 more waiter-seconds are due,
-    # 14/3 s from now.
-    d = decide(cost_view([w(1, "sdxl", ago=4), w(2, "sdxl", ago=3), w(3, "sdxl")], leases=2))
-    assert d.drain == frozenset() and d.wake_at_s == pytest.approx(NOW + 14 / 3)
+    # 200 waiter-s are in; 136 more are due, from three waiters at once: 136/3 s from now.
+    d = decide(cost_view([w(1, "sdxl", ago=200), w(2, "sdxl"), w(3, "sdxl")], leases=2))
+    assert d.drain == frozenset() and d.wake_at_s == pytest.approx(NOW + 136 / 3)
 
 
-def test_under_the_cost_rule_a_cheap_switch_drains_at_once() -> None:
-    cheap = {"qwen": SwitchCosts(unload_s=0.05), "sdxl": SwitchCosts(restore_s=0.1, load_s=0.1)}
-    d = decide(cost_view([w(1, "sdxl", ago=0.5)], leases=2, costs=cheap))
-    assert d.drain == {"qwen"}
+def test_under_the_cost_rule_a_busier_evictee_holds_out_longer_but_never_past_max_wait() -> None:
+    quiet = decide(cost_view([w(1, "sdxl", ago=200)], leases=1))  # price 16 x 7 x 2 = 224
+    assert quiet.drain == frozenset() and quiet.wake_at_s == pytest.approx(NOW + 24)
+    busy = decide(cost_view([w(1, "sdxl", ago=200)], leases=4))  # 16 x 7 x 5 = 560 ...
+    assert busy.drain == frozenset() and busy.wake_at_s == pytest.approx(NOW + 100)  # ... or max_wait_s
+    assert decide(cost_view([w(1, "sdxl", ago=300)], leases=4)).drain == {"qwen"}
+
+
+def test_an_overdue_waiter_drains_a_busy_model_only_when_its_backlog_outlasts_the_switch() -> None:
+    # SDXL draws one image at a time (6 s each) and three are queued behind the one in
+    # progress: 24 s to clear by itself, longer than the 10 s switch: drain for the overdue LLM.
+    costs = {"qwen": SwitchCosts(load_s=9.0, unload_s=1.0), "sdxl": SwitchCosts(unload_s=1.0, hold_s=6.0)}
+    busy = [w(1, "qwen", ago=301), w(2, "sdxl"), w(3, "sdxl"), w(4, "sdxl")]
+    v = view(busy, ledger("sdxl"), leases={"sdxl": 1}, capacity={"sdxl": 1}, costs=costs)
+    v = replace(v, settings=replace(v.settings, fairness_by_cost=True))
+    assert decide(v).drain == {"sdxl"}
+    # Only the image in progress: it ends sooner than a switch would; the LLM waits for it
+    # (and the price, 16 x 10 s x 2 users, is not reached by its 301 s either).
+    v = replace(v, waiters=(w(1, "qwen", ago=301),))
+    short = decide(v)
+    assert short.drain == frozenset() and short.action is None
+    # The time rule drains for an overdue waiter whatever the backlog.
+    assert decide(replace(v, settings=replace(v.settings, fairness_by_cost=False))).drain == {"sdxl"}
 
 
 def test_switch_cost_counts_the_evictions_and_the_tier_the_target_comes_from() -> None:
