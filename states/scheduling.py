@@ -150,16 +150,12 @@ def admission(
     target: str | None,
     evictees: frozenset[str],
     switch_cost_s: float | None = None,
-    backlog_s: float | None = None,
 ) -> Admission:
     """Grant leases on resident models, and say which must drain for ``target``.
 
     ``evictees`` are the resident models the target's plan evicts from the GPU;
     ``switch_cost_s``, when given, is what the switch would cost (the cost rule of
-    ``drain_due_at``). ``backlog_s``, when known, is how long the evictees' leases and
-    queues take to clear by themselves: under the cost rule an overdue waiter drains them
-    only when that is longer than the switch (otherwise letting them finish serves the
-    overdue waiter sooner than a switch could, within max_wait_s plus one switch).
+    ``drain_due_at``).
     """
     resident_waiters = [w for w in view.waiters if w.model in view.on_gpu]
     if target is None:
@@ -180,8 +176,6 @@ def admission(
     evictee_prios = [w.priority for w in resident_waiters if w.model in evictees]
     outranks = bool(evictee_prios) and top > max(evictee_prios)
     overdue = any(view.overdue(w) for w in target_waiters)
-    if overdue and switch_cost_s is not None and backlog_s is not None:
-        overdue = backlog_s > switch_cost_s
     due = view.now_s >= drain_due_at(view, target, evictees, switch_cost_s) or overdue or outranks
     drain = evictees if due else frozenset()
     grant = frozenset(w.seq for w in resident_waiters if w.model not in drain)

@@ -62,7 +62,6 @@ class SwitchCosts:
     load_s: float = 10.0  # a cold load from disk
     restore_s: float = 1.0  # from its host copy
     unload_s: float = 1.0  # unloading or offloading it
-    hold_s: float | None = None  # how long a lease on it lasts (None: not measured yet)
 
 
 @dataclass(frozen=True)
@@ -303,7 +302,7 @@ def decide(view: StepView) -> Decision:
     sv = _scheduler_view(view, s.waiters, s.on_gpu, s.leases, frozenset(blocked))
     evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen is not None else frozenset()
     cost_s = switch_cost_s(view, chosen) if chosen is not None and view.settings.fairness_by_cost else None
-    adm = admission(sv, target, evictees, cost_s, _backlog_s(view, s, evictees))
+    adm = admission(sv, target, evictees, cost_s)
     drain = frozenset(adm.drain | set(view.to_unload))
     s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in view.to_unload])
 
@@ -329,21 +328,6 @@ def switch_cost_s(view: StepView, p: Plan) -> float:
     out = sum(view.costs.get(e.model, default).unload_s for e in p.gpu_evictions)
     target = view.costs.get(p.load, default)
     return out + (target.restore_s if p.from_tier is Tier.HOST else target.load_s)
-
-
-def _backlog_s(view: StepView, s: _Step, evictees: frozenset[str]) -> float | None:
-    """How long the evictees' leases and queues would take to clear by themselves: their
-    turns (``max_concurrent`` at a time) times how long a lease on each lasts. None when a
-    lease's length is not known yet."""
-    longest = 0.0
-    for m in evictees:
-        hold = view.costs.get(m, SwitchCosts()).hold_s
-        if hold is None:
-            return None
-        users = s.leases.get(m, 0) + sum(1 for w in s.waiters if w.model == m)
-        cap = view.capacity.get(m) or max(1, users)
-        longest = max(longest, -(-users // cap) * hold)
-    return longest
 
 
 def _scheduler_view(

@@ -145,9 +145,8 @@ class Context:
         return n, backoff
 
     def learn_cost(self, model: str, what: str, seconds: float) -> None:
-        """A load ("load_s"), restore ("restore_s"), unload ("unload_s") or lease ("hold_s")
-        of ``model`` took ``seconds``: the estimate moves toward it (the decision weighs
-        switches, and how soon a busy model frees itself, by these)."""
+        """A load ("load_s"), restore ("restore_s") or unload ("unload_s") of ``model`` took
+        ``seconds``: the estimate moves toward it (the decision weighs switches by these)."""
         old = self.costs.get(model)
         if old is None:
             return  # a reservation: nothing to learn

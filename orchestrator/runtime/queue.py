@@ -32,9 +32,10 @@ class Waiter:
     event: anyio.Event = field(default_factory=anyio.Event)
     granted: bool = False
     error: BaseException | None = None
+    view: WaiterView = field(init=False)  # what the decision sees of it (made once)
 
-    def view(self) -> WaiterView:
-        return WaiterView(self.seq, self.model, self.priority, self.arrived_s, self.holder)
+    def __post_init__(self) -> None:
+        self.view = WaiterView(self.seq, self.model, self.priority, self.arrived_s, self.holder)
 
 
 class LeaseBook:
@@ -184,13 +185,11 @@ class LeaseBook:
         # BackendCrashed raised from it (see CrashWatch).
         scope = anyio.CancelScope()
         self.scopes.setdefault(model, {})[scope] = None
-        started = ctx.now_s()
         try:
             with scope:
                 yield lease
         finally:
             lease._end()
-            ctx.learn_cost(model, "hold_s", ctx.now_s() - started)
             crash = self.scopes.get(model, {}).pop(scope, None)
             self._release(model, w.holder)
         if crash is not None and scope.cancelled_caught:

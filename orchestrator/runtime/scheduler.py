@@ -8,6 +8,8 @@ until the decision's wake time or until something changes (a new waiter, a relea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 import anyio
 
 from orchestrator.config import Config
@@ -17,7 +19,7 @@ from orchestrator.runtime.executor import Executor, SwitchOutcome
 from orchestrator.runtime.externals import Externals
 from orchestrator.runtime.queue import LeaseBook
 from states.ledger import Tier
-from states.plan import Deferred
+from states.plan import Deferred, PlanRequest
 from states.step import Decision, Evict, Reap, StepSettings, StepView, Switch, decide
 
 MIN_SLEEP_S = 0.0005  # the shortest sleep between two steps that found nothing to do now
@@ -82,9 +84,8 @@ class Scheduler:
         ctx, book, ex = self.ctx, self.book, self.executor
         ledger = ctx.ledger
         wanted = {w.model for w in book.waiters} | {m for m, n in book.leases.items() if n}
-        requests = {
-            m: self.accounting.request(m) for m in wanted if m in ctx.config.models or m in ctx.externals
-        }
+        known = frozenset(m for m in wanted if m in ctx.config.models or m in ctx.externals)
+        requests = _Requests(known, self.accounting.request)
         leftovers = frozenset(
             n for n, b in ctx.backends.items() if b.tier is not Tier.DISK and ledger.get(n) is None
         )
@@ -98,7 +99,7 @@ class Scheduler:
         return StepView(
             now_s=ctx.now_s(),
             ledger=ledger,
-            waiters=tuple(w.view() for w in book.waiters),
+            waiters=tuple(w.view for w in book.waiters),
             requests=requests,
             policy=ctx.policy,
             settings=self.settings,
@@ -139,3 +140,27 @@ class Scheduler:
             await self.executor.evict(action.models, action.reason)
         else:
             await self.executor.reap(action.models)
+
+
+class _Requests(Mapping[str, PlanRequest]):
+    """The plan requests of the models a step may need, each made when first read: most
+    steps (a lease on a resident model) read none, and an estimate reads learned footprints."""
+
+    def __init__(self, models: frozenset[str], make: Callable[[str], PlanRequest]) -> None:
+        self._models = models
+        self._make = make
+        self._made: dict[str, PlanRequest] = {}
+
+    def __getitem__(self, model: str) -> PlanRequest:
+        if model not in self._models:
+            raise KeyError(model)
+        made = self._made.get(model)
+        if made is None:
+            made = self._made[model] = self._make(model)
+        return made
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)

@@ -351,23 +351,6 @@ def test_under_the_cost_rule_a_busier_evictee_holds_out_longer_but_never_past_ma
     assert decide(cost_view([w(1, "sdxl", ago=300)], leases=4)).drain == {"qwen"}
 
 
-def test_an_overdue_waiter_drains_a_busy_model_only_when_its_backlog_outlasts_the_switch() -> None:
-    # SDXL draws one image at a time (6 s each) and three are queued behind the one in
-    # progress: 24 s to clear by itself, longer than the 10 s switch: drain for the overdue LLM.
-    costs = {"qwen": SwitchCosts(load_s=9.0, unload_s=1.0), "sdxl": SwitchCosts(unload_s=1.0, hold_s=6.0)}
-    busy = [w(1, "qwen", ago=301), w(2, "sdxl"), w(3, "sdxl"), w(4, "sdxl")]
-    v = view(busy, ledger("sdxl"), leases={"sdxl": 1}, capacity={"sdxl": 1}, costs=costs)
-    v = replace(v, settings=replace(v.settings, fairness_by_cost=True))
-    assert decide(v).drain == {"sdxl"}
-    # Only the image in progress: it ends sooner than a switch would; the LLM waits for it
-    # (and the price, 16 x 10 s x 2 users, is not reached by its 301 s either).
-    v = replace(v, waiters=(w(1, "qwen", ago=301),))
-    short = decide(v)
-    assert short.drain == frozenset() and short.action is None
-    # The time rule drains for an overdue waiter whatever the backlog.
-    assert decide(replace(v, settings=replace(v.settings, fairness_by_cost=False))).drain == {"sdxl"}
-
-
 def test_switch_cost_counts_the_evictions_and_the_tier_the_target_comes_from() -> None:
     from states.step import switch_cost_s
 
