@@ -584,11 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     traces = [t for t in TRACES if not args.trace or t in args.trace]
 
     sw = make_config("fair", "default")
-    fairness = f"time (fairness_s {sw.fairness_s:g})" if sw.fairness == "time" else sw.fairness
     print(
         f"scheduling benchmark: {'quick' if args.quick else 'full'} run on a virtual clock (trio MockClock), "
-        f"time scale 1, seeds {seeds[0]}-{seeds[-1]}; the default config: fairness {fairness}, "
-        f"max_wait_s {sw.max_wait_s:g}"
+        f"time scale 1, seeds {seeds[0]}-{seeds[-1]}; the default config: fairness {sw.fairness}"
+        + (f" (fairness_s {sw.fairness_s:g})" if sw.fairness == "time" else "")
+        + f", max_wait_s {sw.max_wait_s:g}"
     )
     print(
         f"python {platform.python_version()}, anyio {version('anyio')}, trio {version('trio')}, "

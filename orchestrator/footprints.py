@@ -93,7 +93,8 @@ class FootprintStore:
         with self._mutex:
             fp = _merge(self._cache.get(model), model, measured_bytes, kind)
             self._cache = {**self._cache, model: fp}
-            self._pending.append((model, measured_bytes, kind))
+            if self.path is not None:  # in memory only: nothing to persist
+                self._pending.append((model, measured_bytes, kind))
         return fp
 
     def flush(self) -> None:

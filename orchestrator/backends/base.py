@@ -21,7 +21,8 @@ What the rest of the orchestrator may ask of any backend without knowing its cla
 daemon's gateway, ``status``, the module's ``ServiceController``) are capabilities,
 properties with safe defaults here: ``url``, ``served_model``, ``pid``, ``log_path``,
 ``attached``, ``can_sleep``, ``uptime_s`` and ``is_alive()``. A backend with a server process
-overrides them.
+overrides them. ``watch_demand`` is the one background capability: a task the orchestrator
+runs for each backend while it runs (most return at once).
 
 A backend *type* (``backend: {type: NAME}`` in a config) is a ``BackendType``: the parser of
 its options and its factory, named by one line of ``orchestrator.backends.registry``.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -155,6 +157,14 @@ class Backend(abc.ABC):
         that exits. Backends without a process of their own never return."""
         await anyio.sleep_forever()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def watch_demand(self, hold: Callable[..., AbstractAsyncContextManager[Any]]) -> None:
+        """Run while the orchestrator runs: where the model's own program takes requests that
+        never pass through the orchestrator (ComfyUI's queue, a model loaded by hand in
+        Ollama), hold a lease on the model on that program's behalf with ``hold``
+        (``Orchestrator.acquire``) for as long as the program shows the demand. Backends
+        whose models are used only through the orchestrator return at once."""
+        return
 
     async def aclose(self) -> None:
         """Release everything for good (the orchestrator is shutting down)."""

@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("orchestrator.children")
 
@@ -270,11 +271,10 @@ def _owner_alive(owner: dict[str, object]) -> bool:
     return start_time(pid) == started and started is not None
 
 
-def reap_orphans(directory: Path | None = None, *, grace_s: float | None = None) -> list[Reaped]:
-    """Stop the servers that owners which died (kill -9, a crash) left running, and remove
-    their state files: each group gets its recorded stop signal, its stop grace (or
-    ``grace_s``, at most ``REAP_GRACE_S``), then SIGKILL. Blocking: run it in a worker thread.
-    Returns what it stopped (also logged)."""
+def orphan_records(directory: Path | None = None) -> list[tuple[Path, dict[str, Any], list[Child]]]:
+    """The state files whose owner is dead, with their owner and children. Quick (it reads a
+    few small files and signals nothing): the orchestrator calls it at start, and only when
+    there is something to reap does it run ``reap_orphans`` in a worker thread."""
     if not supported():
         return []
     directory = directory or runtime_dir()
@@ -282,8 +282,7 @@ def reap_orphans(directory: Path | None = None, *, grace_s: float | None = None)
         files = sorted(directory.glob("owner-*.json"))
     except OSError:
         return []
-    reaped: list[Reaped] = []
-    this_boot = boot_id()
+    found = []
     for path in files:
         try:
             record = json.loads(path.read_text())
@@ -294,8 +293,20 @@ def reap_orphans(directory: Path | None = None, *, grace_s: float | None = None)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("ignoring the unreadable state file %s (%s); remove it by hand", path, exc)
             continue
-        if _owner_alive(owner):
-            continue  # a running orchestrator's servers: not ours to touch
+        if not _owner_alive(owner):  # a running orchestrator's servers are not ours to touch
+            found.append((path, record, children))
+    return found
+
+
+def reap_orphans(directory: Path | None = None, *, grace_s: float | None = None) -> list[Reaped]:
+    """Stop the servers that owners which died (kill -9, a crash) left running, and remove
+    their state files: each group gets its recorded stop signal, its stop grace (or
+    ``grace_s``, at most ``REAP_GRACE_S``), then SIGKILL. Blocking: run it in a worker thread.
+    Returns what it stopped (also logged)."""
+    reaped: list[Reaped] = []
+    this_boot = boot_id()
+    for path, record, children in orphan_records(directory):
+        owner = record["owner"]
         if record.get("boot_id") == this_boot:
             for child in children:
                 grace = min(REAP_GRACE_S, child.stop_grace_s if grace_s is None else grace_s)

@@ -33,6 +33,11 @@ TYPES: Mapping[str, str] = {
     "vllm": "orchestrator.backends.vllm",
     "diffusers": "orchestrator.backends.diffusers",
     "tts": "orchestrator.backends.tts",
+    "ollama": "orchestrator.backends.ollama",
+    "llamacpp_router": "orchestrator.backends.llamacpp",
+    "comfyui": "orchestrator.backends.comfyui",
+    "sglang": "orchestrator.backends.sglang",
+    "lmstudio": "orchestrator.backends.lmstudio",
 }
 
 

@@ -155,6 +155,8 @@ class Executor:
                 raise
             detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             if strict or not recovered:
+                if isinstance(exc, VRAMNotReleased):
+                    raise  # the backend's own verified release: it names who holds the memory
                 raise UnloadFailed(step.model, f"{detail} {during}") from exc
             logger.warning("unloading %s failed (%s) %s; the second try freed it", step.model, detail, during)
             return

@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from orchestrator.backends.base import Backend
-from orchestrator.backends.children import reap_orphans
+from orchestrator.backends.children import orphan_records, reap_orphans
 from orchestrator.backends.registry import create_backend
 from orchestrator.config import Config, ModelSpec, load_config
 from orchestrator.device import DeviceUnavailable, open_device
@@ -194,7 +194,8 @@ class Orchestrator:
     async def __aenter__(self) -> Orchestrator:
         if self._running:
             raise RuntimeError("this orchestrator is already running")
-        await anyio.to_thread.run_sync(reap_orphans)  # servers a SIGKILLed orchestrator left
+        if orphan_records():  # servers a SIGKILLed orchestrator left: stopping them waits a grace
+            await anyio.to_thread.run_sync(reap_orphans)
         self._closing = False
         if self.config.events_path:
             self._open_event_log(self.config.events_path)
@@ -206,6 +207,8 @@ class Orchestrator:
         tg.start_soon(self._accounting.run_writer, name="vram-orchestrator footprint writer")
         if self.config.sample_hz > 0:
             tg.start_soon(self.sampler.run, name="vram-orchestrator peak sampler")
+        for b in self.backends.values():  # demand from programs that never call us (most return at once)
+            tg.start_soon(b.watch_demand, self.acquire, name=f"vram-orchestrator demand of {b.name}")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

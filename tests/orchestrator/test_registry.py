@@ -57,7 +57,10 @@ def make(text: str, device: object) -> Backend:
 
 
 def test_every_type_is_registered_with_a_parser_and_a_factory() -> None:
-    assert set(TYPES) == {"simulated", "synthetic", "server", "vllm", "diffusers", "tts"}
+    assert set(TYPES) == {
+        "simulated", "synthetic", "server", "vllm", "diffusers", "tts",
+        "ollama", "llamacpp_router", "comfyui", "sglang", "lmstudio",
+    }  # fmt: skip
     assert BACKENDS == tuple(TYPES)  # the config accepts exactly the registered types
     for name in TYPES:
         t = backend_type(name)

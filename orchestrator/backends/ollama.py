@@ -1,0 +1,153 @@
+"""An Ollama model: loaded, released and watched through Ollama's own API.
+
+Ollama (``server/routes.go``, ``api/types.go``): ``GET /api/ps`` lists the loaded models with
+``size_vram`` and ``expires_at``; ``POST /api/generate`` with a model and no prompt loads it
+(``keep_alive: -1`` keeps it loaded until told otherwise) or, with ``keep_alive: 0``, unloads
+it (the answer, ``done_reason: "unload"``, comes at once; the model's runner process exits
+afterwards, which is what the release wait waits for). Each loaded model runs in a runner
+process of its own, a child of ``ollama serve``, started with the model's blob
+(``.../blobs/sha256-<digest>``) on its command line: that is how its bytes on the device are
+told apart from the other models' (``/api/ps`` gives each model's digest).
+
+Config::
+
+    backend:
+      type: ollama
+      model: qwen2.5:7b               # as in `ollama ps` (":latest" is added when no tag)
+      url: http://127.0.0.1:11434     # attach to the running Ollama; or, to start one:
+      # command: [ollama, serve]      # (the default) with OLLAMA_HOST={host}:{port} and
+      #                                 OLLAMA_KEEP_ALIVE=-1: it never unloads on its own timer
+
+An attached Ollama keeps its own settings: a model used directly (not through the
+orchestrator) with the default ``keep_alive`` is unloaded by Ollama 5 minutes later, which
+the orchestrator sees at once (the model leaves the ledger). A model a client of Ollama's own
+loaded (a finite ``expires_at`` in ``/api/ps``) is demand: the orchestrator takes it over (its
+unaccounted copy given back, then loaded within the budget and kept), so that the ledger
+counts it as resident, never as anonymous foreign memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httpx
+
+from orchestrator.backends.base import BackendType
+from orchestrator.backends.cooperative import (
+    CooperativeBackend,
+    CooperativeOptions,
+    check_status,
+    cmdline,
+    parse_cooperative,
+)
+from orchestrator.backends.options import options_of
+from orchestrator.errors import LoadFailed, UnloadFailed
+from orchestrator.spec import Config, ModelSpec
+from states.ledger import Tier
+
+if TYPE_CHECKING:
+    from orchestrator.device.base import Device
+
+# ``keep_alive: -1`` shows in /api/ps as an expiry centuries away (Go's maximum duration, about
+# 292 years, from now); any client's finite keep_alive is an expiry within years.
+FOREVER_AFTER_YEARS = 100
+
+
+def kept_forever(expires_at: str) -> bool:
+    """An ``expires_at`` of ``keep_alive: -1`` (the orchestrator's own loads)."""
+    try:
+        return int(expires_at[:4]) > time.gmtime().tm_year + FOREVER_AFTER_YEARS
+    except ValueError:
+        return False
+
+
+RESERVED_ENV = {"OLLAMA_HOST": "{host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
+
+
+def parse(opts: Mapping[str, Any]) -> CooperativeOptions:
+    return parse_cooperative(
+        opts,
+        program="ollama",
+        health_path="/api/version",
+        default_command=("ollama", "serve"),
+        reserved_env=RESERVED_ENV,
+        model_example="qwen2.5:7b",
+    )
+
+
+def full_name(model: str) -> str:
+    """Ollama's display name: a model without a tag is ``:latest``."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+class OllamaBackend(CooperativeBackend):
+    VIEW: ClassVar[str] = "/api/ps"
+    RELEASE: ClassVar[str] = 'POST /api/generate {"keep_alive": 0}'
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tagged = full_name(self.model)
+        self.digest: str | None = None  # the model's blob, once /api/ps has shown it
+
+    def _mine(self, m: Mapping[str, Any]) -> bool:
+        return self.tagged in (full_name(str(m.get("name", ""))), full_name(str(m.get("model", ""))))
+
+    async def read_view(self, client: httpx.AsyncClient) -> list[dict[str, Any]]:
+        r = await client.get("/api/ps")
+        r.raise_for_status()
+        models: list[dict[str, Any]] = r.json().get("models") or []
+        for m in models:
+            if self._mine(m) and m.get("digest"):
+                self.digest = str(m["digest"])
+        return models
+
+    def view_holds(self, view: Any) -> bool | None:
+        if view is None:
+            return None
+        return any(self._mine(m) for m in view)
+
+    def model_pids(self, pids: set[int]) -> set[int] | None:
+        if self.digest is None:
+            return set()  # not seen in /api/ps yet: none of its runners is known to be this model's
+        blob = f"sha256-{self.digest}"
+        return {p for p in pids if any(blob in arg for arg in cmdline(p))}
+
+    def others_bytes(self) -> int:
+        return sum(int(m.get("size_vram") or 0) for m in self.view or () if not self._mine(m))
+
+    def has_demand(self, view: Any) -> bool:
+        """Loaded by a client of Ollama's own (a finite ``keep_alive``: the orchestrator's own
+        loads keep it forever) while the orchestrator has not loaded it."""
+        return self._tier is Tier.DISK and any(
+            self._mine(m) and not kept_forever(str(m.get("expires_at", ""))) for m in view or ()
+        )
+
+    async def request_load(self, client: httpx.AsyncClient, limit_bytes: int | None) -> None:
+        r = await client.post("/api/generate", json={"model": self.model, "keep_alive": -1}, timeout=None)
+        check_status(r, "ollama's POST /api/generate (load)", self.name, LoadFailed)
+
+    async def request_release(self, client: httpx.AsyncClient) -> None:
+        r = await client.post("/api/generate", json={"model": self.model, "keep_alive": 0})
+        check_status(r, "ollama's POST /api/generate (unload)", self.name, UnloadFailed)
+        reason = r.json().get("done_reason")
+        if reason != "unload":
+            raise UnloadFailed(
+                self.name, f"ollama answered done_reason={reason!r} to an unload, not 'unload'"
+            )
+
+    def release_hint(self, view: Any) -> str:
+        if self.view_holds(view):
+            return "it still lists the model in /api/ps (a request still using it, or a client reloading it)"
+        return "its runner process still holds the memory although /api/ps no longer lists the model"
+
+
+def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> OllamaBackend:
+    return OllamaBackend(
+        spec, config=config, device=device, log_dir=log_dir, options=options_of(spec, CooperativeOptions)
+    )
+
+
+BACKEND = BackendType(parse=parse, create=create)
