@@ -55,7 +55,7 @@ from anyio.abc import Process
 
 from orchestrator.backends import children
 from orchestrator.backends.base import Backend, BackendType
-from orchestrator.backends.children import live_processes
+from orchestrator.backends.children import live_processes as live_processes  # re-exported
 from orchestrator.backends.options import OptionError, no_unknown, options_of, positive_seconds
 from orchestrator.errors import LoadFailed
 from orchestrator.spec import BackendOptions, Config, ModelSpec
