@@ -32,12 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 
 from orchestrator.backends.base import BackendType
-from orchestrator.backends.cooperative import (
-    CooperativeBackend,
-    CooperativeOptions,
-    check_status,
-    parse_cooperative,
-)
+from orchestrator.backends.cooperative import CooperativeBackend, check_status
+from orchestrator.backends.cooperative_options import CooperativeOptions, parse_cooperative
 from orchestrator.backends.options import options_of
 from orchestrator.errors import UnloadFailed
 from orchestrator.spec import Config, ModelSpec

@@ -57,11 +57,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -71,13 +69,14 @@ import anyio
 import httpx
 
 from orchestrator.backends.base import Backend
-from orchestrator.backends.options import OptionError, no_unknown, positive_seconds
-from orchestrator.backends.server import ServerBackend, ServerHandle, ServerOptions, free_port, live_processes
+from orchestrator.backends.cooperative_options import CooperativeOptions
+from orchestrator.backends.procs import listening_pid, with_descendants
+from orchestrator.backends.server import ServerBackend, ServerHandle, free_port
 from orchestrator.device.base import DeviceOutOfMemory
 from orchestrator.errors import BackendError, ConfigError, LoadFailed, VRAMNotReleased
-from orchestrator.spec import BackendOptions, Config, ModelSpec
+from orchestrator.spec import Config, ModelSpec
 from states.ledger import Tier
-from states.units import GIB, format_gib
+from states.units import format_gib
 
 if TYPE_CHECKING:
     from orchestrator.device.base import Device
@@ -86,169 +85,6 @@ logger = logging.getLogger("orchestrator.cooperative")
 
 POLL_S = 0.02  # how often a load or a release is looked at while it is under way
 HTTP_TIMEOUT_S = 30.0
-
-COMMON_KEYS = (
-    "model", "url", "command", "host", "port", "env", "cwd", "log_dir", "start_timeout_s",
-    "stop_grace_s", "stop_signal", "release_timeout_s", "poll_s", "idle_gb",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class CooperativeOptions(BackendOptions):
-    """A cooperative program type's options: the program, the model's name in it, how the
-    program is started or attached to (``server``), and how its release is verified."""
-
-    program: str
-    model: str
-    server: ServerOptions
-    release_timeout_s: float | None = None  # None: 0.4 x switching.unload_timeout_s
-    poll_s: float = 0.5
-    idle_bytes: int = 0
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def attached(self) -> bool:
-        return self.server.command is None
-
-
-def parse_cooperative(
-    opts: Mapping[str, Any],
-    *,
-    program: str,
-    health_path: str,
-    default_command: tuple[str, ...] | None,
-    reserved_env: Mapping[str, str] = MappingProxyType({}),
-    extra_keys: tuple[str, ...] = (),
-    model_example: str | None = None,
-    model_required: bool = True,
-) -> CooperativeOptions:
-    """Parse the options every cooperative program shares (see the module); the program's
-    own keys (``extra_keys``) are left for its parser, in ``extra``.
-
-    ``reserved_env`` is what the orchestrator sets in a started program's environment (with
-    ``{host}`` and ``{port}`` filled in at start): a config may not set those keys itself.
-    Without ``model_example`` the program has no model names (``model`` is no key of it).
-    """
-    keys = tuple(k for k in COMMON_KEYS if model_example is not None or k != "model") + extra_keys
-    no_unknown(opts, keys)
-    model = opts.get("model", "")
-    if (
-        model_example is not None
-        and (model_required or "model" in opts)
-        and (not isinstance(model, str) or not model)
-    ):
-        raise OptionError(
-            "model", f"missing: give the model's name as {program} knows it (e.g. {model_example})"
-        )
-    url, command = opts.get("url"), opts.get("command")
-    if url is not None and command is not None:
-        raise OptionError("url", f"give url (attach to a running {program}) or command (start one), not both")
-    if url is not None:
-        parts = urlsplit(str(url))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise OptionError("url", f"expected http://host:port of a running {program}, got {url!r}")
-    elif command is None:
-        if default_command is None:
-            raise OptionError(
-                "url", f"missing: give the url of a running {program}, or the command to start it"
-            )
-        command = list(default_command)
-    env = opts.get("env") or {}
-    if not isinstance(env, Mapping):
-        raise OptionError("env", f"expected a mapping, got {env!r}")
-    for k in env:
-        if k in reserved_env:
-            raise OptionError(
-                f"env.{k}",
-                f"set by the orchestrator ({k}={reserved_env[k]}) so that {program} never frees or "
-                "moves memory on its own; remove it",
-            )
-    server_keys = ("host", "port", "cwd", "log_dir", "start_timeout_s", "stop_grace_s", "stop_signal")
-    server = ServerOptions.parse(
-        {
-            **{k: opts[k] for k in server_keys if k in opts},
-            "command": command if url is None else None,
-            "base_url": url,
-            "health_path": health_path,
-            "env": {**{str(k): str(v) for k, v in env.items()}, **(reserved_env if url is None else {})},
-        }
-    )
-    release = opts.get("release_timeout_s")
-    idle_gb = opts.get("idle_gb", 0.0)
-    if isinstance(idle_gb, bool) or not isinstance(idle_gb, int | float) or idle_gb < 0:
-        raise OptionError("idle_gb", f"expected a number of GiB >= 0, got {idle_gb!r}")
-    return CooperativeOptions(
-        program=program,
-        model=str(model),
-        server=server,
-        release_timeout_s=None if release is None else positive_seconds(opts, "release_timeout_s", 30.0),
-        poll_s=positive_seconds(opts, "poll_s", 0.5),
-        idle_bytes=int(idle_gb * GIB),
-        extra=MappingProxyType({k: opts[k] for k in extra_keys if k in opts}),
-    )
-
-
-# -- the program's processes -------------------------------------------------------------------
-
-
-def listening_pid(host: str, port: int, hint: int | None = None) -> int | None:
-    """The pid of the process listening on TCP ``port`` of this machine (Linux ``/proc``);
-    None when nobody listens, the host is another machine's, or it cannot be told. ``hint``
-    (the pid found last time) is checked first: a scan of every process is slow on a busy
-    machine."""
-    if host not in ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::") and not host.startswith("127."):
-        return None
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])
-    if not inodes:
-        return None
-    wanted = {f"socket:[{i}]" for i in inodes}
-    candidates = [pid for pid, _, _ in live_processes()]
-    if hint is not None and hint in candidates:
-        candidates.remove(hint)
-        candidates.insert(0, hint)
-    for pid in candidates:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    return pid
-            except OSError:
-                continue
-    return None
-
-
-def with_descendants(roots: Iterable[int]) -> set[int]:
-    """``roots`` and every live process below them."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid, _ in live_processes():
-        children.setdefault(ppid, []).append(pid)
-    out: set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.add(pid)
-            todo.extend(children.get(pid, ()))
-    return out
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
 
 
 def error_text(r: httpx.Response) -> str:

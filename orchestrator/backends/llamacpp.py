@@ -35,15 +35,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 
 from orchestrator.backends.base import BackendType
-from orchestrator.backends.cooperative import (
-    CooperativeBackend,
-    CooperativeOptions,
-    check_status,
-    cmdline,
-    error_text,
-    parse_cooperative,
-)
+from orchestrator.backends.cooperative import CooperativeBackend, check_status, error_text
+from orchestrator.backends.cooperative_options import CooperativeOptions, parse_cooperative
 from orchestrator.backends.options import OptionError, options_of, path_option
+from orchestrator.backends.procs import cmdline
 from orchestrator.errors import LoadFailed, UnloadFailed
 from orchestrator.spec import Config, ModelSpec
 

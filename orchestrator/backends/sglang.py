@@ -35,12 +35,8 @@ import anyio
 import httpx
 
 from orchestrator.backends.base import BackendType
-from orchestrator.backends.cooperative import (
-    CooperativeBackend,
-    CooperativeOptions,
-    error_text,
-    parse_cooperative,
-)
+from orchestrator.backends.cooperative import CooperativeBackend, error_text
+from orchestrator.backends.cooperative_options import CooperativeOptions, parse_cooperative
 from orchestrator.backends.options import options_of
 from orchestrator.errors import LoadFailed, UnloadFailed
 from orchestrator.spec import Config, ModelSpec

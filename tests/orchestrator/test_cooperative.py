@@ -28,7 +28,8 @@ import httpx
 import pytest
 
 from orchestrator import BackendCrashed, ConfigError, Orchestrator, VRAMNotReleased, parse_config
-from orchestrator.backends.cooperative import CooperativeBackend, listening_pid, with_descendants
+from orchestrator.backends.cooperative import CooperativeBackend
+from orchestrator.backends.procs import listening_pid, with_descendants
 from orchestrator.backends.server import free_port
 from orchestrator.config import Config
 from states.ledger import Tier
@@ -676,3 +677,31 @@ async def test_a_model_loaded_by_hand_in_ollama_while_sdxl_is_resident(
         ps = (await ol.get("/api/ps"))["models"]
         assert [m["name"] for m in ps] == ["llama3.2:3b"] and ps[0]["expires_at"].startswith("2318")
         assert device.peak_bytes <= BUDGET
+
+
+async def test_the_gateway_in_front_of_ollama_with_the_openai_client(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    """An ``openai`` client pointed at the daemon's gateway instead of at Ollama gets the same
+    answer, with the model leased for the request and the card shared: the next SDXL request
+    takes it from Ollama through Ollama's own API."""
+    openai = pytest.importorskip("openai")
+    from orchestrator.daemon import Daemon, LeaseManager, create_app
+
+    ol = fakes.start("ollama", "--models", "qwen2.5:7b=9.0")
+    config = make_config({"qwen": ollama_model(ol.url), "sdxl-base": SDXL})
+    async with Orchestrator(config, device=device) as orch:
+        async with LeaseManager(orch, config.daemon) as leases:
+            app = create_app(Daemon(orch, leases, config.daemon, None))
+            http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://daemon")
+            client = openai.AsyncOpenAI(
+                base_url="http://daemon/v1", api_key="unused", max_retries=0, http_client=http_client
+            )
+            reply = await client.chat.completions.create(
+                model="qwen", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert reply.choices[0].message.content == "echo: hi"  # Ollama's own answer
+            assert orch.ledger().on_gpu("qwen") and not orch.leases()  # leased for the request only
+            async with orch.acquire("sdxl-base"):
+                assert (await ol.get("/api/ps"))["models"] == []  # released through Ollama's API
+            await client.close()

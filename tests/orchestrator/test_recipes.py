@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import parse_config
-from orchestrator.backends.cooperative import CooperativeOptions
+from orchestrator.backends.cooperative_options import CooperativeOptions
 
 RECIPES = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)
