@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of this project, in one script, for a session that is lent a GPU machine:
+# The GPU checks of this project, in one script, for a machine with an NVIDIA GPU:
 #
 #     bash benchmarks/gpu_checks.sh OUTDIR
 #

@@ -2,9 +2,9 @@
 virtual clock.
 
 Each trace is a fixed, seeded list of requests; every mode replays the same traces on a fresh
-Orchestrator built from the embedded default config (the design document's 16 GiB card and
-models, its scheduler settings untouched) at time scale 1, so simulated latencies are the
-design's real seconds. Every run has its own event loop: anyio on trio with
+Orchestrator built from the embedded default config (the Model Management Module's 16 GiB card
+and models, its scheduler settings untouched) at time scale 1, so simulated latencies are the
+module's real seconds. Every run has its own event loop: anyio on trio with
 ``trio.testing.MockClock(autojump_threshold=0)``, the orchestrator's clock being the loop's
 (``anyio.current_time``). Whenever every task waits, the clock jumps to the next deadline: no
 real time is slept, and the figures are exact. Trio shuffles the order in which tasks woken
@@ -14,8 +14,8 @@ the same seed gives the same figures, bit for bit, in any process.
 Traces:
 
 ``interleaved``
-    16 agents, each looping through the design document's Example 1 (LLM plans, SDXL draws,
-    TTS speaks, LLM reviews), with a work time per step and small random think times.
+    16 agents, each looping through the Model Management Module's Example 1 (LLM plans, SDXL
+    draws, TTS speaks, LLM reviews), with a work time per step and small random think times.
 ``bursts``
     Open-loop bursts of requests for one model, then for another (LLM, SDXL, sometimes TTS):
     a burst every 40 s, its requests spread over 50 s, so each burst's tail overlaps the next.
@@ -27,8 +27,8 @@ Traces:
     16 agents of three sorts: chat agents (LLM only), artists (a short LLM prompt, then
     several SDXL images) and Example-1 workflows (LLM prompt -> SDXL image -> TTS narration).
     Run at two switch costs: ``design`` (no host tier: an exchange unloads and reloads from
-    disk, 12-22 s, the design document's figures) and ``fast`` (every model keeps a pinned
-    host copy: after the first cold loads an exchange takes under 1 s).
+    disk, 12-22 s, the Model Management Module's figures) and ``fast`` (every model keeps a
+    pinned host copy: after the first cold loads an exchange takes under 1 s).
 
 The other traces run at the ``default`` costs: the embedded config as shipped (the LLM
 reloads from disk, SDXL and TTS come back from the host tier).
@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import random
@@ -75,6 +74,7 @@ from orchestrator import Orchestrator, OrchestratorError, parse_config
 from orchestrator.config import DEFAULT_CONFIG_NAME, Config
 from orchestrator.events import Event
 from orchestrator.footprints import FootprintStore
+from orchestrator.runtime.stats import percentile  # nearest rank: the orchestrator's own
 
 MODES = ("fair", "fcfs", "resident_first")
 KINDS = ("llm", "sdxl", "tts")
@@ -121,7 +121,7 @@ class Trace:
 
 
 def interleaved_agents(rng: random.Random, agents: int, loops: int) -> Trace:
-    """Example 1 of the design document, looped by several agents at once."""
+    """Example 1 of the Model Management Module, looped by several agents at once."""
     out = []
     for _ in range(agents):
         steps: list[Step] = []
@@ -239,7 +239,7 @@ def make_config(mode: str, costs: str) -> Config:
     ``default``: as shipped; ``design``: no host tier (every exchange unloads and loads from
     disk); ``fast``: a pinned host copy of every model (exchanges are offloads and restores).
     Every model's ``max_concurrent`` is its kind's ``CAPACITY``. The scheduler's own settings
-    (``fairness_s``, ``max_wait_s``) are the default config's.
+    (``fairness``, ``fairness_s``, ``max_wait_s``) are the default config's.
     """
     if costs not in COSTS:
         raise ValueError(f"unknown switch costs {costs!r}; choose one of {', '.join(COSTS)}")
@@ -266,14 +266,6 @@ def make_config(mode: str, costs: str) -> Config:
     )
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (the orchestrator's own definition)."""
-    if not sorted_values:
-        return 0.0
-    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[i]
-
-
 # -- one run -------------------------------------------------------------------------------------
 
 
@@ -292,7 +284,7 @@ class Result:
     stats_switches: int = 0  # statistics().switches, for comparison
     makespan_s: float = 0.0
     switching_s: float = 0.0  # inside switches (statistics().switching_s)
-    waits_s: list[float] = field(default_factory=list)  # acquire() to the start of the work
+    waits_s: list[float] = field(default_factory=list)  # acquire() to the start of the work (sorted)
     lease_waits_s: list[float] = field(default_factory=list)  # lease.waited_s, the same requests
     waits_by_kind: dict[str, list[float]] = field(default_factory=dict)
     max_leases: dict[str, int] = field(default_factory=dict)  # most leases held at once, per kind
@@ -415,6 +407,13 @@ async def _run(trace: Trace, mode: str, costs: str, seed: int) -> Result:
         remove()
     res.switches, res.loads, res.restores = counter.switches, counter.loads, counter.restores
     res.max_leases = dict(counter.max_held)
+    # Leases granted in the same instant start their work in an order that no figure depends on
+    # and that differs from process to process (the grant wakes them together): keep the waits
+    # sorted, so that one seed gives one JSON.
+    pairs = sorted(zip(res.waits_s, res.lease_waits_s, strict=True))
+    res.waits_s = [w for w, _ in pairs]
+    res.lease_waits_s = [lw for _, lw in pairs]
+    res.waits_by_kind = {k: sorted(v) for k, v in sorted(res.waits_by_kind.items())}
     res.stats_switches = stats.switches
     res.switching_s = stats.switching_s
     res.peak_committed_bytes = stats.peak_committed_bytes

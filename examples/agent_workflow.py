@@ -1,6 +1,6 @@
-"""The design document's Example 1 (LLM -> SDXL -> LLM) with the new API.
+"""The Model Management Module's Example 1 (LLM -> SDXL -> LLM) with the new API.
 
-Runs on the embedded default config: the design's 16 GiB card on the simulated device.
+Runs on the embedded default config: the module's 16 GiB card on the simulated device.
 `vram-orchestrator demo` runs this same workflow (plus a TTS step) for several agents at once;
 its code is `orchestrator/demo.py`.
 

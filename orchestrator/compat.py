@@ -1,8 +1,8 @@
-"""The design document's API, kept: ``ModelManager`` and ``ServiceController`` over the
+"""The Model Management Module's API, kept: ``ModelManager`` and ``ServiceController`` over the
 ``Orchestrator``.
 
 ``ModelManager`` works from sync code (``with manager.use_sdxl() as pipe:``), from a sync
-``with`` inside a coroutine (as the design's Example 1 does), and from async code
+``with`` inside a coroutine (as the module's Example 1 does), and from async code
 (``async with manager.use_llm():``). It runs its orchestrator on an event loop of its own in a
 background thread (started on first use, stopped by ``cleanup()``), so a blocking ``with``
 in a coroutine waits without stalling that thread's loop.
@@ -78,9 +78,9 @@ class ModelUse:
 
 
 class ModelManager:
-    """Dynamic model switching, as the design document describes it.
+    """Dynamic model switching, as the Model Management Module describes it.
 
-    :param config_path: a YAML config; ``None`` uses the embedded default (the design's
+    :param config_path: a YAML config; ``None`` uses the embedded default (the module's
         16 GiB card on the simulated device).
     :param orchestrator: use this (not yet running) orchestrator instead of building one.
     """
@@ -97,7 +97,7 @@ class ModelManager:
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._orch_cm: AbstractContextManager[Orchestrator] | None = None
 
-    # -- the design document's calls -------------------------------------------------------
+    # -- the Model Management Module's calls ----------------------------------------------
 
     def use_llm(
         self, model: str | None = None, *, timeout: float | None = None, priority: int = 0
@@ -174,7 +174,7 @@ class ModelManager:
                     raise
                 self._loop, self._portal, self._orch_cm = loop, loop.portal, orch_cm
                 if not self._atexit_registered:
-                    # A script that never calls cleanup() (the design's Example 3) still
+                    # A script that never calls cleanup() (the module's Example 3) still
                     # unloads everything, server processes included, when it exits.
                     atexit.register(_cleanup_at_exit, weakref.ref(self))
                     self._atexit_registered = True
@@ -230,7 +230,7 @@ class _LoopThread:
 
 @dataclass(frozen=True)
 class LLMStatus:
-    """``ServiceController.get_llm_status()``: the design document's fields."""
+    """``ServiceController.get_llm_status()``: the Model Management Module's fields."""
 
     model: str
     is_running: bool
@@ -245,7 +245,7 @@ class LLMStatus:
 
 
 class ServiceController:
-    """The design document's LLM service control, over the orchestrator.
+    """The Model Management Module's LLM service control, over the orchestrator.
 
     ``start_llm`` brings the LLM in through the orchestrator (evicting what must go) and keeps
     it resident until ``stop_llm``, which unloads it and returns once its memory is back. With a
@@ -271,7 +271,7 @@ class ServiceController:
         """Start (load) the LLM and keep it running; ``True`` once it is ready.
 
         With ``wait=False`` it returns at once and the start goes on in the background. A start
-        that fails returns ``False`` and logs why (the design document's contract).
+        that fails returns ``False`` and logs why (the module's contract).
         """
         name = self._name(model)
         if self._pin is not None and self._model == name:

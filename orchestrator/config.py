@@ -47,9 +47,10 @@ BACKENDS = tuple(TYPES)
 CONFIDENCES = ("low", "medium", "high")
 DEFAULT_CONFIG_NAME = "simulated-16gb.yaml"
 
-# Simulated latencies per kind, in seconds, from the design document's targets and
-# FIELD-NOTES (stop LLM 5-8 s, start LLM 15-25 s, unload SDXL 2-3 s, load SDXL 5-8 s; a pinned
-# host copy of SDXL comes back in 0.13 s and an offload only frees the GPU copy).
+# Simulated latencies per kind, in seconds: the Model Management Module's targets (stop LLM
+# 5-8 s, start LLM 15-25 s, unload SDXL 2-3 s, load SDXL 5-8 s) and, for the host tier, what was
+# measured on an H200, PCIe Gen5 (a pinned host copy of SDXL comes back in 0.13 s; an offload
+# only frees the GPU copy).
 SIM_LATENCY_S: Mapping[str, Mapping[str, float]] = MappingProxyType(
     {
         "llm": {"load_s": 20.0, "unload_s": 6.0, "offload_s": 0.05, "restore_s": 0.5},
@@ -69,8 +70,8 @@ def load_config(path: str | Path | None = None) -> Config:
     """Read and validate a YAML config.
 
     ``None`` means the file named by the ``VRAM_ORCHESTRATOR_CONFIG`` environment variable when
-    it is set (so the design document's ``ModelManager()`` and ``ServiceController()`` find a
-    machine's config with no code change), else the embedded default.
+    it is set (so the Model Management Module's ``ModelManager()`` and ``ServiceController()``
+    find a machine's config with no code change), else the embedded default.
     """
     if path is None and os.environ.get(CONFIG_ENV):
         path = os.environ[CONFIG_ENV]

@@ -1,4 +1,4 @@
-"""``VRAMMonitor``: the design document's VRAM API, on real readings.
+"""``VRAMMonitor``: the Model Management Module's VRAM API, on real readings.
 
 It reads one ``Device`` (NVML when a driver answers, torch's CUDA view otherwise, the
 simulated device when the config asks for it or there is no GPU) and knows each model's
@@ -31,7 +31,7 @@ from states.units import GIB, format_gib
 
 @dataclass(frozen=True)
 class VRAMSnapshot:
-    """One reading. Bytes inside; ``*_gb`` properties (GiB) for the design document's users."""
+    """One reading. Bytes inside; ``*_gb`` properties (GiB) for the module's users."""
 
     source: str
     device_name: str
@@ -126,11 +126,11 @@ def open_store(config: Config) -> FootprintStore:
 
 
 class VRAMMonitor:
-    """VRAM readings and per-model estimates (the design document's ``VRAMMonitor``).
+    """VRAM readings and per-model estimates (the Model Management Module's ``VRAMMonitor``).
 
     :param device: a GPU index, or a ``Device`` to read (the orchestrator passes its own).
     :param config: a config path or ``Config``; ``None`` is the embedded default (whose
-        estimates are the design document's). With a GPU index, the device is chosen as
+        estimates are the Model Management Module's). With a GPU index, the device is chosen as
         ``auto`` unless the config names one other than ``simulated``: NVML when a driver
         answers, torch's view otherwise, the simulated device only without a GPU (said once).
     :param footprints: the learned-footprint store (default: the config's).

@@ -1,5 +1,5 @@
 """The README and docs/ as a new user meets them: the commands CI reads, the examples run as
-written from any folder, and every link leads somewhere."""
+written from any folder, the configs shown parse, and every link leads somewhere."""
 
 from __future__ import annotations
 
@@ -33,6 +33,19 @@ def block_after(text: str, heading: str, lang: str) -> str:
     return m.group(1)
 
 
+def blocks(text: str, lang: str) -> list[str]:
+    """Every ```lang block of a page, in order."""
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter, in ``cwd``, on the embedded default config."""
+    env = {k: v for k, v in os.environ.items() if k != "VRAM_ORCHESTRATOR_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+    )
+
+
 def test_the_test_command_is_where_ci_reads_it() -> None:
     """.ci/run reads the line two below the marker with awk; it must be the test command."""
     out = subprocess.run(
@@ -62,26 +75,94 @@ def test_the_readme_is_an_introduction() -> None:
 
 def test_the_api_example_runs_from_any_folder(tmp_path: Path) -> None:
     """The tour's acquire() example, as written, run from a folder that is not the checkout."""
-    code = block_after(README.read_text(), "### In your program", "python")
-    env = {k: v for k, v in os.environ.items() if k != "VRAM_ORCHESTRATOR_CONFIG"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
-    )
+    out = run_python(block_after(README.read_text(), "### In your program", "python"), tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip(), "it prints the statistics"
+
+
+def plan(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``vram-orchestrator plan --config config``, run from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def test_the_api_page_example_prints_what_the_page_shows(tmp_path: Path) -> None:
+    """docs/api.md's first example, as written, prints a summary line for line in the shape of
+    the one the page shows (the same words; only the figures may differ)."""
+    page = (ROOT / "docs" / "api.md").read_text()
+    out = run_python(blocks(page, "python")[0], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    shown = block_after(page, "print(orch.statistics())` prints", "").strip().splitlines()
+    printed = out.stdout.strip().splitlines()
+    assert len(printed) == len(shown), out.stdout
+
+    def shape(line: str) -> str:
+        return re.sub(r"\d+(\.\d+)?", "N", line.strip())
+
+    assert [shape(line) for line in printed] == [shape(line) for line in shown]
+
+
+@pytest.mark.parametrize(
+    "page, heading",
+    [
+        ("README.md", "### Code written for the Model Management Module"),
+        ("docs/model-management-module.md", "## The same code"),
+    ],
+)
+def test_the_model_manager_examples_run(page: str, heading: str, tmp_path: Path) -> None:
+    """Code written for the Model Management Module, as the pages show it, runs as it is."""
+    out = run_python(block_after((ROOT / page).read_text(), heading, "python"), tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_config_reference_passes_plan(tmp_path: Path) -> None:
+    """docs/configuration.md's "every key" config, as written, is a valid config."""
+    config = tmp_path / "every-key.yaml"
+    config.write_text(block_after((ROOT / "docs" / "configuration.md").read_text(), "## Every key", "yaml"))
+    out = plan(config, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fairness: the measured cost of each switch" in out.stdout
+
+
+HARDWARE = "hardware: {device: simulated, total_vram_gb: 16.0, safe_max_vram_gb: 15.5}\n"
+
+
+def test_the_backend_examples_parse() -> None:
+    """Every model config docs/backends.md shows parses, as written (under a hardware section),
+    into the backend it names; the demo's config in docs/cli.md parses on its own."""
+    from orchestrator import parse_config
+
+    examples = blocks((ROOT / "docs" / "backends.md").read_text(), "yaml")
+    assert len(examples) == 3
+    backends = []
+    for i, text in enumerate(examples):
+        config = parse_config(HARDWARE + text, source=f"backends.md, example {i + 1}")
+        backends += [m.backend for m in config.models.values()]
+    assert backends == ["server", "vllm", "diffusers", "diffusers", "tts"]
+    demo = block_after((ROOT / "docs" / "cli.md").read_text(), "**Your own models.**", "yaml")
+    assert list(parse_config(demo, source="cli.md").models) == ["qwen-14b", "sdxl-base", "mms-tts"]
+
+
+def test_the_daemon_page_shows_the_defaults() -> None:
+    """docs/daemon.md's ``daemon:`` section says "all optional": its values are the defaults."""
+    from orchestrator import parse_config
+    from orchestrator.spec import DaemonSpec
+
+    text = block_after((ROOT / "docs" / "daemon.md").read_text(), "## Configuration", "yaml")
+    config = parse_config(HARDWARE + text + "models: {m: {kind: llm, vram_gb: 1}}\n", source="daemon.md")
+    assert config.daemon == DaemonSpec()
 
 
 def test_the_config_example_passes_plan(tmp_path: Path) -> None:
     """The tour's config, as written (its model paths are the user's to fill in)."""
     config = tmp_path / "my-machine.yaml"
     config.write_text(block_after(README.read_text(), "### Your machine: a config", "yaml"))
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "plan", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    out = plan(config, ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "host-RAM tier 12.00 GiB" in out.stdout
     assert out.stdout.rstrip().endswith("groups are consistent")

@@ -18,7 +18,7 @@ under the switch lock. The contract each backend keeps:
 - Blocking work (torch, diffusers) runs in worker threads, never on the event loop.
 
 What the rest of the orchestrator may ask of any backend without knowing its class (the
-daemon's gateway, ``status``, the design document's ``ServiceController``) are capabilities,
+daemon's gateway, ``status``, the module's ``ServiceController``) are capabilities,
 properties with safe defaults here: ``url``, ``served_model``, ``pid``, ``log_path``,
 ``attached``, ``can_sleep``, ``uptime_s`` and ``is_alive()``. A backend with a server process
 overrides them. ``watch_demand`` is the one background capability: a task the orchestrator

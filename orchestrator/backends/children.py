@@ -118,8 +118,9 @@ def carries(pid: int, token: str) -> bool:
     return f"{TOKEN_ENV}={token}".encode() in environ.split(b"\0")
 
 
-def _processes() -> Iterator[tuple[int, int]]:
-    """(pid, process group) of every live, non-zombie process."""
+def live_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process that is not a zombie (Linux /proc;
+    nothing elsewhere)."""
     try:
         entries = os.listdir(PROC)
     except OSError:
@@ -130,10 +131,11 @@ def _processes() -> Iterator[tuple[int, int]]:
         try:
             stat = (PROC / entry / "stat").read_text()
         except OSError:
-            continue
+            continue  # it exited meanwhile
+        # after the command name in parentheses: state, ppid, pgrp, ...
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2 and fields[0] != "Z":
-            yield int(entry), int(fields[2])
+            yield int(entry), int(fields[1]), int(fields[2])
 
 
 # -- the record --------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ def ours(child: Child) -> list[int]:
     leader = start_time(child.pid) == child.start_time
     return [
         pid
-        for pid, group in _processes()
+        for pid, _, group in live_processes()
         if (leader and (pid == child.pid or group == child.pgid))
         or (pid != child.pid and carries(pid, child.token))
     ]

@@ -43,7 +43,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -55,6 +55,7 @@ from anyio.abc import Process
 
 from orchestrator.backends import children
 from orchestrator.backends.base import Backend, BackendType
+from orchestrator.backends.children import live_processes as live_processes  # re-exported
 from orchestrator.backends.options import OptionError, no_unknown, options_of, positive_seconds
 from orchestrator.errors import LoadFailed
 from orchestrator.spec import BackendOptions, Config, ModelSpec
@@ -157,26 +158,6 @@ def port_taken(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def live_processes() -> Iterator[tuple[int, int, int]]:
-    """(pid, parent pid, process group) of every process that is not a zombie (Linux /proc;
-    nothing elsewhere)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # it exited meanwhile
-        # after the command name in parentheses: state, ppid, pgrp, ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z":
-            yield int(entry), int(fields[1]), int(fields[2])
 
 
 def group_members(pgid: int) -> list[int]:
@@ -437,7 +418,7 @@ class ServerBackend(Backend):
             self._log = None
 
     def status(self) -> dict[str, Any]:
-        """The design document's ``get_llm_status`` fields."""
+        """The Model Management Module's ``get_llm_status`` fields."""
         return {
             "running": self.is_alive(),
             "pid": self.pid,

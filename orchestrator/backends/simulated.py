@@ -1,6 +1,7 @@
 """Simulated backends: real timing and real (virtual) allocations, no model.
 
-Latencies come from the config (defaults from FIELD-NOTES) times the config's time scale,
+Latencies come from the config (defaults: the Model Management Module's switch targets) times
+the config's time scale,
 so tests run the same sequences in milliseconds. ``Faults`` injects failures: a load that
 raises, an out-of-memory, a load that hangs, an unload that raises, a release that is slow.
 """

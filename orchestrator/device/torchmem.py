@@ -2,7 +2,8 @@
 
 Used when NVML is not there (some containers) and, beside NVML, for what this process's
 in-process models hold: count what the allocator has *reserved*, not only what is allocated
-(FIELD-NOTES: 9.7 GiB reserved after a 7.45 GiB allocated peak).
+(SDXL's VAE decode at 1024 px, measured on an H200: 9.7 GiB reserved after a 7.45 GiB
+allocated peak).
 """
 
 from __future__ import annotations

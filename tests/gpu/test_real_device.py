@@ -1,5 +1,5 @@
 """On a real GPU: NVML readings, a 16 GiB budget on a large card with real tensors sized like
-the design document's models, a foreign process shrinking the budget, release waits.
+the Model Management Module's models, a foreign process shrinking the budget, release waits.
 
 Run on a machine with CUDA: ``pytest tests/gpu -v -s`` (the figures are printed).
 """
@@ -64,7 +64,7 @@ def test_nvml_and_torch_agree() -> None:
 
 
 async def test_switches_never_pass_the_budget_on_nvml() -> None:
-    """Real tensors sized like the design's models; the sampled NVML peak over the baseline
+    """Real tensors sized like the module's models; the sampled NVML peak over the baseline
     stays within the 16 GiB budget."""
     import torch
 

@@ -27,7 +27,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def config_text(
     tiny: dict[str, Path], *, host_gb: float = 12.0, extra_models: str = "", unload_timeout_s: float = 10
 ) -> str:
-    """The design document's card with the tiny models standing in for SDXL and TTS."""
+    """The Model Management Module's card with the tiny models standing in for SDXL and TTS."""
     sdxl, lora, cn, tts = (tiny[k] for k in ("tiny-sdxl", "tiny-sdxl-lora", "tiny-controlnet", "tiny-tts"))
     return f"""\
 hardware: {{device: simulated, total_vram_gb: 16.0, safe_max_vram_gb: 15.5}}

@@ -197,8 +197,9 @@ def test_the_tiny_model_builder_is_a_command(tmp_path: Path) -> None:
 
 
 def test_design_example_3_against_the_real_server(tiny_model: Path, tmp_path: Path) -> None:
-    """The design document's Example 3 (plus a status line), only the import line changed, its
-    "qwen-14b" served by the real vLLM through the config named in VRAM_ORCHESTRATOR_CONFIG."""
+    """The Model Management Module's Example 3 (plus a status line), only the import line
+    changed, its "qwen-14b" served by the real vLLM through the config named in
+    VRAM_ORCHESTRATOR_CONFIG."""
     import subprocess
 
     cfg = tmp_path / "machine.yaml"

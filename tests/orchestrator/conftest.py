@@ -1,6 +1,6 @@
 """Fixtures for the orchestrator's async tests: small configs that run in milliseconds.
 
-The models and sizes are the design document's (a 16 GiB card with a 15.5 GiB budget;
+The models and sizes are the Model Management Module's (a 16 GiB card with a 15.5 GiB budget;
 qwen-14b 11.5 GiB, sdxl-base 10.5 GiB, gpt-sovits-small 3.5 GiB); the simulated latencies
 are scaled by ``time_scale`` = 0.001, so an LLM load (20 s) takes 20 ms.
 """

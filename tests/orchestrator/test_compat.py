@@ -1,4 +1,4 @@
-"""The design document's API: its Examples 1 and 4 run with only the import line changed."""
+"""The Model Management Module's API: its Examples 1 and 4 run with only the import line changed."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ manager.cleanup()
 
 
 def test_example_3_runs_as_written_and_exits_without_cleanup() -> None:
-    """The design document's Example 3 (plus a status line); it never calls cleanup(), and the
-    process still exits at once: the manager unloads at exit through its daemon loop."""
+    """The Model Management Module's Example 3 (plus a status line); it never calls cleanup(),
+    and the process still exits at once: the manager unloads at exit through its daemon loop."""
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(EXAMPLE_3)], capture_output=True, text=True, timeout=60
     )
@@ -57,7 +57,7 @@ def test_example_3_runs_as_written_and_exits_without_cleanup() -> None:
 
 
 def test_example_4_runs_as_written() -> None:
-    """The design document's Example 4, only its import line changed, in a fresh process."""
+    """The Model Management Module's Example 4, only its import line changed, in a fresh process."""
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(EXAMPLE_4)], capture_output=True, text=True, timeout=60
     )
@@ -67,7 +67,7 @@ def test_example_4_runs_as_written() -> None:
 
 
 class LLMClient:
-    """Stands in for the design's scripts.core.llm_client.LLMClient (not part of this project)."""
+    """Stands in for the module's scripts.core.llm_client.LLMClient (not part of this project)."""
 
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager

@@ -42,7 +42,7 @@ def make(time_scale: float, fairness_s: float, max_wait_s: float) -> tuple[Orche
 
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_hundreds_of_tasks_all_served_within_the_bound(seed: int) -> None:
-    time_scale = 0.001  # the design's 20 s LLM start takes 20 ms
+    time_scale = 0.001  # the module's 20 s LLM start takes 20 ms
     hold_max_s = 0.004
     orch, device = make(time_scale, fairness_s=0.02, max_wait_s=0.15)
     budget = orch.config.budget_bytes

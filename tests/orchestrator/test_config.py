@@ -1,4 +1,4 @@
-"""Config parsing: the shipped configs carry the design document's figures, and every error
+"""Config parsing: the shipped configs carry the Model Management Module's figures, and every error
 names the file, the key, the bad value and the fix."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The simulated GPU: owner-tagged allocations, out-of-memory, slow releases, foreign
-processes and peaks, on the design document's 16 GiB card."""
+processes and peaks, on the Model Management Module's 16 GiB card."""
 
 from __future__ import annotations
 

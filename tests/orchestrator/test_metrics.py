@@ -26,7 +26,7 @@ def anyio_backend() -> str:
 
 
 def fast_orch() -> Orchestrator:
-    """The embedded default (the design document's models), 1000x faster."""
+    """The embedded default (the Model Management Module's models), 1000x faster."""
     return Orchestrator(dataclasses.replace(orchestrator.config.load_config(None), time_scale=0.001))
 
 

@@ -1,5 +1,5 @@
 """``VRAMMonitor`` on the simulated device, the NVML source over a fake ``pynvml``, the device
-choice (``open_device``), ``PeakSampler``, ``wait_released`` and the design's Example 2."""
+choice (``open_device``), ``PeakSampler``, ``wait_released`` and the module's Example 2."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_a_measurement_equal_to_the_configured_figure_adds_no_margin(
 def test_a_peak_counts_as_the_high_water_mark(monitor: VRAMMonitor, store: FootprintStore) -> None:
     store.record("sdxl-base", gib(10.0), kind="load")
     assert monitor.get_model_estimate("sdxl-base").source == "config"
-    store.record("sdxl-base", gib(11.65), kind="peak")  # FIELD-NOTES: the VAE decode
+    store.record("sdxl-base", gib(11.65), kind="peak")  # measured on an H200: the VAE decode
     e = monitor.get_model_estimate("sdxl-base")
     assert e.source == "measured"
     assert e.learned_bytes == gib(11.65)
@@ -233,7 +233,7 @@ def test_can_fit_model_by_alias(device: SimulatedDevice) -> None:
 
 
 def test_the_embedded_default_knows_the_design_documents_sdxl_controlnet() -> None:
-    """The design document's Example 2 asks for "sdxl-controlnet"."""
+    """The Model Management Module's Example 2 asks for "sdxl-controlnet"."""
     spec = load_config(None).resolve("sdxl-controlnet")
     assert spec is not None
     assert spec.name == "sdxl-lora-controlnet"
@@ -252,7 +252,7 @@ def test_require_free_vram_names_the_shortfall_and_the_foreign_pid(
     monitor: VRAMMonitor, device: SimulatedDevice
 ) -> None:
     device.take_foreign(4242, 6 * GIB)
-    with pytest.raises(RuntimeError) as info:  # the design's users catch RuntimeError
+    with pytest.raises(RuntimeError) as info:  # the module's users catch RuntimeError
         monitor.require_free_vram(required_gb=12.0, model_name="SDXL+ControlNet")
     err = info.value
     assert isinstance(err, InsufficientVRAM)
@@ -792,7 +792,7 @@ async def test_wait_released_with_zero_timeout_still_looks_once() -> None:
     await wait_released(lambda: [], timeout_s=0)
 
 
-# -- the design document's Example 2 --------------------------------------------------------------
+# -- the Model Management Module's Example 2 ------------------------------------------------------
 
 EXAMPLE_2 = """\
 from orchestrator import VRAMMonitor
@@ -841,7 +841,7 @@ def test_design_example_2_runs(tmp_path: Path) -> None:
     assert len(lines) == 4, out
     for line, name in zip(lines, ["qwen-14b", "sdxl-base", "sdxl-controlnet"], strict=False):
         assert line.startswith(("✓ ", "✗ ")) and name in line
-    if "simulated device" in err:  # no GPU here: the design's 16 GiB card, empty
+    if "simulated device" in err:  # no GPU here: the module's 16 GiB card, empty
         assert lines == [
             "✓ qwen-14b: Can fit (~11.5GB)",
             "✓ sdxl-base: Can fit (~10.5GB)",

@@ -18,7 +18,7 @@ from orchestrator.config import load_config
 from orchestrator.testing import machine_for
 from states.units import gib_to_bytes
 
-CONFIG = load_config(None)  # the design document's models on a 16 GiB card
+CONFIG = load_config(None)  # the Model Management Module's models on a 16 GiB card
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "40")),
@@ -35,8 +35,8 @@ TIGHT = dataclasses.replace(CONFIG, budget_bytes=gib_to_bytes(14.6), host_budget
 TestTightBudget = machine_for(TIGHT).TestCase
 TestTightBudget.settings = SETTINGS
 
-# True footprints 25% over the estimates (FIELD-NOTES: SDXL measured 11.65 GiB against the
-# design's 10.5): loads fail within their reservation, the orchestrator learns the real sizes,
+# True footprints 25% over the estimates (SDXL measured 11.65 GiB on an H200 against the
+# module's 10.5): loads fail within their reservation, the orchestrator learns the real sizes,
 # and the device still never passes the budget.
 TestWrongEstimates = machine_for(CONFIG, footprint_factor=1.25).TestCase
 TestWrongEstimates.settings = SETTINGS

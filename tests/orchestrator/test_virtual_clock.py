@@ -27,7 +27,7 @@ from orchestrator.runtime import Orchestrator
 
 trio_testing = pytest.importorskip("trio.testing")
 
-# The design document's card and models at time scale 1: latencies in real seconds (an LLM
+# The Model Management Module's card and models at time scale 1: latencies in real seconds (an LLM
 # load 20 s, unload 6 s; SDXL load 6 s, unload 2.5 s), no host tier.
 CONFIG = """\
 hardware: {gpu_name: test GPU, device: simulated, total_vram_gb: 16.0, safe_max_vram_gb: 15.5}

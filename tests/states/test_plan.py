@@ -1,5 +1,5 @@
-"""Planning a switch: evictions, tiers, deferral and errors, with the design document's figures
-(a 15.5 GiB budget; qwen-14b 11.5 GiB, sdxl-base 10.5 GiB, sdxl-lora-controlnet 14.5 GiB,
+"""Planning a switch: evictions, tiers, deferral and errors, with the Model Management Module's
+figures (a 15.5 GiB budget; qwen-14b 11.5 GiB, sdxl-base 10.5 GiB, sdxl-lora-controlnet 14.5 GiB,
 gpt-sovits 3.5 GiB)."""
 
 from __future__ import annotations
