@@ -234,7 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    from orchestrator.timeline import read_run, reconstruct, render_timeline
+    from orchestrator.chart import render_timeline
+    from orchestrator.timeline import read_run, reconstruct
 
     if args.url:
         from orchestrator.client import fetch_events, fetch_status

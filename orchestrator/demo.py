@@ -34,13 +34,14 @@ import anyio
 from orchestrator.backends.registry import parse_options
 from orchestrator.backends.simulated import SimulatedModel
 from orchestrator.backends.synthetic import SyntheticHandle
+from orchestrator.chart import render_timeline
 from orchestrator.config import Config
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.events import Event
 from orchestrator.footprints import default_path
 from orchestrator.media import MediaUnsupported, generate_image
 from orchestrator.runtime import Orchestrator
-from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable, render_timeline
+from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable
 from orchestrator.tiny_models import MODELS as TINY_MODEL_NAMES
 from orchestrator.tiny_models import build as build_tiny
 from states.units import format_gib

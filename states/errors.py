@@ -8,7 +8,7 @@ The hierarchy (the orchestrator adds its own below ``OrchestratorError``)::
           ├── InsufficientVRAM        a model cannot fit in the budget
           └── LeaseDeadlock           a task waits for a model that its own lease keeps out
 
-``OrchestratorError`` derives from ``RuntimeError`` because the design document's users
+``OrchestratorError`` derives from ``RuntimeError`` because the Model Management Module's users
 catch ``RuntimeError`` around VRAM checks. Each error keeps its facts as attributes and
 builds a message that says what is wrong and what to do.
 """

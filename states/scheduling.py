@@ -24,7 +24,7 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
     further down the ranking that fits without evicting anything is loaded meanwhile (the
     orchestrator does this: it needs the plans).
 ``fcfs``
-    Strict arrival order, as the design document's ``with manager.use_x()`` calls behave: a
+    Strict arrival order, as the Model Management Module's ``with manager.use_x()`` calls behave: a
     waiter is granted only when no earlier waiter wants a model that is not resident, and
     after a switch only the waiters up to the next one for another model are served.
 ``resident_first``

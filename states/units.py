@@ -7,7 +7,7 @@ GIB = 1024**3
 
 
 def gib_to_bytes(gib: float) -> int:
-    """Convert a GiB figure (as written in configs and the design document) to bytes."""
+    """Convert a GiB figure (as written in configs and the Model Management Module) to bytes."""
     return round(gib * GIB)
 
 

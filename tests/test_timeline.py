@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import orchestrator.config
+from orchestrator.chart import chart_data, render_timeline
 from orchestrator.demo import run_demo
 from orchestrator.events import Event
 from orchestrator.runtime import Orchestrator
@@ -19,11 +20,9 @@ from orchestrator.timeline import (
     Span,
     TimelineError,
     budget_from_events,
-    chart_data,
     read_events,
     read_run,
     reconstruct,
-    render_timeline,
 )
 from states.units import GIB
 
