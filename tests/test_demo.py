@@ -15,8 +15,9 @@ import pytest
 
 import orchestrator.config
 from orchestrator.config import parse_config
-from orchestrator.demo import SPEECH_PEAK_DBFS, Progress, StatusLine, Ticker, run_demo, speech_wav
+from orchestrator.demo import SPEECH_PEAK_DBFS, Progress, run_demo, speech_wav
 from orchestrator.events import Event
+from orchestrator.progress import StatusLine, Ticker
 from orchestrator.runtime import Orchestrator
 from states.units import GIB
 
