@@ -20,7 +20,7 @@ under the switch lock. The contract each backend keeps:
 What the rest of the orchestrator may ask of any backend without knowing its class (the
 daemon's gateway, ``status``, the design document's ``ServiceController``) are capabilities,
 properties with safe defaults here: ``url``, ``served_model``, ``pid``, ``log_path``,
-``attached``, ``can_sleep``, ``uptime_s`` and ``is_alive()``. A backend with a server process
+``attached``, ``can_sleep``, ``cached``, ``uptime_s`` and ``is_alive()``. A backend with a server process
 overrides them.
 
 A backend *type* (``backend: {type: NAME}`` in a config) is a ``BackendType``: the parser of
@@ -108,6 +108,12 @@ class Backend(abc.ABC):
     @property
     def can_sleep(self) -> bool:
         """It keeps a host copy through its server's sleep mode (vLLM's ``/sleep``)."""
+        return False
+
+    @property
+    def cached(self) -> bool:
+        """Its next cold load comes from a packed disk cache, not from the source
+        (``orchestrator.backends.diskcache``)."""
         return False
 
     @property

@@ -166,37 +166,29 @@ class InProcessBackend(Backend):
         """The files and folders the weights are built from (a change makes the cache stale)."""
         return [self.path]
 
-    def cache_recipe(self, dtype: Any) -> dict[str, Any]:
+    def cache_recipe(self) -> dict[str, Any]:
         """What else decides the weights' bytes: the backend type, the dtype, the options."""
         opts = {
             f.name: (str(v) if isinstance(v, Path) else v)
             for f in dataclasses.fields(self.options)
             if f.name not in self.recipe_ignores and (v := getattr(self.options, f.name)) is not None
         }
-        return {"backend": self.spec.backend, "dtype": str(dtype).removeprefix("torch."), "options": opts}
+        return {"backend": self.spec.backend, "dtype": self._dtype_name(), "options": opts}
 
-    def _entry(self, torch: Any) -> CacheEntry | None:
+    @property
+    def cache_entry(self) -> CacheEntry | None:
+        """This model's disk cache entry; None without a cache (or a backend that has none)."""
         if self._cache is None or type(self)._build_skeleton is InProcessBackend._build_skeleton:
             return None
         if self._cache_entry is None:
-            self._cache_entry = self._cache.entry(
-                self.name, self.cache_recipe(self._dtype(torch)), self.cache_sources()
-            )
+            self._cache_entry = self._cache.entry(self.name, self.cache_recipe(), self.cache_sources())
         return self._cache_entry
 
     @property
     def cached(self) -> bool:
         """Whether the next cold load comes from the packed disk cache (a fresh entry)."""
-        if self._cache is None or "torch" not in sys.modules:
-            entry = self._cache_entry
-        else:
-            entry = self._entry(sys.modules["torch"])
+        entry = self.cache_entry
         return entry is not None and entry.state() == "fresh"
-
-    @property
-    def cache_entry(self) -> CacheEntry | None:
-        """This model's disk cache entry (None without a cache, or before torch is imported)."""
-        return self._cache_entry if "torch" not in sys.modules else self._entry(sys.modules["torch"])
 
     # -- sync predicates -------------------------------------------------------------------
 
@@ -268,11 +260,14 @@ class InProcessBackend(Backend):
     def _torch(self) -> Any:
         return import_torch(f"backend: {self.spec.backend}", self.extra)
 
-    def _dtype(self, torch: Any) -> Any:
+    def _dtype_name(self) -> str:
         name = self.options.dtype
         if name == "auto":  # fp16 on a GPU, fp32 on the CPU (fp16 kernels are missing there)
-            return torch.float32 if self.target == "cpu" else torch.float16
-        return getattr(torch, name)
+            return "float32" if self.target == "cpu" else "float16"
+        return name
+
+    def _dtype(self, torch: Any) -> Any:
+        return getattr(torch, self._dtype_name())
 
     def _check_limit(self, need_bytes: int, limit_bytes: int | None) -> None:
         if self.stand_in is not None:
@@ -311,7 +306,7 @@ class InProcessBackend(Backend):
         def work() -> None:
             t0 = time.perf_counter()
             dtype = self._dtype(torch)
-            entry = self._entry(torch)
+            entry = self.cache_entry
             if entry is not None and self._load_cached(torch, dtype, entry, limit_bytes, t0):
                 return
             with quiet_imports():
