@@ -24,7 +24,8 @@ A changed source file (a retrained LoRA, a replaced ControlNet, ``touch``) makes
 stale: the next load comes from the source again and rewrites it. Writers are safe against
 each other and against a crash: the data goes to a ``.tmp`` name, is fsynced and renamed to
 its own unique name, then the index is written the same way and renamed over the old one (the
-rename is atomic; the last writer wins and its data file is complete). A reader that finds
+rename is atomic), under an exclusive lock on the entry's ``.lock`` (writers take turns; one
+that finds the entry freshly written by another while it was loading leaves it). A reader that finds
 the index unreadable, the data file missing or of the wrong size, or a tensor layout that is
 not the model's, falls back to the source with one warning. Bit flips inside the data file
 are caught by the per-chunk CRC32 the index keeps, when ``cache.verify`` is on (the default).
@@ -36,6 +37,7 @@ used entries (by the last load from them) are removed until the cache fits.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -57,6 +59,7 @@ logger = logging.getLogger("orchestrator.diskcache")
 
 FORMAT = 1
 INDEX_NAME = "index.json"
+LOCK_NAME = ".lock"
 CHUNK_BYTES = 64 << 20  # large sequential reads; also the unit of the pipelined device copy
 READ_THREADS = 4
 STALE_TMP_S = 3600.0  # a writer's .tmp file untouched this long was left by a crash
@@ -316,11 +319,30 @@ class CacheEntry:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write(self, packed: PackedWeights) -> bool:
+    def write(self, packed: PackedWeights, *, unless_written_after_s: float | None = None) -> bool:
         """Write ``packed``'s layout and its host copy's bytes as this entry; False when it
-        does not fit the budget."""
+        does not fit the budget.
+
+        Writers of one entry take turns (an exclusive lock on its folder's ``.lock``); one
+        that finds a fresh entry written after ``unless_written_after_s`` (wall-clock
+        seconds: when its own load began) leaves it as it is: another process wrote the same
+        weights meanwhile.
+        """
         if packed.host is None:
             raise ValueError("only weights with a host copy can be written to the disk cache")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / LOCK_NAME, "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                if unless_written_after_s is not None and self.state() == "fresh":
+                    with contextlib.suppress(CacheCorrupt, KeyError, TypeError, ValueError):
+                        if float(_read_index(self.folder)["written_s"]) > unless_written_after_s:
+                            return True
+                return self._write_locked(packed)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _write_locked(self, packed: PackedWeights) -> bool:
         total = packed.total_bytes
         if total > self.cache.budget_bytes:
             logger.info(
@@ -332,7 +354,6 @@ class CacheEntry:
             return False
         sources = fingerprint(self.sources)  # before reading the weights: a change meanwhile is seen
         folder = self.folder
-        folder.mkdir(parents=True, exist_ok=True)
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         data_name = f"weights-{token}.bin"
         tmp = folder / f"{data_name}.tmp"
@@ -390,7 +411,7 @@ class CacheEntry:
             named = current
         now = time.time()
         for p in self.folder.iterdir():
-            if p.name in (named, INDEX_NAME):
+            if p.name in (named, INDEX_NAME, LOCK_NAME):
                 continue
             if p.name.endswith(".tmp"):
                 with contextlib.suppress(OSError):

@@ -305,6 +305,7 @@ class InProcessBackend(Backend):
 
         def work() -> None:
             t0 = time.perf_counter()
+            started_s = time.time()
             dtype = self._dtype(torch)
             entry = self.cache_entry
             if entry is not None and self._load_cached(torch, dtype, entry, limit_bytes, t0):
@@ -329,12 +330,12 @@ class InProcessBackend(Backend):
                 self._packed = PackedWeights(modules, pin=pin)
                 self.timings["pack_s"] = time.perf_counter() - t1
                 if entry is not None:
-                    self._write_cache(entry, self._packed)
+                    self._write_cache(entry, self._packed, started_s)
                 self.timings["copy_s"] = self._packed.to_device(self.target)
                 self._weight_bytes = self._packed.total_bytes
             else:
                 if entry is not None:  # packed once on the CPU to be written; then moved as usual
-                    self._write_cache(entry, PackedWeights(modules, pin=False))
+                    self._write_cache(entry, PackedWeights(modules, pin=False), started_s)
                 for m in modules.values():
                     m.to(self.target)
                 self._weight_bytes = weight_bytes
@@ -415,10 +416,10 @@ class InProcessBackend(Backend):
         self.last_load_from = "cache"
         return True
 
-    def _write_cache(self, entry: CacheEntry, packed: PackedWeights) -> None:
+    def _write_cache(self, entry: CacheEntry, packed: PackedWeights, started_s: float) -> None:
         t0 = time.perf_counter()
         try:
-            entry.write(packed)
+            entry.write(packed, unless_written_after_s=started_s)
         except OSError as exc:  # a full disk or a read-only folder costs the cache, not the load
             logger.warning("%s: could not write its disk cache entry %s (%s)", self.name, entry.folder, exc)
             return
