@@ -319,14 +319,22 @@ class CacheEntry:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write(self, packed: PackedWeights, *, unless_written_after_s: float | None = None) -> bool:
+    def write(
+        self,
+        packed: PackedWeights,
+        *,
+        unless_written_after_s: float | None = None,
+        sources: list[list[Any]] | None = None,
+    ) -> bool:
         """Write ``packed``'s layout and its host copy's bytes as this entry; False when it
         does not fit the budget.
 
         Writers of one entry take turns (an exclusive lock on its folder's ``.lock``); one
         that finds a fresh entry written after ``unless_written_after_s`` (wall-clock
         seconds: when its own load began) leaves it as it is: another process wrote the same
-        weights meanwhile.
+        weights meanwhile. ``sources``: the sources' ``fingerprint`` taken before the weights
+        were read from them (default: now), so a file changed during the load is seen as a
+        change at the next one.
         """
         if packed.host is None:
             raise ValueError("only weights with a host copy can be written to the disk cache")
@@ -338,11 +346,13 @@ class CacheEntry:
                     with contextlib.suppress(CacheCorrupt, KeyError, TypeError, ValueError):
                         if float(_read_index(self.folder)["written_s"]) > unless_written_after_s:
                             return True
-                return self._write_locked(packed)
+                return self._write_locked(
+                    packed, sources if sources is not None else fingerprint(self.sources)
+                )
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _write_locked(self, packed: PackedWeights) -> bool:
+    def _write_locked(self, packed: PackedWeights, sources: list[list[Any]]) -> bool:
         total = packed.total_bytes
         if total > self.cache.budget_bytes:
             logger.info(
@@ -352,7 +362,6 @@ class CacheEntry:
                 self.cache.budget_bytes,
             )
             return False
-        sources = fingerprint(self.sources)  # before reading the weights: a change meanwhile is seen
         folder = self.folder
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         data_name = f"weights-{token}.bin"

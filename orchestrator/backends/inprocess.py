@@ -44,7 +44,7 @@ from typing import Any
 import anyio
 
 from orchestrator.backends.base import Backend
-from orchestrator.backends.diskcache import CacheCorrupt, CacheEntry, DiskCache
+from orchestrator.backends.diskcache import CacheCorrupt, CacheEntry, DiskCache, fingerprint
 from orchestrator.backends.options import dtype_option, no_unknown, options_of, path_option
 from orchestrator.backends.packed import LayoutMismatch, PackedWeights
 from orchestrator.device.base import Device, DeviceOutOfMemory
@@ -310,6 +310,7 @@ class InProcessBackend(Backend):
             entry = self.cache_entry
             if entry is not None and self._load_cached(torch, dtype, entry, limit_bytes, t0):
                 return
+            sources = fingerprint(entry.sources) if entry is not None else None  # before the reads
             with quiet_imports():
                 model, modules = self._build(torch, dtype)
             self._model, self._modules = model, modules
@@ -330,12 +331,12 @@ class InProcessBackend(Backend):
                 self._packed = PackedWeights(modules, pin=pin)
                 self.timings["pack_s"] = time.perf_counter() - t1
                 if entry is not None:
-                    self._write_cache(entry, self._packed, started_s)
+                    self._write_cache(entry, self._packed, started_s, sources)
                 self.timings["copy_s"] = self._packed.to_device(self.target)
                 self._weight_bytes = self._packed.total_bytes
             else:
                 if entry is not None:  # packed once on the CPU to be written; then moved as usual
-                    self._write_cache(entry, PackedWeights(modules, pin=False), started_s)
+                    self._write_cache(entry, PackedWeights(modules, pin=False), started_s, sources)
                 for m in modules.values():
                     m.to(self.target)
                 self._weight_bytes = weight_bytes
@@ -416,10 +417,12 @@ class InProcessBackend(Backend):
         self.last_load_from = "cache"
         return True
 
-    def _write_cache(self, entry: CacheEntry, packed: PackedWeights, started_s: float) -> None:
+    def _write_cache(
+        self, entry: CacheEntry, packed: PackedWeights, started_s: float, sources: list[list[Any]] | None
+    ) -> None:
         t0 = time.perf_counter()
         try:
-            entry.write(packed, unless_written_after_s=started_s)
+            entry.write(packed, unless_written_after_s=started_s, sources=sources)
         except OSError as exc:  # a full disk or a read-only folder costs the cache, not the load
             logger.warning("%s: could not write its disk cache entry %s (%s)", self.name, entry.folder, exc)
             return
