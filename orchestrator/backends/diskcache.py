@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -304,9 +305,18 @@ class CacheEntry:
             else:  # through a small pinned staging ring: no host copy to pin
                 _stream_to_device(path, buf, chunk, crcs)
             packed.adopt_device_buffer(buf, device)
+        elif not keep_host and MAP_POPULATE:
+            # On the CPU without a host tier the weights can live in the file's own pages:
+            # mapped privately (copy on write) and populated by the kernel's readahead in one
+            # call, no copy into fresh memory (whose first touch costs as much as the read),
+            # as safetensors' own CPU loads do. The checksums are then checked in threads.
+            packed = PackedWeights.for_layout(modules, layout, total, pin=False, host=False)
+            mapped = map_file(path)
+            if crcs is not None:
+                verify(mapped, chunk, crcs)
+            packed.adopt_device_buffer(mapped, device)
         else:
-            # On the CPU the buffer read into is the weights' own (no copy) unless a separate
-            # host copy is kept (the host tier on the CPU stand-in), then copied once.
+            # The host tier on the CPU stand-in: read into its own buffer, then copied once.
             packed = PackedWeights.for_layout(modules, layout, total, pin=False, host=True)
             read_into(path, packed.host, chunk_bytes=chunk, crcs=crcs)
         timings["read_s"] = time.perf_counter() - t0
@@ -496,6 +506,35 @@ def read_into(
                 raise
     finally:
         os.close(fd)
+
+
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
+
+
+def map_file(path: Path) -> Any:
+    """The file as a writable uint8 tensor over a private (copy-on-write) mapping of it, its
+    pages read in by the kernel before this returns (``MAP_POPULATE``)."""
+    import torch
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(
+            fd, 0, flags=mmap.MAP_PRIVATE | MAP_POPULATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mapping, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
+def verify(data: Any, chunk: int, crcs: Sequence[int], threads: int = READ_THREADS) -> None:
+    """Check every chunk of the uint8 tensor ``data`` against its CRC32 (zlib releases the
+    GIL on large buffers: the threads run in parallel)."""
+    view = memoryview(data.numpy())
+    starts = range(0, len(view), chunk)
+    if len(starts) != len(crcs):
+        raise CacheCorrupt(f"its data file has {len(starts)} chunks, the index {len(crcs)} checksums")
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-verify") as pool:
+        list(pool.map(lambda i: _check(view[starts[i] : starts[i] + chunk], crcs, i), range(len(starts))))
 
 
 def _read_to_device(path: Path, host: Any, buf: Any, chunk: int, crcs: Sequence[int] | None) -> None:

@@ -196,6 +196,26 @@ def test_a_damaged_entry_falls_back_to_the_source_with_one_warning(
     assert again.last_load_from == "cache" and np.array_equal(out0, out2)
 
 
+def test_a_damaged_mapped_entry_falls_back_too(
+    tiny: dict[str, Path], cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a model without a host tier, on the CPU: its weights are the data file's mapped pages
+    first = backend_for(tiny, cache_dir, "sdxl-lora-controlnet")
+    run_once(first, "sdxl-lora-controlnet")
+    entry = first.cache_entry
+    assert entry is not None
+    index = json.loads((entry.folder / "index.json").read_text())
+    with open(entry.folder / index["data"], "r+b") as f:
+        f.seek(index["data_bytes"] - 300)
+        f.write(b"\x7f" * 32)
+    caplog.clear()
+    b = backend_for(tiny, cache_dir, "sdxl-lora-controlnet")
+    run_once(b, "sdxl-lora-controlnet")
+    assert b.last_load_from == "source"
+    (warning,) = cache_warnings(caplog)
+    assert "checksum" in warning
+
+
 # -- the cache on its own: small modules, no pipelines -------------------------------------------
 
 
