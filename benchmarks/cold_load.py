@@ -10,14 +10,14 @@ written once as a diffusers folder under the scratch directory; ``--tiny``: the 
   of the folder (module construction, safetensors reads, parameter by parameter);
 - ``packed``: the backend with ``cache:``, from the entry its first load wrote (the modules
   built without weights, the one data file read in 64 MiB chunks by 4 threads into the
-  weights' own buffer, each chunk's CRC32 checked; ``--no-verify`` skips the check);
+  weights' own buffer, each chunk's checksum checked; ``--no-verify`` skips the check);
 - ``raw``: the same data file read into one buffer, the same chunk size and threads, nothing
   else: the storage's ceiling.
 
 Every load is timed until its weights are in memory (one byte of every 4 KiB page read after
 it returns): ``from_pretrained`` on the CPU leaves the safetensors files memory-mapped, read
 on first use, so the time it takes to return is printed beside. The packed load is measured
-with and without its CRC32 check.
+with and without its checksum check.
 
 Each cold (the files' pages dropped from the page cache first: ``fsync`` then
 ``posix_fadvise(POSIX_FADV_DONTNEED)``, which needs no root; ``/proc/sys/vm/drop_caches`` is
@@ -227,7 +227,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         ("source", "source"),
         ("packed", "packed"),
         ("packed_read", "  its read"),
-        ("packed_noverify", "no CRC"),
+        ("packed_noverify", "no check"),
         ("raw", "raw read"),
     )
     for w, label in labels:
@@ -237,7 +237,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         r = report["ratios"][temp]
         print(
             f"{temp}: packed load at {r['packed_over_raw_bandwidth']:.0%} of the raw read's bandwidth "
-            f"(its read alone {r['packed_read_over_raw_bandwidth']:.0%}; without the CRC check "
+            f"(its read alone {r['packed_read_over_raw_bandwidth']:.0%}; without the checksum "
             f"{r['packed_noverify_over_raw_bandwidth']:.0%}), "
             f"{r['speedup_over_source']:.1f}x faster than the source"
         )
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("scratch", type=Path, help="a folder for the model and the cache (kept between runs)")
     p.add_argument("--tiny", action="store_true", help="the tiny SDXL (seconds), not the 6.46 GiB one")
     p.add_argument("--repeats", type=int, default=1, help="cold and warm measurements each (median)")
-    p.add_argument("--no-verify", action="store_true", help="the packed load without the CRC32 check")
+    p.add_argument("--no-verify", action="store_true", help="the packed load without the checksum check")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.repeats < 1:

@@ -148,7 +148,7 @@ class CacheSpec:
 
     path: str  # the cache folder ("~" expanded when used)
     budget_bytes: int  # the most the cache may hold on disk; least recently used entries go first
-    verify: bool = True  # check each chunk's CRC32 while loading (catches a damaged data file)
+    verify: bool = True  # check each chunk's checksum while loading (catches a damaged data file)
 
 
 @dataclass(frozen=True)
