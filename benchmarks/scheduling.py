@@ -567,6 +567,16 @@ def run_group(
     return out
 
 
+def _run_json(r: Result) -> dict[str, Any]:
+    """One run's figures. The per-request waits are sorted: requests that end at the same
+    virtual instant may be recorded in either order (the figures are the same)."""
+    out = {k: v for k, v in asdict(r).items() if k != "real_s"}
+    for key in ("waits_s", "lease_waits_s"):
+        out[key] = sorted(out[key])
+    out["waits_by_kind"] = {k: sorted(v) for k, v in out["waits_by_kind"].items()}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scheduling", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small traces and 2 seeds (CI)")
@@ -618,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "quick": args.quick,
             "seeds": seeds,
             "capacity": CAPACITY,
-            "runs": [{k: v for k, v in asdict(r).items() if k != "real_s"} for r in results],
+            "runs": [_run_json(r) for r in results],
             "summary": summary,
         }
         with open(args.json, "w") as f:

@@ -213,6 +213,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``cache list`` / ``cache clear [--model NAME]``: the packed checkpoint cache."""
+    import json
+
+    from orchestrator.backends.diskcache import DiskCache
+
+    config = load_config(args.config)
+    if config.cache is None:
+        raise OrchestratorError(
+            f"{config.source} has no cache: add `cache: {{path: default, budget_gb: 50}}` to turn the "
+            "packed checkpoint cache on"
+        )
+    cache = DiskCache(Path(config.cache.path), config.cache.budget_bytes)
+    if args.model is not None and args.model not in config.models:
+        raise OrchestratorError(
+            f"--model {args.model!r} names no configured model; use one of: {', '.join(config.models)}"
+        )
+    if args.action == "clear":
+        removed = cache.clear(args.model)
+        print(f"removed {len(removed)} entries from {cache.root}")
+        return EXIT_OK
+    entries = [e for e in cache.entries() if args.model is None or e.model == args.model]
+    if args.json:
+        from orchestrator.status import cache_report
+
+        report = cache_report(config)
+        assert report is not None
+        report["entries"] = [x for x in report["entries"] if args.model is None or x["model"] == args.model]
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    used = sum(e.data_bytes for e in cache.entries())
+    print(f"{cache.root}: {len(entries)} entries, {format_gib(used)} of {format_gib(cache.budget_bytes)}")
+    rows = [("model", "size", "last used", "state", "entry")]
+    for e in entries:
+        rows.append(
+            (
+                e.model,
+                format_gib(e.data_bytes),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used_s)),
+                "fresh" if e.fresh else "stale (rebuilt at the next load)",
+                e.key,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
@@ -415,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--token", help="the daemon's bearer token (default: $VRAM_ORCHESTRATOR_TOKEN)")
     st.set_defaults(func=cmd_status)
+
+    ca = command("cache", "list or clear the packed checkpoint cache (the config's cache: section)")
+    ca.add_argument("action", choices=("list", "clear"), help="list its entries, or remove them")
+    ca.add_argument("--config", metavar="FILE", help=DEFAULT_CONFIG_HELP)
+    ca.add_argument("--model", metavar="NAME", help="only this model's entries")
+    ca.add_argument("--json", action="store_true", help="list as one JSON object (bytes as integers)")
+    ca.set_defaults(func=cmd_cache)
 
     sv = command(
         "serve", "run the daemon: one owner for the GPU across processes, an OpenAI-compatible gateway"

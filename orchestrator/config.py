@@ -23,7 +23,7 @@ import yaml
 from orchestrator.backends.options import OptionError
 from orchestrator.backends.registry import TYPES, parse_options
 from orchestrator.errors import ConfigError
-from orchestrator.spec import BackendOptions, Config, DaemonSpec, ModelSpec, RequestLimits, SimSpec
+from orchestrator.spec import BackendOptions, CacheSpec, Config, DaemonSpec, ModelSpec, RequestLimits, SimSpec
 from states.machine import KIND_STATES
 from states.scheduling import Mode
 from states.units import format_gib, gib_to_bytes
@@ -113,7 +113,10 @@ def _typename(v: object) -> str:
 
 
 class _Parser:
-    TOP = ("hardware", "switching", "models", "defaults", "simulation", "observability", "monitor", "daemon")
+    TOP = (
+        "hardware", "switching", "models", "defaults", "simulation", "observability", "monitor", "daemon",
+        "cache",
+    )  # fmt: skip
     DAEMON_KEYS = (
         "host", "port", "token", "lease_ttl_s", "max_lease_ttl_s", "grace_s", "max_body_bytes",
         "request_timeout_s",
@@ -355,7 +358,40 @@ class _Parser:
             footprint_margin=self.number(mon.get("footprint_margin", 0.05), "monitor.footprint_margin"),
             sample_hz=self.number(mon.get("sample_hz", 20.0), "monitor.sample_hz"),
             daemon=self.daemon(self.section(raw, "daemon", self.DAEMON_KEYS, False)),
+            cache=self.cache(raw),
         )
+
+    def cache(self, raw: Mapping[str, Any]) -> CacheSpec | None:
+        """``cache: {path: DIR, budget_gb: N, verify: true}``; absent or null: no cache."""
+        if raw.get("cache") is None:
+            return None
+        c = self.section(raw, "cache", ("path", "budget_gb", "verify"), False)
+        path = c.get("path", "default")
+        if not isinstance(path, str) or not path:
+            raise self.err(
+                "cache.path",
+                f"expected a folder path, got {path!r}",
+                "write a folder such as ~/.cache/vram-orchestrator/checkpoints, or default",
+            )
+        if path == "default":
+            from orchestrator.backends.diskcache import default_cache_dir
+
+            path = str(default_cache_dir())
+        if "budget_gb" not in c:
+            raise self.err(
+                "cache.budget_gb",
+                "missing: how much disk the cache may use",
+                "set it in GiB, e.g. budget_gb: 50 (each cached SDXL takes about 6.5)",
+            )
+        budget = self.number(c["budget_gb"], "cache.budget_gb", strict=True)
+        verify = c.get("verify", True)
+        if not isinstance(verify, bool):
+            raise self.err(
+                "cache.verify",
+                f"expected true or false, got {verify!r}",
+                "true checks each chunk's checksum while loading",
+            )
+        return CacheSpec(path=path, budget_bytes=gib_to_bytes(budget), verify=verify)
 
     def daemon(self, d: Mapping[str, Any]) -> DaemonSpec:
         host = d.get("host", "127.0.0.1")

@@ -55,6 +55,7 @@ from states.scheduling import Mode
 
 __all__ = [
     "BackendOptions",
+    "CacheSpec",
     "Config",
     "DaemonSpec",
     "ModelSpec",
@@ -141,6 +142,16 @@ class DaemonSpec:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    """The ``cache:`` section: the packed checkpoint cache of in-process models (the disk tier
+    at disk speed, ``orchestrator.backends.diskcache``). Absent: no cache."""
+
+    path: str  # the cache folder ("~" expanded when used)
+    budget_bytes: int  # the most the cache may hold on disk; least recently used entries go first
+    verify: bool = True  # check each chunk's checksum while loading (catches a damaged data file)
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     gpu_name: str
@@ -171,6 +182,7 @@ class Config:
     footprint_margin: float = 0.05  # plan with the learned high-water mark plus this fraction
     sample_hz: float = 20.0  # the peak sampler's rate (0: off)
     daemon: DaemonSpec = field(default_factory=DaemonSpec)
+    cache: CacheSpec | None = None  # the packed checkpoint cache; None: off
 
     def resolve(self, name_or_kind: str) -> ModelSpec | None:
         """A model by name or alias, or the default model of a kind."""

@@ -57,6 +57,8 @@ def status_report(orch: Orchestrator) -> dict[str, Any]:
                     else None
                 ),
                 "host_bytes": spec.host_bytes if spec.offload else None,
+                # the next cold load comes from the packed disk cache (not the source)
+                "cached": bool(backend is not None and backend.cached),
                 "confidence": spec.confidence,
                 "backend": spec.backend,
                 "leases": leases.get(name, 0),
@@ -78,6 +80,34 @@ def status_report(orch: Orchestrator) -> dict[str, Any]:
         "state": orch.state.name,
         "scheduling": config.mode.value,
         "models": models,
+        "cache": cache_report(config),
+    }
+
+
+def cache_report(config: Any) -> dict[str, Any] | None:
+    """The packed disk cache: its folder, budget, what it holds (None without a cache)."""
+    if config.cache is None:
+        return None
+    from pathlib import Path
+
+    from orchestrator.backends.diskcache import DiskCache
+
+    cache = DiskCache(Path(config.cache.path), config.cache.budget_bytes)
+    entries = cache.entries()
+    return {
+        "path": str(cache.root),
+        "budget_bytes": cache.budget_bytes,
+        "used_bytes": sum(e.data_bytes for e in entries),
+        "entries": [
+            {
+                "key": e.key,
+                "model": e.model,
+                "bytes": e.data_bytes,
+                "last_used_s": e.last_used_s,
+                "fresh": e.fresh,
+            }
+            for e in entries
+        ],
     }
 
 
@@ -91,8 +121,14 @@ def format_status(report: dict[str, Any], *, running: bool = False) -> str:
         f"used on the device {format_gib(dev['used_bytes'])} "
         f"(other processes {format_gib(report['foreign_bytes'])})",
         f"state    {report['state']}, committed {format_gib(report['committed_bytes'])} of the budget",
-        "",
     ]
+    cache = report.get("cache")
+    if cache is not None:
+        lines.append(
+            f"cache    {cache['path']}: {len(cache['entries'])} entries, {format_gib(cache['used_bytes'])} "
+            f"of {format_gib(cache['budget_bytes'])} (models marked cached load from it next)"
+        )
+    lines.append("")
     # Leases and waiters exist only while it runs; the config's view leaves them out.
     head = ("model", "kind", "class", "tier", "estimated", "learned", "measured", "leases", "waiting", "")
     keep = [i for i in range(len(head)) if running or head[i] not in ("leases", "waiting")]
@@ -110,7 +146,9 @@ def format_status(report: dict[str, Any], *, running: bool = False) -> str:
                 "-" if measured is None else format_gib(measured),
                 str(m["leases"]),
                 str(m["waiting"]),
-                "default" if m["default"] else "",
+                " ".join(
+                    w for w, on in (("default", m["default"]), ("cached", m.get("cached", False))) if on
+                ),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

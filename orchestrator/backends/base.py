@@ -20,9 +20,9 @@ under the switch lock. The contract each backend keeps:
 What the rest of the orchestrator may ask of any backend without knowing its class (the
 daemon's gateway, ``status``, the module's ``ServiceController``) are capabilities,
 properties with safe defaults here: ``url``, ``served_model``, ``pid``, ``log_path``,
-``attached``, ``can_sleep``, ``uptime_s`` and ``is_alive()``. A backend with a server process
-overrides them. ``watch_demand`` is the one background capability: a task the orchestrator
-runs for each backend while it runs (most return at once).
+``attached``, ``can_sleep``, ``cached``, ``uptime_s`` and ``is_alive()``. A backend with a
+server process overrides them. ``watch_demand`` is the one background capability: a task the
+orchestrator runs for each backend while it runs (most return at once).
 
 A backend *type* (``backend: {type: NAME}`` in a config) is a ``BackendType``: the parser of
 its options and its factory, named by one line of ``orchestrator.backends.registry``.
@@ -110,6 +110,12 @@ class Backend(abc.ABC):
     @property
     def can_sleep(self) -> bool:
         """It keeps a host copy through its server's sleep mode (vLLM's ``/sleep``)."""
+        return False
+
+    @property
+    def cached(self) -> bool:
+        """Its next cold load comes from a packed disk cache, not from the source
+        (``orchestrator.backends.diskcache``)."""
         return False
 
     @property

@@ -86,10 +86,32 @@ def _quiet_progress(diffusers: Any) -> None:
         pass
 
 
+def _empty_component(folder: Path, library: str, class_name: str, dtype: Any) -> Any:
+    """One pipeline component (a diffusers or transformers model) built from its config in
+    ``folder`` without its weights (the disk cache fills them)."""
+    import importlib
+
+    from orchestrator.backends.diskcache import empty_weights
+
+    cls = getattr(importlib.import_module(library), class_name)
+    with empty_weights():
+        if library == "diffusers":
+            module = cls.from_config(cls.load_config(folder))
+        else:
+            module = cls._from_config(cls.config_class.from_pretrained(folder), dtype=dtype)
+    return module.eval()
+
+
 class DiffusersBackend(InProcessBackend):
     extra = "diffusers"
+    recipe_ignores = ("steps",)
 
-    def _build(self, torch: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    def cache_sources(self) -> list[Path]:
+        opts = self.options
+        assert isinstance(opts, DiffusersOptions)
+        return [p for p in (self.path, opts.lora, opts.controlnet) if p is not None]
+
+    def _diffusers(self) -> Any:
         try:
             import diffusers
         except ImportError:
@@ -98,6 +120,55 @@ class DiffusersBackend(InProcessBackend):
                 "pip install 'vram-orchestrator[diffusers]'"
             ) from None
         _quiet_progress(diffusers)
+        return diffusers
+
+    def _pipeline_class(self, diffusers: Any) -> Any:
+        opts = self.options
+        assert isinstance(opts, DiffusersOptions)
+        if opts.controlnet is not None:
+            return diffusers.StableDiffusionXLControlNetPipeline
+        if opts.pipeline == "sdxl":
+            return diffusers.StableDiffusionXLPipeline
+        return diffusers.AutoPipelineForText2Image
+
+    def _build_skeleton(self, torch: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+        """The pipeline with its weight components built from their configs, without weights
+        (the LoRA is already fused in the cached weights); tokenizers and the scheduler are
+        read from the folder as ``from_pretrained`` reads them."""
+        import json
+
+        diffusers = self._diffusers()
+        opts = self.options
+        assert isinstance(opts, DiffusersOptions)
+        index = json.loads((self.path / "model_index.json").read_text())
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        for name in WEIGHT_COMPONENTS:
+            entry = index.get(name)
+            if isinstance(entry, list) and len(entry) == 2 and entry[0] is not None:
+                kwargs[name] = _empty_component(self.path / name, str(entry[0]), str(entry[1]), dtype)
+        cn_path = self._local_path(opts.controlnet, "controlnet", "the ControlNet")
+        if cn_path is not None:
+            kwargs["controlnet"] = _empty_component(cn_path, "diffusers", "ControlNetModel", dtype)
+        pipe = self._pipeline_class(diffusers).from_pretrained(self.path, **kwargs)
+        return self._finish(pipe, torch)
+
+    def _finish(self, pipe: Any, torch: Any) -> tuple[Any, dict[str, Any]]:
+        opts = self.options
+        assert isinstance(opts, DiffusersOptions)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.vram_orchestrator_steps = opts.steps
+        # A pipeline is not thread-safe (its scheduler keeps the step index): the tasks that
+        # share a lease take turns (orchestrator.media holds this lock around each call).
+        pipe.vram_orchestrator_lock = threading.Lock()
+        modules = {
+            name: getattr(pipe, name)
+            for name in WEIGHT_COMPONENTS
+            if isinstance(getattr(pipe, name, None), torch.nn.Module)
+        }
+        return pipe, modules
+
+    def _build(self, torch: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+        diffusers = self._diffusers()
         opts = self.options
         assert isinstance(opts, DiffusersOptions)
         kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
@@ -106,13 +177,7 @@ class DiffusersBackend(InProcessBackend):
             kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(
                 cn_path, dtype=dtype, local_files_only=True
             )
-            cls: Any = diffusers.StableDiffusionXLControlNetPipeline
-        elif opts.pipeline == "sdxl":
-            cls = diffusers.StableDiffusionXLPipeline
-        else:
-            cls = diffusers.AutoPipelineForText2Image
-        pipe = cls.from_pretrained(self.path, **kwargs)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self._pipeline_class(diffusers).from_pretrained(self.path, **kwargs)
         lora = self._local_path(opts.lora, "lora", "the LoRA weights")
         if lora is not None:
             # Fused, then the adapter layers removed: the UNet's weights stay plain static
@@ -125,20 +190,11 @@ class DiffusersBackend(InProcessBackend):
                 diffusers.utils.logging.set_verbosity(level)
             pipe.fuse_lora(lora_scale=opts.lora_scale)
             pipe.unload_lora_weights()
-        pipe.vram_orchestrator_steps = opts.steps
-        # A pipeline is not thread-safe (its scheduler keeps the step index): the tasks that
-        # share a lease take turns (orchestrator.media holds this lock around each call).
-        pipe.vram_orchestrator_lock = threading.Lock()
-        modules = {
-            name: getattr(pipe, name)
-            for name in WEIGHT_COMPONENTS
-            if isinstance(getattr(pipe, name, None), torch.nn.Module)
-        }
-        return pipe, modules
+        return self._finish(pipe, torch)
 
 
 def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> DiffusersBackend:
-    return DiffusersBackend(spec, device, config.device_index)
+    return DiffusersBackend(spec, device, config.device_index, cache=config.cache)
 
 
 BACKEND = BackendType(parse=DiffusersOptions.parse, create=create)

@@ -13,6 +13,13 @@ A subclass says how to build its model from a local path on the CPU (``_build``)
   what it needs, before it takes the memory.
 - ``offload(HOST)`` re-points the weights at the host copy and drops the device buffer;
   ``offload(DISK)`` and ``unload()`` drop every reference, collect, and empty torch's cache.
+- With a ``cache:`` in the config, the first load from the source also writes the packed
+  weights to the disk cache (``orchestrator.backends.diskcache``), and later cold loads come
+  from there: the modules built without their weights (``_build_skeleton``), one file read
+  in large chunks straight into the buffer the weights live in. A stale or damaged entry
+  falls back to the source (one warning) and is rewritten. The tier ladder: GPU -> pinned
+  host RAM -> packed disk cache -> the source; ``cached`` says where the next cold load
+  comes from, ``last_load_from`` where the last one came from.
 - Where the device is the simulated one (no GPU: tests, CI, the demo), the model runs on the
   CPU for real and its configured size stands for it on the simulated device (the tiny model
   plays the role of the full-size one, whose bytes are what the budget is about).
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import gc
 import logging
 import sys
@@ -36,11 +44,12 @@ from typing import Any
 import anyio
 
 from orchestrator.backends.base import Backend
+from orchestrator.backends.diskcache import CacheCorrupt, CacheEntry, DiskCache, fingerprint
 from orchestrator.backends.options import dtype_option, no_unknown, options_of, path_option
-from orchestrator.backends.packed import PackedWeights
+from orchestrator.backends.packed import LayoutMismatch, PackedWeights
 from orchestrator.device.base import Device, DeviceOutOfMemory
 from orchestrator.device.simulated import SimulatedDevice
-from orchestrator.spec import BackendOptions, ModelSpec
+from orchestrator.spec import BackendOptions, CacheSpec, ModelSpec
 from states.ledger import Tier
 
 logger = logging.getLogger("orchestrator.inprocess")
@@ -105,8 +114,12 @@ class InProcessBackend(Backend):
 
     #: the extra to install for this backend's libraries (named in messages)
     extra = "diffusers"
+    #: options that do not change the weights (not part of the disk cache's recipe)
+    recipe_ignores: tuple[str, ...] = ()
 
-    def __init__(self, spec: ModelSpec, device: Device, device_index: int = 0) -> None:
+    def __init__(
+        self, spec: ModelSpec, device: Device, device_index: int = 0, *, cache: CacheSpec | None = None
+    ) -> None:
         super().__init__(spec.name, spec.kind, spec.vram_bytes)
         self.spec = spec
         self.options = options_of(spec, InProcessOptions)
@@ -125,6 +138,14 @@ class InProcessBackend(Backend):
         self.timings: dict[str, float] = {}
         self.loads = self.restores = self.offloads = 0
         self._unloaded: list[weakref.ref[Any]] = []  # the modules of the last unload, to verify
+        self._cache = (
+            DiskCache(Path(cache.path), cache.budget_bytes, verify=cache.verify)
+            if cache is not None
+            else None
+        )
+        self._cache_entry: CacheEntry | None = None
+        #: where the last cold load came from: "cache" or "source" ("" before the first)
+        self.last_load_from = ""
 
     # -- what subclasses provide -------------------------------------------------------------
 
@@ -134,6 +155,40 @@ class InProcessBackend(Backend):
 
         Returns the handle leases hand out and the modules that hold its weights.
         """
+
+    def _build_skeleton(self, torch: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+        """The same as ``_build`` with the weights' modules built without their weights
+        (parameters on the meta device, ``diskcache.empty_weights``); the disk cache fills
+        them. A backend that cannot leaves this as is (its models are not cached)."""
+        raise NotImplementedError
+
+    def cache_sources(self) -> list[Path]:
+        """The files and folders the weights are built from (a change makes the cache stale)."""
+        return [self.path]
+
+    def cache_recipe(self) -> dict[str, Any]:
+        """What else decides the weights' bytes: the backend type, the dtype, the options."""
+        opts = {
+            f.name: (str(v) if isinstance(v, Path) else v)
+            for f in dataclasses.fields(self.options)
+            if f.name not in self.recipe_ignores and (v := getattr(self.options, f.name)) is not None
+        }
+        return {"backend": self.spec.backend, "dtype": self._dtype_name(), "options": opts}
+
+    @property
+    def cache_entry(self) -> CacheEntry | None:
+        """This model's disk cache entry; None without a cache (or a backend that has none)."""
+        if self._cache is None or type(self)._build_skeleton is InProcessBackend._build_skeleton:
+            return None
+        if self._cache_entry is None:
+            self._cache_entry = self._cache.entry(self.name, self.cache_recipe(), self.cache_sources())
+        return self._cache_entry
+
+    @property
+    def cached(self) -> bool:
+        """Whether the next cold load comes from the packed disk cache (a fresh entry)."""
+        entry = self.cache_entry
+        return entry is not None and entry.state() == "fresh"
 
     # -- sync predicates -------------------------------------------------------------------
 
@@ -205,11 +260,14 @@ class InProcessBackend(Backend):
     def _torch(self) -> Any:
         return import_torch(f"backend: {self.spec.backend}", self.extra)
 
-    def _dtype(self, torch: Any) -> Any:
+    def _dtype_name(self) -> str:
         name = self.options.dtype
         if name == "auto":  # fp16 on a GPU, fp32 on the CPU (fp16 kernels are missing there)
-            return torch.float32 if self.target == "cpu" else torch.float16
-        return getattr(torch, name)
+            return "float32" if self.target == "cpu" else "float16"
+        return name
+
+    def _dtype(self, torch: Any) -> Any:
+        return getattr(torch, self._dtype_name())
 
     def _check_limit(self, need_bytes: int, limit_bytes: int | None) -> None:
         if self.stand_in is not None:
@@ -247,8 +305,14 @@ class InProcessBackend(Backend):
 
         def work() -> None:
             t0 = time.perf_counter()
+            started_s = time.time()
+            dtype = self._dtype(torch)
+            entry = self.cache_entry
+            if entry is not None and self._load_cached(torch, dtype, entry, limit_bytes, t0):
+                return
+            sources = fingerprint(entry.sources) if entry is not None else None  # before the reads
             with quiet_imports():
-                model, modules = self._build(torch, self._dtype(torch))
+                model, modules = self._build(torch, dtype)
             self._model, self._modules = model, modules
             built_s = time.perf_counter() - t0
             weight_bytes = sum(
@@ -266,15 +330,20 @@ class InProcessBackend(Backend):
                 t1 = time.perf_counter()
                 self._packed = PackedWeights(modules, pin=pin)
                 self.timings["pack_s"] = time.perf_counter() - t1
+                if entry is not None:
+                    self._write_cache(entry, self._packed, started_s, sources)
                 self.timings["copy_s"] = self._packed.to_device(self.target)
                 self._weight_bytes = self._packed.total_bytes
             else:
+                if entry is not None:  # packed once on the CPU to be written; then moved as usual
+                    self._write_cache(entry, PackedWeights(modules, pin=False), started_s, sources)
                 for m in modules.values():
                     m.to(self.target)
                 self._weight_bytes = weight_bytes
             self._after_move(torch)
             self.timings["build_s"] = built_s
             self.timings["load_s"] = time.perf_counter() - t0
+            self.last_load_from = "source"
 
         try:
             await anyio.to_thread.run_sync(work)
@@ -289,6 +358,75 @@ class InProcessBackend(Backend):
 
     def _after_move(self, torch: Any) -> None:
         """Called in the worker thread once the weights are on the target (a hook)."""
+
+    def _load_cached(
+        self, torch: Any, dtype: Any, entry: CacheEntry, limit_bytes: int | None, t0: float
+    ) -> bool:
+        """Load from the disk cache (in the worker thread); False (one warning when the entry
+        exists but cannot be used) to load from the source instead."""
+        state = entry.state()
+        if state != "fresh":
+            if state != "missing":
+                logger.warning(
+                    "%s: its disk cache entry %s is %s (%s); loading from the source and rewriting it",
+                    self.name,
+                    entry.folder,
+                    state,
+                    "a source file changed since it was written" if state == "stale" else "unreadable",
+                )
+            return False
+        try:
+            with quiet_imports():
+                model, modules = self._build_skeleton(torch, dtype)
+            built_s = time.perf_counter() - t0
+
+            def check(total_bytes: int) -> None:
+                self._check_limit(total_bytes, limit_bytes)
+                self._take_stand_in()
+                if self.target != "cpu":
+                    self._baseline_reserved = torch.cuda.memory_reserved(self.target)
+                    torch.cuda.reset_peak_memory_stats(self.target)
+
+            packed, timings = entry.load(
+                modules,
+                device=self.target,
+                keep_host=self.spec.offload,
+                pin=self.target != "cpu",
+                check=check,
+            )
+        except DeviceOutOfMemory:
+            raise
+        except Exception as exc:  # CacheCorrupt, LayoutMismatch, or a skeleton the library refused
+            if not isinstance(exc, CacheCorrupt | LayoutMismatch):
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            logger.warning(
+                "%s: its disk cache entry %s cannot be used (%s); loading from the source and rewriting it",
+                self.name,
+                entry.folder,
+                exc,
+            )
+            self._drop_stand_in()
+            return False
+        self._model, self._modules = model, modules
+        self._packed = packed if self.spec.offload else None  # without a host tier: no host copy
+        self._weight_bytes = packed.total_bytes
+        self._after_move(torch)
+        self.timings.update(timings)
+        self.timings["build_s"] = built_s
+        self.timings["load_s"] = time.perf_counter() - t0
+        self.last_load_from = "cache"
+        return True
+
+    def _write_cache(
+        self, entry: CacheEntry, packed: PackedWeights, started_s: float, sources: list[list[Any]] | None
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            entry.write(packed, unless_written_after_s=started_s, sources=sources)
+        except OSError as exc:  # a full disk or a read-only folder costs the cache, not the load
+            logger.warning("%s: could not write its disk cache entry %s (%s)", self.name, entry.folder, exc)
+            return
+        self.timings["cache_write_s"] = time.perf_counter() - t0
 
     async def restore(self, limit_bytes: int | None = None) -> Any:
         if self._tier is not Tier.HOST or self._packed is None:

@@ -15,7 +15,7 @@ the host buffer (offloaded) or the device buffer (resident).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +33,36 @@ class _Slot:
     dtype: Any
     shape: tuple[int, ...]
     places: list[tuple[Any, str, bool]]  # (module, attribute name, is a parameter)
+    names: list[tuple[str, str, bool]]  # (component, qualified tensor name, is a parameter)
 
 
-def _tensors(modules: Iterable[Any]) -> Iterable[tuple[Any, str, Any, bool]]:
-    for root in modules:
-        for module in root.modules():
+@dataclass(frozen=True)
+class SlotRecord:
+    """One slot of the layout as the disk cache stores it: where its bytes are, what they
+    are, and every place the tensor is found (a tied weight has several)."""
+
+    offset: int
+    nbytes: int
+    dtype: str  # torch's name without "torch.", e.g. "float16"
+    shape: tuple[int, ...]
+    places: tuple[tuple[str, str, bool], ...]  # (component, qualified name, is a parameter)
+
+
+class LayoutMismatch(ValueError):
+    """The modules' tensors are not the ones a stored layout describes."""
+
+
+def _tensors(modules: Mapping[str, Any]) -> Iterable[tuple[str, str, Any, str, Any, bool]]:
+    """(component, qualified name, module, attribute, tensor, is a parameter) of every tensor."""
+    for root_name, root in modules.items():
+        for path, module in root.named_modules():
+            prefix = f"{path}." if path else ""
             for name, p in module._parameters.items():
                 if p is not None:
-                    yield module, name, p, True
+                    yield root_name, prefix + name, module, name, p, True
             for name, b in module._buffers.items():
                 if b is not None:
-                    yield module, name, b, False
+                    yield root_name, prefix + name, module, name, b, False
 
 
 class PackedWeights:
@@ -58,39 +77,146 @@ class PackedWeights:
     def __init__(self, modules: Mapping[str, Any], *, pin: bool) -> None:
         import torch
 
-        self._torch = torch
-        self.names = tuple(modules)
         slots: dict[int, _Slot] = {}
         offset = 0
-        for module, name, t, is_param in _tensors(modules.values()):
+        for root, qual, module, name, t, is_param in _tensors(modules):
             key = id(t)  # a tied weight is one tensor object in several places
             if key in slots:
                 slots[key].places.append((module, name, is_param))
+                slots[key].names.append((root, qual, is_param))
                 continue
             nbytes = t.numel() * t.element_size()
-            slots[key] = _Slot(offset, nbytes, t.dtype, tuple(t.shape), [(module, name, is_param)])
+            slots[key] = _Slot(
+                offset, nbytes, t.dtype, tuple(t.shape), [(module, name, is_param)], [(root, qual, is_param)]
+            )
             offset += _align(max(nbytes, 1))
-        self._slots = list(slots.values())
-        self.total_bytes = offset
+        self._setup(torch, tuple(modules), list(slots.values()), offset, pin=pin)
+        for slot, view in zip(self._slots, self._host_views, strict=True):
+            module, name, is_param = slot.places[0]
+            src = (module._parameters if is_param else module._buffers)[name]
+            view.copy_(src.detach().reshape(slot.shape))
+        self._fresh_params = True
+        self._point(self._host_views)
+
+    @classmethod
+    def for_layout(
+        cls,
+        modules: Mapping[str, Any],
+        layout: Sequence[SlotRecord],
+        total_bytes: int,
+        *,
+        pin: bool,
+        host: bool,
+    ) -> PackedWeights:
+        """Modules built without their weights (a skeleton: parameters on the meta device),
+        bound to a stored ``layout``; the buffer is allocated but neither filled nor pointed at.
+
+        Fill ``host`` (with ``host=True``; pinned with ``pin``) or give the filled buffer to
+        ``adopt_device_buffer``, then call ``point``. A ``LayoutMismatch`` when the modules'
+        tensors (names, parameter or buffer, shapes) are not exactly the layout's.
+        """
+        import torch
+
+        found = {
+            (root, qual, is_param): (module, name, t)
+            for root, qual, module, name, t, is_param in _tensors(modules)
+        }
+        wanted = {place for rec in layout for place in rec.places}
+        if set(found) != wanted:
+            missing = sorted(q for _, q, _ in wanted - set(found))[:3]
+            extra = sorted(q for _, q, _ in set(found) - wanted)[:3]
+            raise LayoutMismatch(
+                f"the model's tensors differ from the stored ones (missing {missing}, extra {extra})"
+            )
+        slots = []
+        end = 0
+        for rec in layout:
+            dtype = getattr(torch, rec.dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise LayoutMismatch(f"unknown dtype {rec.dtype!r}")
+            numel = 1
+            for d in rec.shape:
+                numel *= d
+            if numel * dtype.itemsize != rec.nbytes or rec.offset % ALIGN_BYTES or rec.offset < end:
+                raise LayoutMismatch(f"slot at offset {rec.offset} is inconsistent")
+            end = rec.offset + rec.nbytes
+            places = []
+            for place in rec.places:
+                module, name, t = found[place]
+                if tuple(t.shape) != rec.shape:
+                    raise LayoutMismatch(f"{place[0]}.{place[1]}: shape {tuple(t.shape)}, stored {rec.shape}")
+                places.append((module, name, place[2]))
+            slots.append(_Slot(rec.offset, rec.nbytes, dtype, rec.shape, places, list(rec.places)))
+        if end > total_bytes:
+            raise LayoutMismatch(f"the slots end at {end} bytes, past the data's {total_bytes}")
+        self = cls.__new__(cls)
+        self._setup(torch, tuple(modules), slots, total_bytes, pin=pin and host, host=host)
+        return self
+
+    def _setup(
+        self,
+        torch: Any,
+        names: tuple[str, ...],
+        slots: list[_Slot],
+        total_bytes: int,
+        *,
+        pin: bool,
+        host: bool = True,
+    ) -> None:
+        self._torch = torch
+        self.names = names
+        self._slots = slots
+        self.total_bytes = total_bytes
+        self._fresh_params = False
         # One allocation of exactly this size; pinning is the slow part (FIELD-NOTES: 10.2 s
         # for 12 GiB), paid once per load. Not torch's pin_memory=True: its host allocator
         # rounds each block up to a power of two (6.46 GiB pins 8) and keeps freed blocks
         # pinned in its cache; registering our own buffer pins what we use and unpins it
         # when we let go.
-        self.host = torch.empty(self.total_bytes, dtype=torch.uint8)
+        self.host: Any = torch.empty(self.total_bytes, dtype=torch.uint8) if host else None
         self._registered = False
         self.pinned = False
-        if pin:
+        if pin and host:
             self._pin()
         self.device_buffer: Any = None
         self.device: Any = None
         # The host views never change: made once, filled once, an offload only assigns them.
-        self._host_views = self._views(self.host)
-        for slot, view in zip(self._slots, self._host_views, strict=True):
-            module, name, is_param = slot.places[0]
-            src = (module._parameters if is_param else module._buffers)[name]
-            view.copy_(src.detach().reshape(slot.shape))
-        self._point(self._host_views)
+        self._host_views: list[Any] = self._views(self.host) if host else []
+
+    def layout(self) -> list[SlotRecord]:
+        """The slots as the disk cache stores them."""
+        return [
+            SlotRecord(s.offset, s.nbytes, str(s.dtype).removeprefix("torch."), s.shape, tuple(s.names))
+            for s in self._slots
+        ]
+
+    def adopt_device_buffer(self, buf: Any, device: Any) -> None:
+        """``buf`` (``total_bytes`` on ``device``, already filled) is the device copy."""
+        self.device_buffer, self.device = buf, self._torch.device(device)
+
+    def point(self) -> None:
+        """Point every tensor at the device buffer if there is one, else at the host buffer.
+
+        The first call after ``for_layout`` makes each slot one new parameter shared by all
+        its places (a skeleton's parameters are on the meta device and cannot take data):
+        tied weights are tied again.
+        """
+        views = self._views(self.device_buffer) if self.device_buffer is not None else self._host_views
+        if not self._fresh_params:
+            torch = self._torch
+            for slot, view in zip(self._slots, views, strict=True):
+                shared: Any = None
+                for module, name, is_param in slot.places:
+                    if is_param:
+                        if shared is None:
+                            old = module._parameters[name]
+                            shared = torch.nn.Parameter(view, requires_grad=bool(old.requires_grad))
+                        module._parameters[name] = shared
+                    else:
+                        module._buffers[name] = view
+            self._fresh_params = True
+            return
+        self._point(views)
 
     def _pin(self) -> None:
         torch = self._torch
@@ -170,6 +296,8 @@ class PackedWeights:
 
     def to_host(self) -> None:
         """Point every tensor back at the host copy and drop the device buffer (no copy)."""
+        if self.host is None:
+            raise RuntimeError("this model's weights have no host copy (it was loaded without one)")
         self._point(self._host_views)
         self.device_buffer = None
         self.device = None

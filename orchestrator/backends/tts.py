@@ -99,9 +99,21 @@ class TtsBackend(InProcessBackend):
         tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         return Speaker(model, tokenizer, torch), {"model": model}
 
+    def _build_skeleton(self, torch: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+        """The VITS model from its config without weights (the disk cache fills them)."""
+        from transformers import AutoTokenizer, VitsConfig, VitsModel
+
+        from orchestrator.backends.diskcache import empty_weights
+
+        config = VitsConfig.from_pretrained(self.path, local_files_only=True)
+        with empty_weights():
+            model = VitsModel._from_config(config, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        return Speaker(model, tokenizer, torch), {"model": model}
+
 
 def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> TtsBackend:
-    return TtsBackend(spec, device, config.device_index)
+    return TtsBackend(spec, device, config.device_index, cache=config.cache)
 
 
 BACKEND = BackendType(parse=TtsOptions.parse, create=create)

@@ -74,6 +74,7 @@ class Context:
         }
         self._wake: anyio.Event | None = None  # made by the scheduler's loop (next_wake)
         self._measured: dict[str, set[str]] = {}  # which costs are measured, not estimated
+        self._origin: dict[tuple[str, str], str] = {}  # where each learned cost's last load came from
 
     # -- time and wake-ups -------------------------------------------------------------------
 
@@ -144,16 +145,24 @@ class Context:
         self.backoff_until[model] = self.now_s() + backoff
         return n, backoff
 
-    def learn_cost(self, model: str, what: str, seconds: float) -> None:
+    def learn_cost(self, model: str, what: str, seconds: float, *, origin: str | None = None) -> None:
         """A load ("load_s"), restore ("restore_s") or unload ("unload_s") of ``model`` took
-        ``seconds``: the estimate moves toward it (the decision weighs switches by these)."""
+        ``seconds``: the estimate moves toward it (the decision weighs switches by these).
+
+        ``origin`` says where a load came from ("source", "cache": the packed disk cache):
+        a load from elsewhere than the last one replaces the estimate instead of moving it
+        (the first load from the source writes the cache, and every later cold load is the
+        cache's: what the next switch costs is the new figure, not a blend of the two)."""
         old = self.costs.get(model)
         if old is None:
             return  # a reservation: nothing to learn
         now = getattr(old, what)
+        moved = origin is not None and self._origin.get((model, what), origin) != origin
+        if origin is not None:
+            self._origin[(model, what)] = origin
         blended = (
             seconds
-            if model not in self._measured.get(what, set())
+            if model not in self._measured.get(what, set()) or moved
             else now + COST_SMOOTHING * (seconds - now)
         )
         self._measured.setdefault(what, set()).add(model)

@@ -339,6 +339,8 @@ class Executor:
         assert resident is not None
         self.accounting.check_room(p.load, resident.vram_bytes)
         ctx.ledger = ctx.ledger.begin_load(resident)
+        # A cold load comes from the packed disk cache or from the source: a cost of its own.
+        origin = "host" if p.from_tier is Tier.HOST else ("cache" if backend.cached else "source")
         t0 = ctx.now_s()
         try:
             # The backend may not take more than the bytes the ledger reserves for it: a
@@ -371,12 +373,14 @@ class Executor:
             ctx.stats.restores += 1
         else:
             ctx.stats.loads += 1
-        ctx.learn_cost(p.load, "restore_s" if p.from_tier is Tier.HOST else "load_s", ctx.now_s() - t0)
+        ctx.learn_cost(
+            p.load, "restore_s" if p.from_tier is Tier.HOST else "load_s", ctx.now_s() - t0, origin=origin
+        )
         ctx.emit(
             "load",
             model=p.load,
             duration_s=ctx.now_s() - t0,
-            detail=f"from {p.from_tier.value}",
+            detail=f"from {p.from_tier.value}" + (" (packed cache)" if origin == "cache" else ""),
             bytes_after=resident.vram_bytes,  # what the ledger holds for it
         )
         self.accounting.learn(p.load, backend.measured_bytes(live_only=True), "load")

@@ -1,0 +1,274 @@
+"""A cold load three ways: from the source, from the packed disk cache, and the raw read.
+
+The real SDXL architecture (constructor arguments in ``sdxl-architecture.json`` beside this
+file: UNet 2.57 B params, both CLIP text encoders, VAE) with random weights in fp16, 6.46 GiB,
+written once as a diffusers folder under the scratch directory; ``--tiny``: the tiny SDXL of
+``orchestrator.tiny_models`` (CI's time). Loaded, in one run, through the orchestrator's own
+``DiffusersBackend`` on the CPU:
+
+- ``source``: the backend without a cache, i.e. ``StableDiffusionXLPipeline.from_pretrained``
+  of the folder (module construction, safetensors reads, parameter by parameter);
+- ``packed``: the backend with ``cache:``, from the entry its first load wrote (the modules
+  built without weights, the one data file read in 64 MiB chunks by 4 threads into the
+  weights' own buffer, each chunk's checksum checked; ``--no-verify`` skips the check);
+- ``raw``: the same data file read into one buffer, the same chunk size and threads, nothing
+  else: the storage's ceiling.
+
+Every load is timed until its weights are in memory (one byte of every 4 KiB page read after
+it returns): ``from_pretrained`` on the CPU leaves the safetensors files memory-mapped, read
+on first use, so the time it takes to return is printed beside. The packed load is measured
+with and without its checksum check.
+
+Each cold (the files' pages dropped from the page cache first: ``fsync`` then
+``posix_fadvise(POSIX_FADV_DONTNEED)``, which needs no root; ``/proc/sys/vm/drop_caches`` is
+not used) and warm (read again at once). It prints each time, the packed load's bandwidth as
+a fraction of the raw read's, and the goals: packed cold load at 80% of the raw read or more,
+and at least 3x faster than the source.
+
+Run: ``python -m benchmarks.cold_load SCRATCH_DIR [--tiny] [--repeats N] [--json FILE]``.
+The scratch folder keeps the built model between runs (``.complete``); the cache is rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from benchmarks.switch_gpu import BUNDLED_ARCHITECTURE, build_sdxl_pipeline, drop_page_cache
+
+GIB = 1024**3
+PACKED_OVER_RAW_GOAL = 0.80
+SPEEDUP_GOAL = 3.0
+
+
+def config_text(folder: Path, cache: Path | None, *, verify: bool) -> str:
+    cache_line = (
+        f'cache: {{path: "{cache}", budget_gb: 64, verify: {str(verify).lower()}}}\n' if cache else ""
+    )
+    return f"""\
+hardware: {{device: simulated, total_vram_gb: 80.0, safe_max_vram_gb: 79.0}}
+models:
+  sdxl:
+    kind: sdxl
+    vram_gb: 10.5
+    backend: {{type: diffusers, pipeline: sdxl, path: "{folder}", dtype: float16}}
+{cache_line}"""
+
+
+def backend_for(text: str, scratch: Path) -> Any:
+    from orchestrator.backends.registry import create_backend
+    from orchestrator.config import parse_config
+    from orchestrator.device.simulated import SimulatedDevice
+
+    config = parse_config(text)
+    return create_backend(
+        config.models["sdxl"], config=config, device=SimulatedDevice(config.total_bytes), log_dir=scratch
+    )
+
+
+def touch(modules: dict[str, Any]) -> None:
+    """Read one byte of every 4 KiB page of every weight: a load is done when the weights are
+    in memory (``from_pretrained`` on the CPU leaves them memory-mapped, read on first use)."""
+    import torch
+
+    for m in modules.values():
+        for t in list(m.parameters()) + list(m.buffers()):
+            flat = t.detach().reshape(-1).view(torch.uint8)
+            if flat.numel():
+                flat[::4096].sum()
+
+
+def timed_load(backend: Any) -> dict[str, float]:
+    """One cold load through the backend (then unloaded): its timings, the wall time until the
+    load returned and until every weight was in memory (``in_memory_s``)."""
+
+    async def go() -> dict[str, float]:
+        t0 = time.perf_counter()
+        await backend.load()
+        wall = time.perf_counter() - t0
+        touch(backend._modules)
+        out = {"wall_s": wall, "in_memory_s": time.perf_counter() - t0, **backend.timings}
+        await backend.unload()
+        return out
+
+    result = anyio.run(go)
+    gc.collect()
+    return result
+
+
+def raw_read(path: Path, chunk: int) -> float:
+    import torch
+
+    from orchestrator.backends.diskcache import READ_THREADS, read_into
+
+    buf = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    t0 = time.perf_counter()
+    read_into(path, buf, chunk_bytes=chunk, threads=READ_THREADS)
+    took = time.perf_counter() - t0
+    del buf
+    gc.collect()
+    return took
+
+
+def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, Any]:
+    import torch
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    if tiny:
+        from orchestrator.tiny_models import build
+
+        folder = build(scratch, ("tiny-sdxl",))["tiny-sdxl"]
+    else:
+        print("building the SDXL pipeline with random weights (first run only) ...", flush=True)
+        folder = build_sdxl_pipeline(
+            torch, BUNDLED_ARCHITECTURE, scratch / "sdxl-random-fp16", build_on="cpu", dtype=torch.float16
+        )
+    cache_dir = scratch / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    source = backend_for(config_text(folder, None, verify=verify), scratch)
+    texts = {
+        "packed": config_text(folder, cache_dir, verify=verify),
+        "packed_noverify": config_text(folder, cache_dir, verify=False),
+    }
+    writer = backend_for(texts["packed"], scratch)
+    first = timed_load(writer)  # from the source; writes the entry
+    assert writer.last_load_from == "source" and "cache_write_s" in first, first
+    entry = writer.cache_entry
+    index = json.loads((entry.folder / "index.json").read_text())
+    data = entry.folder / index["data"]
+    nbytes = int(index["data_bytes"])
+    chunk = int(index["chunk_bytes"])
+    print(
+        f"{'tiny' if tiny else 'SDXL'} pipeline {folder}: {nbytes / GIB:.2f} GiB packed in {data.name} "
+        f"({len(index['tensors'])} tensors); cache written in {first['cache_write_s']:.2f} s",
+        flush=True,
+    )
+
+    def drop() -> None:
+        drop_page_cache(folder)
+        drop_page_cache(cache_dir)
+
+    ways = ("source", "packed", "packed_read", "packed_noverify", "raw")
+    rows: dict[str, dict[str, list[float]]] = {w: {"cold": [], "warm": []} for w in ways}
+    # Each way cold (its files' pages dropped) and at once warm (read again), one after the other.
+    for _ in range(repeats):
+        for temp in ("cold", "warm"):
+            if temp == "cold":
+                drop()
+            t = timed_load(source)
+            assert source.last_load_from == "source"
+            rows["source"][temp].append(t["in_memory_s"])
+            print(
+                f"  source {temp}: {t['in_memory_s']:.2f} s in memory "
+                f"(from_pretrained returned after {t['wall_s']:.2f} s)",
+                flush=True,
+            )
+        for way in ("packed", "packed_noverify"):
+            for temp in ("cold", "warm"):
+                if temp == "cold":
+                    drop()
+                b = backend_for(texts[way], scratch)
+                t = timed_load(b)
+                assert b.last_load_from == "cache", b.last_load_from
+                rows[way][temp].append(t["in_memory_s"])
+                if way == "packed":
+                    rows["packed_read"][temp].append(t["read_s"])
+                print(
+                    f"  {way} {temp}: {t['in_memory_s']:.2f} s in memory "
+                    f"(skeleton {t['build_s']:.2f} s, read {t['read_s']:.2f} s)",
+                    flush=True,
+                )
+        for temp in ("cold", "warm"):
+            if temp == "cold":
+                drop()
+            r = raw_read(data, chunk)
+            rows["raw"][temp].append(r)
+            print(f"  raw {temp}: {r:.2f} s", flush=True)
+
+    med = {w: {k: statistics.median(v) for k, v in temps.items()} for w, temps in rows.items()}
+
+    def gbps(s: float) -> float:
+        return nbytes / s / 1e9
+
+    report: dict[str, Any] = {
+        "model": "tiny-sdxl" if tiny else "sdxl (random weights, fp16)",
+        "bytes": nbytes,
+        "chunk_bytes": chunk,
+        "verify": verify,
+        "repeats": repeats,
+        "page_cache": "fsync + posix_fadvise(POSIX_FADV_DONTNEED) on the folder's and the cache's files",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "seconds": rows,
+        "median_s": med,
+        "ratios": {
+            temp: {
+                "packed_over_raw_bandwidth": med["raw"][temp] / med["packed"][temp],
+                "packed_read_over_raw_bandwidth": med["raw"][temp] / med["packed_read"][temp],
+                "packed_noverify_over_raw_bandwidth": med["raw"][temp] / med["packed_noverify"][temp],
+                "speedup_over_source": med["source"][temp] / med["packed"][temp],
+            }
+            for temp in ("cold", "warm")
+        },
+    }
+    print()
+    print(f"{'load':<10} {'cold s':>8} {'GB/s':>7} {'warm s':>8} {'GB/s':>7}")
+    labels = (
+        ("source", "source"),
+        ("packed", "packed"),
+        ("packed_read", "  its read"),
+        ("packed_noverify", "no check"),
+        ("raw", "raw read"),
+    )
+    for w, label in labels:
+        c, h = med[w]["cold"], med[w]["warm"]
+        print(f"{label:<10} {c:8.3f} {gbps(c):7.2f} {h:8.3f} {gbps(h):7.2f}")
+    for temp in ("cold", "warm"):
+        r = report["ratios"][temp]
+        print(
+            f"{temp}: packed load at {r['packed_over_raw_bandwidth']:.0%} of the raw read's bandwidth "
+            f"(its read alone {r['packed_read_over_raw_bandwidth']:.0%}; without the checksum "
+            f"{r['packed_noverify_over_raw_bandwidth']:.0%}), "
+            f"{r['speedup_over_source']:.1f}x faster than the source"
+        )
+    cold = report["ratios"]["cold"]
+    report["goals"] = {
+        "packed_cold_at_80pct_of_raw": cold["packed_over_raw_bandwidth"] >= PACKED_OVER_RAW_GOAL,
+        "packed_cold_3x_source": cold["speedup_over_source"] >= SPEEDUP_GOAL,
+    }
+    print(
+        f"goals (cold): packed >= {PACKED_OVER_RAW_GOAL:.0%} of raw: "
+        f"{'met' if report['goals']['packed_cold_at_80pct_of_raw'] else 'NOT met'}; "
+        f">= {SPEEDUP_GOAL:g}x the source: {'met' if report['goals']['packed_cold_3x_source'] else 'NOT met'}"
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cold_load", description=__doc__.split("\n")[0])
+    p.add_argument("scratch", type=Path, help="a folder for the model and the cache (kept between runs)")
+    p.add_argument("--tiny", action="store_true", help="the tiny SDXL (seconds), not the 6.46 GiB one")
+    p.add_argument("--repeats", type=int, default=1, help="cold and warm measurements each (median)")
+    p.add_argument("--no-verify", action="store_true", help="the packed load without the checksum check")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    report = run(args.scratch, tiny=args.tiny, repeats=args.repeats, verify=not args.no_verify)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
