@@ -138,12 +138,16 @@ def test_the_backend_examples_parse() -> None:
     from orchestrator import parse_config
 
     examples = blocks((ROOT / "docs" / "backends.md").read_text(), "yaml")
-    assert len(examples) == 3
+    assert len(examples) == 4
+    *models, cache = examples
     backends = []
-    for i, text in enumerate(examples):
+    for i, text in enumerate(models):
         config = parse_config(HARDWARE + text, source=f"backends.md, example {i + 1}")
         backends += [m.backend for m in config.models.values()]
     assert backends == ["server", "vllm", "diffusers", "diffusers", "tts"]
+    # the disk tier's cache section, beside the first example's models
+    config = parse_config(HARDWARE + models[0] + cache, source="backends.md, the cache example")
+    assert config.cache is not None and config.cache.budget_bytes == 50 * 2**30 and config.cache.verify
     demo = block_after((ROOT / "docs" / "cli.md").read_text(), "**Your own models.**", "yaml")
     assert list(parse_config(demo, source="cli.md").models) == ["qwen-14b", "sdxl-base", "mms-tts"]
 
