@@ -45,7 +45,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks.switch_gpu import BUNDLED_ARCHITECTURE, build_sdxl_pipeline, drop_page_cache
+from benchmarks.switch_gpu import ARCHITECTURE, build_sdxl_pipeline, drop_page_cache
 
 GIB = 1024**3
 PACKED_OVER_RAW_GOAL = 0.80
@@ -110,7 +110,7 @@ def timed_load(backend: Any) -> dict[str, float]:
 def raw_read(path: Path, chunk: int) -> float:
     import torch
 
-    from orchestrator.backends.diskcache import READ_THREADS, read_into
+    from orchestrator.backends.diskread import READ_THREADS, read_into
 
     buf = torch.empty(path.stat().st_size, dtype=torch.uint8)
     t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
     else:
         print("building the SDXL pipeline with random weights (first run only) ...", flush=True)
         folder = build_sdxl_pipeline(
-            torch, BUNDLED_ARCHITECTURE, scratch / "sdxl-random-fp16", build_on="cpu", dtype=torch.float16
+            torch, ARCHITECTURE, scratch / "sdxl-random-fp16", build_on="cpu", dtype=torch.float16
         )
     cache_dir = scratch / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)

@@ -91,7 +91,7 @@ def _empty_component(folder: Path, library: str, class_name: str, dtype: Any) ->
     ``folder`` without its weights (the disk cache fills them)."""
     import importlib
 
-    from orchestrator.backends.diskcache import empty_weights
+    from orchestrator.backends.diskread import empty_weights
 
     cls = getattr(importlib.import_module(library), class_name)
     with empty_weights():

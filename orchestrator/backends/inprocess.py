@@ -44,7 +44,8 @@ from typing import Any
 import anyio
 
 from orchestrator.backends.base import Backend
-from orchestrator.backends.diskcache import CacheCorrupt, CacheEntry, DiskCache, fingerprint
+from orchestrator.backends.diskcache import CacheEntry, DiskCache, fingerprint
+from orchestrator.backends.diskread import CacheCorrupt
 from orchestrator.backends.options import dtype_option, no_unknown, options_of, path_option
 from orchestrator.backends.packed import LayoutMismatch, PackedWeights
 from orchestrator.device.base import Device, DeviceOutOfMemory

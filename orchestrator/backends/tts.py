@@ -103,7 +103,7 @@ class TtsBackend(InProcessBackend):
         """The VITS model from its config without weights (the disk cache fills them)."""
         from transformers import AutoTokenizer, VitsConfig, VitsModel
 
-        from orchestrator.backends.diskcache import empty_weights
+        from orchestrator.backends.diskread import empty_weights
 
         config = VitsConfig.from_pretrained(self.path, local_files_only=True)
         with empty_weights():

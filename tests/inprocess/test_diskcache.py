@@ -15,7 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.backends.diskcache import DiskCache, read_into
+from orchestrator.backends.diskcache import DiskCache
+from orchestrator.backends.diskread import read_into
 from orchestrator.backends.inprocess import InProcessBackend
 from orchestrator.backends.packed import ALIGN_BYTES, PackedWeights
 from orchestrator.backends.registry import create_backend
@@ -236,7 +237,7 @@ def small() -> Iterator[Small]:
 
 
 def empty_small(width: int = 32) -> Small:
-    from orchestrator.backends.diskcache import empty_weights
+    from orchestrator.backends.diskread import empty_weights
 
     with empty_weights():
         return Small(width).eval()
