@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from orchestrator.backends.simulated import SimulatedBackend
-from orchestrator.cli import _find_violation
+from orchestrator.cli_config import _find_violation
 from orchestrator.config import Config, load_config
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.runtime import Orchestrator
