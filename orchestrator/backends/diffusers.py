@@ -12,7 +12,7 @@ Config (``backend: {type: diffusers, ...}``):
 - ``steps``: the default number of inference steps for ``orchestrator.media`` (30).
 
 Each variant (base, +LoRA, +LoRA+ControlNet) is its own model in the config with its own
-estimate, as in the design document. ``lease.handle`` is the pipeline itself.
+estimate, as in the Model Management Module. ``lease.handle`` is the pipeline itself.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One model's weights packed into one host buffer, restored with one copy.
 
-FIELD-NOTES section 1: on an H200, all of SDXL (6.46 GiB) packed into ONE pinned, 256-byte
+Measured on an H200, PCIe Gen5 x16: all of SDXL (6.46 GiB) packed into ONE pinned, 256-byte
 aligned host buffer and restored with one copy into one device buffer reached 99% of the pinned
 link (0.126 s); per-parameter copies reached 63%, pageable memory about 10%. Inference weights
 never change, so once the host copy exists an offload only re-points the parameters at it and
@@ -168,8 +168,8 @@ class PackedWeights:
         self._slots = slots
         self.total_bytes = total_bytes
         self._fresh_params = False
-        # One allocation of exactly this size; pinning is the slow part (FIELD-NOTES: 10.2 s
-        # for 12 GiB), paid once per load. Not torch's pin_memory=True: its host allocator
+        # One allocation of exactly this size; pinning is the slow part (10.2 s for 12 GiB,
+        # measured on an H200 host), paid once per load. Not torch's pin_memory=True: its host allocator
         # rounds each block up to a power of two (6.46 GiB pins 8) and keeps freed blocks
         # pinned in its cache; registering our own buffer pins what we use and unpins it
         # when we let go.
