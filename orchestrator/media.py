@@ -20,7 +20,6 @@ import contextlib
 import io
 import re
 import threading
-import wave
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -196,6 +195,8 @@ def speak(handle: Any, text: str, *, seed: int | None = None, cancel: threading.
     """``text`` spoken piece by piece (blocking), as the bytes of a mono 16-bit WAV file."""
     import numpy as np
 
+    from orchestrator.backends.tts import pcm16_wav
+
     waves = []
     rate = 16000
     for piece in speech_pieces(text):
@@ -204,14 +205,7 @@ def speak(handle: Any, text: str, *, seed: int | None = None, cancel: threading.
         waves.append(samples)
     _check(cancel)
     samples = np.concatenate(waves) if waves else np.zeros(0, dtype="float32")
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    return pcm16_wav(samples, rate)
 
 
 async def synthesize_speech(

@@ -69,17 +69,23 @@ class Speaker:
 
     def wav(self, text: str, *, seed: int | None = None) -> bytes:
         """``text`` spoken, as the bytes of a mono 16-bit PCM WAV file."""
-        import numpy as np
 
         samples, rate = self.synthesize(text, seed=seed)
-        pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-        buf = io.BytesIO()
-        with wave.open(buf, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes(pcm.tobytes())
-        return buf.getvalue()
+        return pcm16_wav(samples, rate)
+
+
+def pcm16_wav(samples: Any, rate: int) -> bytes:
+    """``samples`` (floats, full scale 1.0; clipped there) as a mono 16-bit PCM WAV file."""
+    import numpy as np
+
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
 
 
 class TtsBackend(InProcessBackend):
