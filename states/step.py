@@ -215,8 +215,24 @@ class _Step:
         self.waiters.remove(w)
         self.failures.append((w.seq, error))
 
-    def decision(self, **kw: object) -> Decision:
-        return Decision(grants=tuple(self.grants), failures=tuple(self.failures), **kw)  # type: ignore[arg-type]
+    def decision(
+        self,
+        *,
+        wake_at_s: float | None,
+        settled_unloads: frozenset[str],
+        action: Action | None = None,
+        drain: frozenset[str] = frozenset(),
+        deferred: Mapping[str, Deferred] | None = None,
+    ) -> Decision:
+        return Decision(
+            grants=tuple(self.grants),
+            failures=tuple(self.failures),
+            drain=drain,
+            action=action,
+            wake_at_s=wake_at_s,
+            deferred=deferred or {},
+            settled_unloads=settled_unloads,
+        )
 
 
 def decide(view: StepView) -> Decision:
@@ -306,9 +322,10 @@ def decide(view: StepView) -> Decision:
     drain = frozenset(adm.drain | set(view.to_unload))
     s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in view.to_unload])
 
-    done = {"drain": drain, "deferred": deferred, "settled_unloads": settled}
     if chosen is None or target is None:
-        return s.decision(wake_at_s=_wake_at(view, s), **done)
+        return s.decision(
+            wake_at_s=_wake_at(view, s), drain=drain, deferred=deferred, settled_unloads=settled
+        )
 
     # 8. A busy evictee holds the switch back; a side load may go meanwhile.
     side = False
@@ -317,9 +334,17 @@ def decide(view: StepView) -> Decision:
             s.wake_at.append(drain_due_at(sv, target, evictees, cost_s))
         beside = _side_load(view, sv, target) if view.settings.mode is Mode.FAIR else None
         if beside is None:
-            return s.decision(wake_at_s=_wake_at(view, s), **done)
+            return s.decision(
+                wake_at_s=_wake_at(view, s), drain=drain, deferred=deferred, settled_unloads=settled
+            )
         chosen, side = beside, True
-    return s.decision(action=Switch(chosen, side_load=side), wake_at_s=now, **done)
+    return s.decision(
+        action=Switch(chosen, side_load=side),
+        wake_at_s=now,
+        drain=drain,
+        deferred=deferred,
+        settled_unloads=settled,
+    )
 
 
 def switch_cost_s(view: StepView, p: Plan) -> float:
