@@ -13,6 +13,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from orchestrator.daemon.upstream import Upstream, Upstreams
+from tests.orchestrator.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -25,6 +26,7 @@ class Server:
     def __init__(self, close_after: int | None = None) -> None:
         self.connections = 0
         self.requests = 0
+        self.closed = 0  # connections this server has closed
         self.close_after = close_after
 
     async def handle(self, stream: SocketStream) -> None:
@@ -50,6 +52,7 @@ class Server:
                     await stream.send(ANSWER)
                     answered += 1
                     if self.close_after is not None and answered >= self.close_after:
+                        self.closed += 1
                         return
 
 
@@ -84,7 +87,7 @@ async def test_a_connection_is_reused_while_open_and_replaced_once_the_server_cl
         for _ in range(3):
             assert await get(up) == b"{}"
         assert server.connections == 1  # keep-alive: one connection for three requests
-        await anyio.sleep(0.05)  # the server closes it after its third answer
+        await wait_until(lambda: server.closed == 1, what="the server closed it after its third answer")
         assert await get(up) == b"{}"  # not an error: a fresh connection
         assert server.connections == 2
         await up.aclose()

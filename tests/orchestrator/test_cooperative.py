@@ -257,8 +257,7 @@ async def test_ollama_restarting_underneath_a_lease(device: SharedSimulatedDevic
         assert orch.ledger().get("qwen") is None and not cooperative(orch, "qwen").is_loaded()
         assert all(device.held_by_pid(p) == 0 for p in old)  # its memory went with it
         again = fakes.start("ollama", "--models", "qwen2.5:7b=9.0", port=ol.port)
-        await anyio.sleep(SWITCHING["retry_backoff_s"] * 2)  # (the crash's back-off)
-        async with orch.acquire("qwen", timeout=10):
+        async with orch.acquire("qwen", timeout=10):  # it waits out the crash's back-off
             assert cooperative(orch, "qwen").pid == again.pid
             assert [m["name"] for m in (await again.get("/api/ps"))["models"]] == ["qwen2.5:7b"]
 
@@ -328,8 +327,7 @@ async def test_an_ollama_the_orchestrator_started_crashing_is_started_again(
                 pytest.fail("the lease outlived the program that held its model")
         assert f"(pid {pid}" in str(ei.value) and "exited with code -9" in str(ei.value)
         assert orch.ledger().get("qwen") is None
-        await anyio.sleep(SWITCHING["retry_backoff_s"] * 2)  # (the crash's back-off)
-        async with orch.acquire("qwen", timeout=10):
+        async with orch.acquire("qwen", timeout=10):  # it waits out the crash's back-off
             again = cooperative(orch, "qwen").pid
             assert again is not None and again != pid
             fakes.pids |= with_descendants([again])
