@@ -55,3 +55,4 @@ async def running_daemon(
             ) as client:
                 yield Running(d, client, device, app)
             d.stopping.set()
+            await d.upstreams.aclose()  # the gateway's connections to servers (serve() closes them too)

@@ -690,7 +690,8 @@ async def test_the_gateway_in_front_of_ollama_with_the_openai_client(
     config = make_config({"qwen": ollama_model(ol.url), "sdxl-base": SDXL})
     async with Orchestrator(config, device=device) as orch:
         async with LeaseManager(orch, config.daemon) as leases:
-            app = create_app(Daemon(orch, leases, config.daemon, None))
+            d = Daemon(orch, leases, config.daemon, None)
+            app = create_app(d)
             http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://daemon")
             client = openai.AsyncOpenAI(
                 base_url="http://daemon/v1", api_key="unused", max_retries=0, http_client=http_client
@@ -703,3 +704,4 @@ async def test_the_gateway_in_front_of_ollama_with_the_openai_client(
             async with orch.acquire("sdxl-base"):
                 assert (await ol.get("/api/ps"))["models"] == []  # released through Ollama's API
             await client.close()
+            await d.upstreams.aclose()  # the gateway's connections to Ollama (serve() closes them too)
