@@ -134,9 +134,7 @@ class Route:
 
     def describe(self) -> str:
         cost = f", {self.cost_s:.3g} s" if self.cost_s else ""
-        evicts = (
-            f", evicting {self.evictions} ({format_gib(self.evicted_bytes)})" if self.evictions else ""
-        )
+        evicts = f", evicting {self.evictions} ({format_gib(self.evicted_bytes)})" if self.evictions else ""
         return f"{self.model} on {self.node} ({self.reason}{cost}{evicts}; load {self.load})"
 
 
@@ -147,7 +145,8 @@ class NoRoute(OrchestratorError):
         self.name, self.why = name, dict(why)
         per_node = "; ".join(f"{node}: {reason}" for node, reason in sorted(self.why.items()))
         super().__init__(
-            f"no machine of the cluster can serve {name!r} now ({per_node or 'the cluster has no machines'}); "
+            f"no machine of the cluster can serve {name!r} now "
+            f"({per_node or 'the cluster has no machines'}); "
             "start an orchestrator on a machine that has it, or wait for a down machine to come back"
         )
 
@@ -211,7 +210,10 @@ def _route_on(request: RouteRequest, m: MachineView, why: dict[str, str]) -> Rou
         return None
     if request.external_bytes:
         target = PlanRequest(
-            model=f"{EXTERNAL_KIND} reservation", kind=EXTERNAL_KIND, vram_bytes=request.external_bytes, external=True
+            model=f"{EXTERNAL_KIND} reservation",
+            kind=EXTERNAL_KIND,
+            vram_bytes=request.external_bytes,
+            external=True,
         )
         model = ""
     else:
@@ -223,7 +225,8 @@ def _route_on(request: RouteRequest, m: MachineView, why: dict[str, str]) -> Rou
         target, model = req, name
     if target.vram_bytes > m.ledger.budget_bytes:
         why[m.node] = (
-            f"needs {format_gib(target.vram_bytes)}, more than its budget of {format_gib(m.ledger.budget_bytes)}"
+            f"needs {format_gib(target.vram_bytes)}, "
+            f"more than its budget of {format_gib(m.ledger.budget_bytes)}"
         )
         return None
     held = request.held.get(m.node, frozenset())
@@ -306,7 +309,9 @@ def _expected_ledger(m: MachineView) -> Ledger:
     if ledger.loading is not None:
         ledger = ledger.finish_load()
     wanted = sorted(
-        (n, model) for model, n in m.waiting.items() if n > 0 and model in m.requests and not ledger.on_gpu(model)
+        (n, model)
+        for model, n in m.waiting.items()
+        if n > 0 and model in m.requests and not ledger.on_gpu(model)
     )
     for _, model in reversed(wanted):
         req = m.requests[model]
@@ -318,7 +323,9 @@ def _expected_ledger(m: MachineView) -> Ledger:
     return ledger
 
 
-def names_of(models: Mapping[str, tuple[str, tuple[str, ...]]], defaults: Mapping[str, str]) -> dict[str, str]:
+def names_of(
+    models: Mapping[str, tuple[str, tuple[str, ...]]], defaults: Mapping[str, str]
+) -> dict[str, str]:
     """The ``names`` of a ``MachineView``: every model by its name, by each alias, and the
     default of each kind by the kind (as a config resolves them: names first, then kinds,
     then aliases). ``models`` maps a model to (its kind, its aliases)."""

@@ -142,8 +142,13 @@ def test_a_load_in_progress_counts_as_resident() -> None:
 
 
 def test_a_full_resident_machine_spills_when_the_wait_is_unknown_or_long() -> None:
-    full = machine("a", resident("sdxl-base"), leases={"sdxl-base": 1}, waiting={"sdxl-base": 1},
-                   capacity={"sdxl-base": 1})
+    full = machine(
+        "a",
+        resident("sdxl-base"),
+        leases={"sdxl-base": 1},
+        waiting={"sdxl-base": 1},
+        capacity={"sdxl-base": 1},
+    )
     views = [full, machine("b", resident("qwen-14b"))]
     r = route(RouteRequest("sdxl"), views)
     assert (r.node, r.choice) == ("b", Choice.ROOM)  # hold time unknown: the move wins

@@ -1,0 +1,337 @@
+"""``OrchestratorActor``: one machine's ``Orchestrator``, hosted in a Ray actor.
+
+The actor is an async actor: Ray runs its methods on one asyncio event loop, in which the
+orchestrator runs for the actor's life (started by the first call, in a task of its own that
+holds the ``async with``). Leases are the daemon's remote leases (``LeaseManager``): each is
+held in a task of the actor until released, expired (not renewed within its ttl), cancelled,
+or ended by the machine (its model crashed); the holder named in each request is the owner
+for the deadlock check, so that two leases of one task on one machine are one holder's.
+
+Snapshots go to the routers by long poll: ``snapshot_after(version)`` answers as soon as the
+orchestrator's events have moved past ``version`` (each event is a change: a grant, a
+release, a load, an eviction). The router always has one such call waiting, so a change
+reaches it in one message, and a dead actor is noticed when that call fails.
+
+The class is plain Python; ``orchestrator.cluster.client`` wraps it with ``ray.remote`` and
+the machine's resources. Nothing here moves model weights: each machine loads its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from orchestrator.cluster.snapshot import MachineSnapshot, snapshot_of
+from orchestrator.cluster.wire import to_wire
+from orchestrator.config import Config, load_config, parse_config
+from orchestrator.daemon.errors import LeaseGone
+from orchestrator.daemon.leases import LEASE_ID, LeaseManager, RemoteLease
+from orchestrator.events import Event
+from orchestrator.runtime import Orchestrator
+
+logger = logging.getLogger("orchestrator.cluster")
+
+EVENTS_KEPT = 100_000  # events the actor keeps for events_after()
+SNAPSHOT_COALESCE_S = 0.002  # after a change, wait this long for more before answering a poll
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def machine_resource(node: str) -> str:
+    """The custom Ray resource that marks a machine (``ray start --resources``)."""
+    return f"vram-machine:{node}"
+
+
+class OrchestratorActor:
+    """One machine's orchestrator (see the module docstring).
+
+    :param node: the machine's name in the cluster.
+    :param config_path: its config file, read on the machine (each machine has its own).
+    :param config_text: or the config as YAML text (tests and one-off clusters).
+    """
+
+    def __init__(self, node: str, config_path: str | None = None, config_text: str | None = None) -> None:
+        if (config_path is None) == (config_text is None):
+            raise ValueError("give the machine's config_path or its config_text (one of the two)")
+        self.node = node
+        self.config: Config = (
+            load_config(config_path)
+            if config_path is not None
+            else parse_config(config_text or "", source=f"<config of machine {node}>")
+        )
+        self.orch: Orchestrator | None = None
+        self.leases: LeaseManager | None = None
+        self.version = 0
+        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self._changed = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._host_task: asyncio.Task[None] | None = None
+        self._failed: BaseException | None = None
+        self._opening: dict[str, asyncio.Task[Any]] = {}
+        self._granted: dict[str, str] = {}  # request id -> lease id
+        self._cancelled: set[str] = set()  # request ids cancelled before their open() ran
+        self._address, self._ray_node_id = _where()
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def _started(self) -> tuple[Orchestrator, LeaseManager]:
+        if self._host_task is None:
+            self._host_task = asyncio.get_running_loop().create_task(self._host())
+        await self._ready.wait()
+        if self._failed is not None:
+            raise RuntimeError(f"machine {self.node}: its orchestrator failed to start: {self._failed}")
+        assert self.orch is not None and self.leases is not None
+        return self.orch, self.leases
+
+    async def _host(self) -> None:
+        """The orchestrator's life: entered and left in this one task."""
+        try:
+            async with Orchestrator(self.config) as orch, LeaseManager(orch, self.config.daemon) as leases:
+                self.orch, self.leases = orch, leases
+                remove = orch.add_listener(self._on_event)
+                self._ready.set()
+                try:
+                    await self._stop.wait()
+                finally:
+                    remove()
+        except BaseException as exc:
+            self._failed = exc
+            logger.error("machine %s: its orchestrator stopped: %s", self.node, exc)
+        finally:
+            self._ready.set()
+            self._wake()
+
+    def _on_event(self, e: Event) -> None:
+        self.version += 1
+        d = e.to_dict()
+        d["node"] = self.node
+        d["seq"] = self.version
+        self._events.append(d)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+    async def stop(self) -> dict[str, Any]:
+        """Stop the orchestrator (it unloads everything); what its shutdown did."""
+        if self._host_task is None:
+            return {"unloaded": [], "failed": {}}
+        self._stop.set()
+        await asyncio.shield(self._host_task)
+        report = self.orch.shutdown_report if self.orch is not None else None
+        return {
+            "unloaded": list(report.unloaded) if report is not None else [],
+            "failed": {k: str(v) for k, v in dict(report.failed).items()} if report is not None else {},
+        }
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def snapshot(self) -> MachineSnapshot:
+        orch, leases = await self._started()
+        return self._snapshot(orch, leases)
+
+    def _snapshot(self, orch: Orchestrator, leases: LeaseManager) -> MachineSnapshot:
+        return snapshot_of(
+            orch,
+            node=self.node,
+            instance=leases.instance_id,
+            version=self.version,
+            lease_ids=frozenset(rl.id for rl in leases.leases() if rl.granted.is_set() and rl.error is None),
+            address=self._address,
+            ray_node_id=self._ray_node_id,
+        )
+
+    async def snapshot_after(self, version: int, instance: str | None) -> MachineSnapshot:
+        """The snapshot, as soon as it differs from ``version`` of ``instance`` (a long poll)."""
+        orch, leases = await self._started()
+        while leases.instance_id == instance and self.version <= version and not self._stop.is_set():
+            self._changed.clear()
+            await self._changed.wait()
+            await asyncio.sleep(SNAPSHOT_COALESCE_S)  # a burst of events: one snapshot
+        return self._snapshot(orch, leases)
+
+    async def events_after(self, seq: int) -> list[dict[str, Any]]:
+        """The events after ``seq`` (each event's ``seq`` counts from 1), as dicts."""
+        await self._started()
+        return [d for d in self._events if d["seq"] > seq]
+
+    async def statistics(self) -> dict[str, Any]:
+        orch, _ = await self._started()
+        s = orch.statistics()
+        return {
+            "switches": s.switches,
+            "loads": s.loads,
+            "restores": s.restores,
+            "evictions": s.evictions,
+            "grants": s.grants,
+            "releases": s.releases,
+            "timeouts": s.timeouts,
+            "cancellations": s.cancellations,
+            "peak_committed_bytes": s.peak_committed_bytes,
+            "budget_bytes": orch.config.budget_bytes,
+        }
+
+    async def unload(self, name_or_kind: str, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """``Orchestrator.unload`` on this machine: ``None``, or the error (``wire.to_wire``)."""
+        orch, _ = await self._started()
+        try:
+            await orch.unload(name_or_kind, timeout=timeout_s)
+        except Exception as exc:
+            return to_wire(exc)
+        return None
+
+    async def ping(self) -> str:
+        _, leases = await self._started()
+        return leases.instance_id
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def open(
+        self,
+        request_id: str,
+        model: str | None,
+        n_bytes: int | None,
+        priority: int,
+        timeout_s: float | None,
+        ttl_s: float,
+        holder: str,
+        pid: int | None = None,
+    ) -> dict[str, Any]:
+        """Wait for a lease (on ``model``, or a reservation of ``n_bytes``) and answer it:
+        ``{"lease": ...}``, ``{"error": ...}`` (``wire.to_wire``) or ``{"cancelled": True}``."""
+        try:
+            _, leases = await self._started()
+        except RuntimeError as exc:
+            return {"error": to_wire(exc)}
+        if request_id in self._cancelled:
+            self._cancelled.discard(request_id)
+            return {"cancelled": True}
+        task = asyncio.current_task()
+        assert task is not None
+        self._opening[request_id] = task
+        owner: Hashable = ("cluster", holder)
+        try:
+            rl = await leases.open(
+                model=model,
+                n_bytes=n_bytes,
+                priority=priority,
+                timeout_s=timeout_s,
+                ttl_s=ttl_s,
+                pid=pid,
+                holder=holder,
+                owner=owner,
+            )
+        except asyncio.CancelledError:
+            return {"cancelled": True}
+        except Exception as exc:
+            return {"error": to_wire(exc)}
+        finally:
+            self._opening.pop(request_id, None)
+        if request_id in self._cancelled:  # cancelled in the instant it was granted
+            self._cancelled.discard(request_id)
+            await leases.release(rl.id)
+            return {"cancelled": True}
+        self._granted[request_id] = rl.id
+        return {"lease": self._lease_dict(rl, request_id)}
+
+    def _lease_dict(self, rl: RemoteLease, request_id: str) -> dict[str, Any]:
+        return {
+            "id": rl.id,
+            "request_id": request_id,
+            "node": self.node,
+            "model": rl.model,
+            "kind": rl.kind,
+            "vram_bytes": rl.vram_bytes,
+            "url": _reachable(rl.url, self._address),
+            "ttl_s": rl.ttl_s,
+            "waited_s": rl.waited_s,
+            "card": self.config.device_index,
+            "gpu_name": self.config.gpu_name,
+            "address": self._address,
+            "ray_node_id": self._ray_node_id,
+            "version": self.version,
+            "expires_in_s": max(0.0, rl.expires_s - time.monotonic()) if rl.expires_s != math.inf else None,
+        }
+
+    async def cancel(self, request_id: str) -> None:
+        """The router's caller went away: end that request's lease, waiting or granted."""
+        task = self._opening.get(request_id)
+        lease_id = self._granted.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+        elif lease_id is not None:
+            await self.release(lease_id)
+        else:
+            self._cancelled.add(request_id)
+
+    async def renew(self, lease_id: str) -> str | None:
+        """Renew a lease: ``None``, or why it has ended."""
+        _, leases = await self._started()
+        try:
+            leases.renew(lease_id)
+        except LeaseGone as exc:
+            return self._gone(leases, lease_id, exc)
+        return None
+
+    def _gone(self, leases: LeaseManager, lease_id: str, exc: LeaseGone) -> str:
+        """Why a lease is gone, in the cluster's words when the actor restarted since."""
+        issued = LEASE_ID.fullmatch(lease_id)
+        if issued is not None and issued.group(1) != leases.instance_id:
+            return (
+                f"machine {self.node}'s orchestrator restarted (instance {issued.group(1)}, now "
+                f"{leases.instance_id}) and the lease ended with it"
+            )
+        return exc.message
+
+    async def release(self, lease_id: str) -> tuple[str | None, int]:
+        """Release a lease (it is back when this answers): (``None``, or why it had ended;
+        the version after the release)."""
+        _, leases = await self._started()
+        for rid, lid in list(self._granted.items()):
+            if lid == lease_id:
+                del self._granted[rid]
+        try:
+            await leases.release(lease_id)
+        except LeaseGone as exc:
+            return self._gone(leases, lease_id, exc), self.version
+        return None, self.version
+
+    async def ended(self, lease_id: str) -> str | None:
+        """Why a lease has ended (``None``: it is held)."""
+        _, leases = await self._started()
+        try:
+            leases.get(lease_id)
+        except LeaseGone as exc:
+            return self._gone(leases, lease_id, exc)
+        return None
+
+
+def _where() -> tuple[str, str]:
+    """This machine's address and Ray node id, when running in Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address()), ray.get_runtime_context().get_node_id()  # type: ignore[no-untyped-call]
+    except Exception:
+        pass
+    return "", ""
+
+
+def _reachable(url: str | None, address: str) -> str | None:
+    """A server's URL as other machines reach it: a loopback host becomes the machine's address
+    (the server must then listen on that address, or on all)."""
+    if url is None or not address:
+        return url
+    parts = urlsplit(url)
+    if parts.hostname not in LOOPBACK:
+        return url
+    host = f"[{address}]" if ":" in address else address
+    netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,628 @@
+"""``ClusterOrchestrator``: the in-process ``acquire()`` / ``reserve()`` shape, served by the
+orchestrators of several machines (one ``OrchestratorActor`` per machine, on Ray).
+
+::
+
+    machines = [Machine("box1", config_path="/etc/vram-orchestrator/config.yaml"), ...]
+    async with ClusterOrchestrator(machines, address="auto") as cluster:
+        async with cluster.acquire("sdxl") as lease:
+            lease.node, lease.card, lease.url      # the machine and card that serve it
+
+Each request is routed by ``states.routing`` over the machines' last snapshots (which each
+machine sends when it changes, ``actor.py``), counting the requests this router has sent
+since; then it waits for its lease on that machine, which holds it as the daemon holds a
+remote lease (renewed here every third of its ttl, released when the block ends, also when
+the block is cancelled). The task's holder identity goes with every request, so the routing
+keeps a task's second lease off a machine where it would evict the task's first, and the
+machine's own deadlock check sees both.
+
+Faults: a machine whose actor dies is down at once for routing, and every lease it served
+ends: the block is cancelled and ``LeaseLost`` raised from it. A request still waiting there
+(nothing granted) is routed again to another machine. When Ray restarts the actor
+(``max_restarts``), its first snapshot brings the machine back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import sniffio
+from anyio.abc import TaskGroup
+
+from orchestrator.cluster.actor import OrchestratorActor, machine_resource
+from orchestrator.cluster.snapshot import MachineSnapshot
+from orchestrator.cluster.wire import ClusterError, from_wire
+from orchestrator.daemon.client import LeaseLost
+from orchestrator.errors import NotRunning
+from states.routing import Choice, MachineView, Route, RouteRequest, route
+
+logger = logging.getLogger("orchestrator.cluster")
+
+RENEW_FRACTION = 1 / 3  # renew a lease when this much of its ttl has passed
+DEFAULT_TTL_S = 30.0  # a lease the router stops renewing (its process died) ends this late
+RELEASE_TIMEOUT_S = 5.0
+DOWN_RETRY_S = 0.5  # how often a machine whose actor is gone for good is looked at again
+HOLD_SMOOTHING = 0.2  # how far one lease moves the learned hold time of its model
+MAX_CONCURRENCY = 10_000  # calls an actor runs at once (each waiting lease is one)
+NAMESPACE = "vram-orchestrator"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One machine of the cluster: its name and its config, read on that machine.
+
+    ``num_gpus``: the GPUs its actor is scheduled with (``None``: every GPU of the Ray node
+    that has the machine's resource, ``vram-machine:<name>``).
+    """
+
+    name: str
+    config_path: str | None = None
+    config_text: str | None = None
+    num_gpus: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.config_path is None) == (self.config_text is None):
+            raise ValueError(
+                f"machine {self.name!r}: give its config_path or its config_text (one of the two)"
+            )
+
+
+@dataclass(frozen=True)
+class ServerAt:
+    """A cluster lease's handle for a server model: where its server is."""
+
+    base_url: str
+
+
+@dataclass(frozen=True)
+class ClusterLease:
+    """A granted lease on a machine of the cluster."""
+
+    id: str
+    node: str  # the machine that serves it
+    model: str  # its model there ("" for a reservation of raw bytes)
+    kind: str
+    vram_bytes: int
+    url: str | None  # the model's server, as other machines reach it (server models)
+    card: int  # the device index on that machine
+    gpu_name: str
+    ttl_s: float
+    waited_s: float  # in the machine's queue
+    address: str = ""  # the machine's address
+    route: Route | None = None  # why it went there
+
+    @property
+    def handle(self) -> ServerAt:
+        """The server's address (``handle.base_url``), as a local lease's server handle has it.
+        An in-process model's handle stays on its machine: only server models have one here."""
+        if self.url is None:
+            raise ClusterError(
+                f"{self.model or 'a reservation'} on machine {self.node} runs in-process there: its "
+                "handle does not leave that machine; serve it from a server backend to use it remotely"
+            )
+        return ServerAt(self.url)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], route: Route | None) -> ClusterLease:
+        return cls(
+            id=str(d["id"]),
+            node=str(d["node"]),
+            model=str(d["model"]),
+            kind=str(d["kind"]),
+            vram_bytes=int(d["vram_bytes"]),
+            url=d.get("url"),
+            card=int(d["card"]),
+            gpu_name=str(d.get("gpu_name") or ""),
+            ttl_s=float(d["ttl_s"]),
+            waited_s=float(d.get("waited_s") or 0.0),
+            address=str(d.get("address") or ""),
+            route=route,
+        )
+
+
+@dataclass(eq=False)
+class _Held:
+    lease: ClusterLease
+    version: int  # the machine's version at the grant: a later snapshot without it means it ended
+    scope: anyio.CancelScope | None = None
+    lost: str | None = None
+    ask_why: bool = False  # the machine ended it: ask it why
+
+
+@dataclass(eq=False)
+class _Machine:
+    name: str
+    handle: Any
+    snapshot: MachineSnapshot | None = None
+    alive: bool = False
+    down_reason: str = "not started yet"
+    instance: str | None = None
+    pending: dict[str, int] = field(default_factory=dict)  # routed here, not granted yet
+    # this router's grants (+1) and releases (-1) here, each at the machine's version after
+    # it: those past the last snapshot's version are not in it yet
+    changes: list[tuple[int, str, int]] = field(default_factory=list)
+    leases: dict[str, _Held] = field(default_factory=dict)
+
+    def view(self) -> MachineView | None:
+        if self.snapshot is None:
+            return None
+        since = self.snapshot.version
+        self.changes = [c for c in self.changes if c[0] > since]
+        leases: dict[str, int] = {}
+        for _, model, by in self.changes:
+            leases[model] = leases.get(model, 0) + by
+        return self.snapshot.view(alive=self.alive, pending=self.pending, leases=leases)
+
+
+def _count(d: dict[str, int], key: str, by: int) -> None:
+    n = d.get(key, 0) + by
+    if n:
+        d[key] = n
+    else:
+        d.pop(key, None)
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(
+            f"the cluster needs Ray ({exc}); install it with: pip install 'vram-orchestrator[ray]'"
+        ) from None
+    return ray
+
+
+class ClusterOrchestrator:
+    """Leases from the orchestrators of several machines (see the module docstring).
+
+    :param machines: the machines, each with its config (a mapping: name -> config path).
+    :param address: the Ray cluster to join when Ray is not initialised yet ("auto": the one
+        this machine belongs to; ``None``: start a local one).
+    :param max_restarts: how often Ray restarts a machine's actor that died (-1: always).
+    :param ttl_s: the ttl of each lease (renewed every third of it while held).
+    :param stop_machines: on exit, stop each machine's orchestrator (it unloads everything)
+        and its actor; ``False`` leaves them running for other routers.
+    """
+
+    def __init__(
+        self,
+        machines: Sequence[Machine] | Mapping[str, str],
+        *,
+        address: str | None = None,
+        namespace: str = NAMESPACE,
+        max_restarts: int = -1,
+        ttl_s: float = DEFAULT_TTL_S,
+        start_timeout_s: float = 120.0,
+        stop_machines: bool = True,
+    ) -> None:
+        if isinstance(machines, Mapping):
+            machines = [Machine(name, config_path=str(path)) for name, path in machines.items()]
+        self.specs = list(machines)
+        names = [m.name for m in self.specs]
+        if not names:
+            raise ValueError("a cluster needs at least one machine")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a machine is named twice: {names}")
+        if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
+            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+        self.address = address
+        self.namespace = namespace
+        self.max_restarts = max_restarts
+        self.ttl_s = float(ttl_s)
+        self.start_timeout_s = start_timeout_s
+        self.stop_machines = stop_machines
+        self._machines: dict[str, _Machine] = {}
+        self._tg: TaskGroup | None = None
+        self._changed = anyio.Event()
+        self._holders: dict[str, dict[str, dict[str, int]]] = {}  # holder -> node -> model -> leases
+        self._hold_s: dict[str, float] = {}  # learned mean hold time per requested name
+        self._holder_prefix = f"{socket.gethostname()}:pid-{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ClusterOrchestrator:
+        if sniffio.current_async_library() != "asyncio":
+            raise RuntimeError("ClusterOrchestrator runs on asyncio (Ray's awaitables are asyncio futures)")
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
+        actor_cls = ray.remote(OrchestratorActor)
+        for spec in self.specs:
+            opts: dict[str, Any] = {
+                "name": f"{NAMESPACE}:{spec.name}",
+                "namespace": self.namespace,
+                "get_if_exists": True,
+                "max_restarts": self.max_restarts,
+                "max_task_retries": 0,
+                "max_concurrency": MAX_CONCURRENCY,
+                "num_cpus": 0,
+                "num_gpus": spec.num_gpus if spec.num_gpus is not None else _node_gpus(ray, spec.name),
+                "resources": {machine_resource(spec.name): 0.001},
+            }
+            handle = actor_cls.options(**opts).remote(
+                spec.name, config_path=spec.config_path, config_text=spec.config_text
+            )
+            self._machines[spec.name] = _Machine(spec.name, handle)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        for m in self._machines.values():
+            tg.start_soon(self._poll, m, name=f"vram-orchestrator cluster: snapshots of {m.name}")
+        with anyio.move_on_after(self.start_timeout_s):
+            while any(m.snapshot is None for m in self._machines.values()):
+                await self.changed()
+        if not any(m.alive for m in self._machines.values()):
+            why = "; ".join(f"{m.name}: {m.down_reason}" for m in self._machines.values())
+            await self.aclose()
+            raise ClusterError(f"no machine of the cluster started within {self.start_timeout_s:g} s ({why})")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        tg, self._tg = self._tg, None
+        if tg is None:
+            return
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+        if not self.stop_machines:
+            return
+        ray = _ray()
+        with anyio.CancelScope(shield=True):
+            for m in self._machines.values():
+                try:
+                    with anyio.move_on_after(30.0):
+                        await m.handle.stop.remote()
+                except ray.exceptions.RayActorError:
+                    pass
+                ray.kill(m.handle, no_restart=True)
+
+    @property
+    def running(self) -> bool:
+        return self._tg is not None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def machines(self) -> dict[str, MachineSnapshot | None]:
+        """Each machine's last snapshot (``None``: none came yet)."""
+        return {name: m.snapshot for name, m in self._machines.items()}
+
+    def alive(self) -> dict[str, bool]:
+        """Whether each machine is up for routing now."""
+        return {name: m.alive for name, m in self._machines.items()}
+
+    def down_reasons(self) -> dict[str, str]:
+        return {name: m.down_reason for name, m in self._machines.items() if not m.alive}
+
+    def actor(self, node: str) -> Any:
+        """The Ray actor handle of machine ``node`` (for its reads: ``events_after``,
+        ``statistics``)."""
+        return self._machine(node).handle
+
+    async def changed(self) -> None:
+        """Return at the next change of any machine (a snapshot, a machine down)."""
+        await self._changed.wait()
+
+    async def events_of(self, node: str, after: int = 0) -> list[dict[str, Any]]:
+        """Machine ``node``'s events after ``after`` (each has ``seq`` and ``node``)."""
+        return list(await self._machine(node).handle.events_after.remote(after))
+
+    async def statistics(self) -> dict[str, dict[str, Any]]:
+        """Each live machine's counters (switches, loads, grants, ...)."""
+        ray = _ray()
+        out = {}
+        for name, m in self._machines.items():
+            try:
+                out[name] = dict(await m.handle.statistics.remote())
+            except ray.exceptions.RayActorError:
+                continue
+        return out
+
+    def _machine(self, node: str) -> _Machine:
+        m = self._machines.get(node)
+        if m is None:
+            raise ValueError(
+                f"no machine {node!r} in this cluster; its machines: {', '.join(self._machines)}"
+            )
+        return m
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # -- snapshots and faults ----------------------------------------------------------------
+
+    async def _poll(self, m: _Machine) -> None:
+        ray = _ray()
+        version, instance = -1, None
+        while True:
+            try:
+                snap: MachineSnapshot = await m.handle.snapshot_after.remote(version, instance)
+            except ray.exceptions.RayActorError as exc:
+                self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
+                version, instance = -1, None
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    await anyio.sleep(DOWN_RETRY_S)  # gone for good, or not restartable yet
+                continue
+            except ray.exceptions.RayTaskError as exc:  # its orchestrator failed to start
+                self._down(m, str(exc.cause) if exc.cause is not None else str(exc))
+                await anyio.sleep(DOWN_RETRY_S)
+                continue
+            if m.instance is not None and snap.instance != m.instance:
+                self._lose_all(m, f"machine {m.name}'s orchestrator restarted (instance {snap.instance})")
+            m.instance, m.snapshot = snap.instance, snap
+            if not m.alive:
+                logger.info("machine %s is up (instance %s)", m.name, snap.instance)
+            m.alive, m.down_reason = True, ""
+            for held in list(m.leases.values()):
+                if held.lost is None and held.version < snap.version and held.lease.id not in snap.lease_ids:
+                    held.ask_why = True
+                    self._lose(
+                        held, f"machine {m.name} ended the lease on {held.lease.model or 'its reservation'}"
+                    )
+            version, instance = snap.version, snap.instance
+            self._notify()
+
+    def _down(self, m: _Machine, why: str) -> None:
+        if m.alive:
+            logger.warning("machine %s is down: %s", m.name, why)
+        m.alive, m.down_reason = False, why
+        self._lose_all(m, f"machine {m.name} went down: {why}")
+        self._notify()
+
+    def _lose_all(self, m: _Machine, why: str) -> None:
+        for held in list(m.leases.values()):
+            self._lose(held, why)
+
+    def _lose(self, held: _Held, why: str) -> None:
+        if held.lost is None:
+            held.lost = why
+            if held.scope is not None:
+                held.scope.cancel()
+
+    # -- leases ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def acquire(
+        self,
+        name_or_kind: str,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        owner: Hashable | None = None,
+        node: str | None = None,
+    ) -> AsyncIterator[ClusterLease]:
+        """Hold a lease on a model, on the machine routing chooses (``node``: on that one),
+        for the block.
+
+        :raises NoRoute: no machine can serve it now (each down, or without the model).
+        :raises LeaseLost: the machine ended the lease while the block ran (it died, its
+            model crashed); the block was cancelled.
+        :raises UnknownModel, InsufficientVRAM, AcquireTimeout, LeaseDeadlock, LoadFailed, ...:
+            as ``Orchestrator.acquire()``, from the serving machine.
+        """
+        if not isinstance(name_or_kind, str) or not name_or_kind:
+            raise ValueError(f"acquire() needs a model name or kind, got {name_or_kind!r}")
+        async with self._lease(name_or_kind, None, timeout, priority, owner, node, None) as lease:
+            yield lease
+
+    @asynccontextmanager
+    async def reserve(
+        self,
+        n_bytes: int,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        owner: Hashable | None = None,
+        node: str | None = None,
+        pid: int | None = None,
+    ) -> AsyncIterator[ClusterLease]:
+        """Reserve ``n_bytes`` of VRAM on the machine with the cheapest room (``node``: on
+        that one) for the block; ``pid`` is a process on that machine whose use is checked."""
+        if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes <= 0:
+            raise ValueError(f"a reservation needs a positive number of bytes, got {n_bytes!r}")
+        async with self._lease("", n_bytes, timeout, priority, owner, node, pid) as lease:
+            yield lease
+
+    async def unload(
+        self, name_or_kind: str, *, node: str | None = None, timeout: float | None = None
+    ) -> None:
+        """Unload a model from every live machine that knows it (``node``: from that one), as
+        ``Orchestrator.unload`` does on one: once its leases there end; returns when its
+        memory is back on each."""
+        for m in [self._machine(node)] if node is not None else list(self._machines.values()):
+            snap = m.snapshot
+            if not m.alive or snap is None or name_or_kind not in snap.names:
+                continue
+            error = await m.handle.unload.remote(name_or_kind, timeout)
+            if error is not None:
+                raise from_wire(error, node=m.name)
+
+    def _holder(self, owner: Hashable | None) -> str:
+        if owner is None:
+            return f"{self._holder_prefix}:task-{anyio.get_current_task().id}"
+        return f"{self._holder_prefix}:owner-{owner!r}"
+
+    def _held_by(self, holder: str) -> dict[str, frozenset[str]]:
+        return {node: frozenset(models) for node, models in self._holders.get(holder, {}).items()}
+
+    def _note_held(self, holder: str, node: str, model: str, by: int) -> None:
+        per_node = self._holders.setdefault(holder, {})
+        models = per_node.setdefault(node, {})
+        _count(models, model, by)
+        if not models:
+            del per_node[node]
+        if not per_node:
+            del self._holders[holder]
+
+    @asynccontextmanager
+    async def _lease(
+        self,
+        name: str,
+        n_bytes: int | None,
+        timeout: float | None,
+        priority: int,
+        owner: Hashable | None,
+        node: str | None,
+        pid: int | None,
+    ) -> AsyncIterator[ClusterLease]:
+        if self._tg is None:
+            raise NotRunning()
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        holder = self._holder(owner)
+        lease, m, version = await self._open(name, n_bytes, timeout, priority, holder, node, pid)
+        held = _Held(lease, version)
+        m.leases[lease.id] = held
+        key = lease.model
+        m.changes.append((version, key, 1))
+        self._note_held(holder, m.name, key, 1)
+        granted_at = anyio.current_time()
+        # The block runs in a cancel scope of its own (a loss cancels it), not in a task
+        # group: an error of the block comes out as itself, not in an exception group.
+        held.scope = scope = anyio.CancelScope()
+        renewing = anyio.CancelScope()
+        self._tg.start_soon(
+            self._renew, m, held, renewing, name=f"vram-orchestrator cluster: renew {lease.id}"
+        )
+        try:
+            with scope:
+                if held.lost is not None:
+                    scope.cancel()
+                yield lease
+        finally:
+            renewing.cancel()
+            m.leases.pop(lease.id, None)
+            self._note_held(holder, m.name, key, -1)
+            if name:
+                self._learn_hold(name, anyio.current_time() - granted_at)
+            if held.lost is None:
+                released = await self._release(m, lease)
+                if released is not None:
+                    m.changes.append((released, key, -1))
+            elif held.ask_why:
+                held.lost = await self._why_ended(m, lease, held.lost)
+        if held.lost is not None:
+            raise LeaseLost(410, "lease_lost", f"{held.lost}; the block was cancelled: acquire again")
+
+    def _learn_hold(self, name: str, seconds: float) -> None:
+        old = self._hold_s.get(name)
+        self._hold_s[name] = seconds if old is None else old + HOLD_SMOOTHING * (seconds - old)
+
+    async def _release(self, m: _Machine, lease: ClusterLease) -> int | None:
+        """Release the lease; the machine's version after it (``None``: it did not answer)."""
+        ray = _ray()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+            try:
+                _, version = await m.handle.release.remote(lease.id)
+            except ray.exceptions.RayActorError:
+                return None  # the machine went down: its leases ended with it
+            return int(version)
+        return None
+
+    async def _why_ended(self, m: _Machine, lease: ClusterLease, lost: str) -> str:
+        ray = _ray()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+            try:
+                why = await m.handle.ended.remote(lease.id)
+            except ray.exceptions.RayActorError:
+                return lost
+            if why:
+                return f"{lost}: {why}"
+        return lost
+
+    async def _renew(self, m: _Machine, held: _Held, scope: anyio.CancelScope) -> None:
+        ray = _ray()
+        with scope:
+            while True:
+                await anyio.sleep(held.lease.ttl_s * RENEW_FRACTION)
+                try:
+                    why = await m.handle.renew.remote(held.lease.id)
+                except ray.exceptions.RayActorError as exc:
+                    self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
+                    return
+                if why is not None:
+                    self._lose(
+                        held, why if why.startswith(f"machine {m.name}") else f"machine {m.name}: {why}"
+                    )
+                    return
+
+    async def _open(
+        self,
+        name: str,
+        n_bytes: int | None,
+        timeout: float | None,
+        priority: int,
+        holder: str,
+        node: str | None,
+        pid: int | None,
+    ) -> tuple[ClusterLease, _Machine, int]:
+        """Route the request and wait for its lease; a machine that dies before the grant is
+        left out and the request routed again."""
+        ray = _ray()
+        if node is not None:
+            self._machine(node)
+        started = anyio.current_time()
+        skip: set[str] = set()
+        while True:
+            views = [
+                v
+                for m in self._machines.values()
+                if m.name not in skip and (node is None or m.name == node) and (v := m.view()) is not None
+            ]
+            request = RouteRequest(
+                name, held=self._held_by(holder), hold_s=self._hold_s.get(name), external_bytes=n_bytes or 0
+            )
+            r = route(request, views)
+            if r.choice is Choice.DEADLOCK:
+                logger.info("%s: every machine would evict a lease of its holder; %s", name, r.describe())
+            m = self._machines[r.node]
+            remaining = None if timeout is None else max(0.0, timeout - (anyio.current_time() - started))
+            rid = uuid.uuid4().hex
+            _count(m.pending, r.model, 1)
+            try:
+                reply = await m.handle.open.remote(
+                    rid, r.model or None, n_bytes, priority, remaining, self.ttl_s, holder, pid
+                )
+            except ray.exceptions.RayActorError as exc:
+                self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
+                skip.add(m.name)
+                continue
+            except BaseException:
+                m.handle.cancel.remote(rid)  # cancelled here: end it there (not waited for)
+                raise
+            finally:
+                _count(m.pending, r.model, -1)
+            if "lease" in reply:
+                d = reply["lease"]
+                return ClusterLease.from_dict(d, r), m, int(d["version"])
+            if "cancelled" in reply:  # the machine is stopping
+                skip.add(m.name)
+                continue
+            error = from_wire(reply["error"], node=m.name)
+            if isinstance(error, NotRunning):
+                skip.add(m.name)
+                continue
+            raise error
+
+
+def _node_gpus(ray: Any, name: str) -> float:
+    """The GPUs of the Ray node that has machine ``name``'s resource."""
+    resource = machine_resource(name)
+    for n in ray.nodes():
+        if n.get("Alive") and resource in n.get("Resources", {}):
+            return float(n["Resources"].get("GPU", 0.0))
+    raise ClusterError(
+        f"no node of the Ray cluster has the resource {resource!r}: start machine {name} with "
+        f"`ray start --address=HEAD:6379 --resources='{{\"{resource}\": 1}}'`"
+    )

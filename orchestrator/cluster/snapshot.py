@@ -1,0 +1,143 @@
+"""What travels from a machine to the router: a ``MachineSnapshot`` of its orchestrator.
+
+It is a frozen value built on the machine (``snapshot_of``) and sent as it is: the ledger,
+the leases and waiters per model, the capacity and learned switch costs of each model, the
+plan request of every configured model (at the bytes that machine plans with), and the names
+its config resolves. The router turns it into a ``states.routing.MachineView`` with the
+requests it has sent there since (``view``). No weights, no handles, nothing of the models
+themselves travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from orchestrator.runtime import Orchestrator
+from states.ledger import Ledger
+from states.plan import PlanRequest, Policy
+from states.routing import MachineView, names_of
+from states.step import SwitchCosts
+
+
+@dataclass(frozen=True)
+class MachineSnapshot:
+    """One machine's orchestrator, as it is at ``version`` (its count of events so far)."""
+
+    node: str  # the machine's name in the cluster
+    instance: str  # this run of the machine's orchestrator (a restart gets a new one)
+    version: int
+    ledger: Ledger
+    requests: Mapping[str, PlanRequest]
+    names: Mapping[str, str]
+    policy: Policy
+    leases: Mapping[str, int] = field(default_factory=dict)
+    waiting: Mapping[str, int] = field(default_factory=dict)
+    capacity: Mapping[str, int] = field(default_factory=dict)
+    costs: Mapping[str, SwitchCosts] = field(default_factory=dict)
+    lease_ids: frozenset[str] = frozenset()  # the remote leases it holds now
+    address: str = ""  # the machine's IP address, as the cluster knows it
+    ray_node_id: str = ""
+    card: int = 0  # the device index its orchestrator manages
+    gpu_name: str = ""
+    state: str = ""  # its machine state (IDLE, SWITCHING, ...)
+
+    def view(
+        self,
+        *,
+        alive: bool = True,
+        pending: Mapping[str, int] | None = None,
+        leases: Mapping[str, int] | None = None,
+    ) -> MachineView:
+        """The routing view, with what the router did here since the snapshot: ``pending``,
+        the requests it sent here that are not granted yet (counted where they exceed the
+        snapshot's waiters: a request routed a moment ago counts before the machine's next
+        snapshot shows it), and ``leases``, its grants less its releases since."""
+        return MachineView(
+            node=self.node,
+            ledger=self.ledger,
+            requests=self.requests,
+            names=self.names,
+            policy=self.policy,
+            leases=_plus(self.leases, leases),
+            waiting=_at_least(self.waiting, pending),
+            capacity=self.capacity,
+            costs=self.costs,
+            alive=alive,
+        )
+
+
+def _at_least(snapshot: Mapping[str, int], local: Mapping[str, int] | None) -> Mapping[str, int]:
+    if not local:
+        return snapshot
+    out = dict(snapshot)
+    for model, n in local.items():
+        if n > out.get(model, 0):
+            out[model] = n
+    return out
+
+
+def _plus(snapshot: Mapping[str, int], changes: Mapping[str, int] | None) -> Mapping[str, int]:
+    if not changes:
+        return snapshot
+    out = dict(snapshot)
+    for model, n in changes.items():
+        out[model] = max(0, out.get(model, 0) + n)
+    return {m: n for m, n in out.items() if n}
+
+
+def snapshot_of(
+    orch: Orchestrator,
+    *,
+    node: str,
+    instance: str,
+    version: int,
+    lease_ids: frozenset[str] = frozenset(),
+    address: str = "",
+    ray_node_id: str = "",
+) -> MachineSnapshot:
+    """The snapshot of a running orchestrator (on its machine, in its event loop)."""
+    config = orch.config
+    requests = {}
+    for name, spec in config.models.items():
+        backend = orch.backends[name]
+        requests[name] = PlanRequest(
+            model=name,
+            kind=spec.kind,
+            vram_bytes=orch.estimate(name).estimated_vram_bytes,
+            configured_bytes=spec.vram_bytes,
+            offloadable=spec.offload and backend.supports_host_tier,
+            host_bytes=spec.host_bytes,
+        )
+    waiting: dict[str, int] = {}
+    for model, _, _ in orch.waiting():
+        waiting[model] = waiting.get(model, 0) + 1
+    return MachineSnapshot(
+        node=node,
+        instance=instance,
+        version=version,
+        ledger=orch.ledger(),
+        requests=requests,
+        names=names_of(
+            {n: (s.kind, tuple(s.aliases)) for n, s in config.models.items()}, dict(config.defaults)
+        ),
+        policy=orch.policy,
+        leases=dict(orch.leases()),
+        waiting=waiting,
+        capacity={n: s.max_concurrent for n, s in config.models.items() if s.max_concurrent is not None},
+        costs=learned_costs(orch),
+        lease_ids=lease_ids,
+        address=address,
+        ray_node_id=ray_node_id,
+        card=config.device_index,
+        gpu_name=config.gpu_name,
+        state=orch.state.name,
+    )
+
+
+def learned_costs(orch: Orchestrator) -> dict[str, SwitchCosts]:
+    """The switch costs the orchestrator decides with (measured, or estimated until measured).
+
+    The orchestrator keeps them in its runtime context and has no public read of them yet;
+    this is the one place that reaches for them."""
+    return dict(orch._ctx.costs)

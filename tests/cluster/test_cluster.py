@@ -1,0 +1,219 @@
+"""A cluster of orchestrators on a local multi-node Ray cluster (``ray.cluster_utils``):
+three machines, each a Ray node with one (fake) GPU and its own orchestrator on the simulated
+16 GiB card. The Ray cluster and the ``ClusterOrchestrator`` start once for the module; each
+test begins with every machine up and nothing loaded.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install -e '.[ray]'")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from orchestrator.cluster import (  # noqa: E402
+    ClusterOrchestrator,
+    LeaseLost,
+    Machine,
+    NoRoute,
+    machine_resource,
+)
+from orchestrator.errors import AcquireTimeout, LeaseDeadlock  # noqa: E402
+from states.routing import Choice  # noqa: E402
+from tests.orchestrator.conftest import config_yaml  # noqa: E402
+
+NODES = ("m0", "m1", "m2")
+MODELS = """\
+qwen-14b: {kind: llm, vram_gb: 11.5}
+sdxl-base: {kind: sdxl, vram_gb: 10.5, offload: true, host_gb: 6.5, max_concurrent: 1}
+gpt-sovits-small: {kind: tts, vram_gb: 3.5}
+"""
+DEFAULTS = """\
+llm: qwen-14b
+sdxl: sdxl-base
+tts: gpt-sovits-small
+"""
+MACHINE_CONFIG = config_yaml(MODELS, DEFAULTS) + textwrap.dedent(
+    """\
+    monitor:
+      footprints_path: null
+    """
+)
+WITHIN_S = 60.0  # a machine restart or a switch must happen within this
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Cluster]:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for name in NODES:
+        cluster.add_node(num_cpus=1, num_gpus=1, resources={machine_resource(name): 1})
+    ray.init(address=cluster.address, namespace="vram-orchestrator-tests", log_to_driver=False)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+async def cluster(ray_cluster: Cluster) -> AsyncIterator[ClusterOrchestrator]:
+    machines = [Machine(name, config_text=MACHINE_CONFIG) for name in NODES]
+    async with ClusterOrchestrator(machines, ttl_s=5.0, start_timeout_s=WITHIN_S) as c:
+        yield c
+
+
+async def until(c: ClusterOrchestrator, predicate: Callable[[], bool], what: str) -> None:
+    """Wait for ``predicate`` at each change of the cluster; fail after ``WITHIN_S``."""
+    with anyio.move_on_after(WITHIN_S):
+        while not predicate():
+            await c.changed()
+    assert predicate(), f"not true within {WITHIN_S:g} s: {what}"
+
+
+@pytest.fixture
+async def c(cluster: ClusterOrchestrator) -> ClusterOrchestrator:
+    """The module's cluster, every machine up, nothing loaded, no lease held."""
+    await until(cluster, lambda: all(cluster.alive().values()), "every machine is up")
+    for model in ("qwen-14b", "sdxl-base", "gpt-sovits-small"):
+        await cluster.unload(model, timeout=WITHIN_S)
+
+    def settled() -> bool:
+        snaps = cluster.machines().values()
+        return all(s is not None and not s.ledger.residents and not s.leases for s in snaps)
+
+    await until(cluster, settled, "nothing is resident or leased anywhere")
+    return cluster
+
+
+def resident_on(c: ClusterOrchestrator, model: str) -> set[str]:
+    return {n for n, s in c.machines().items() if s is not None and s.ledger.on_gpu(model)}
+
+
+async def test_routes_to_the_resident_machine(c: ClusterOrchestrator) -> None:
+    async with c.acquire("llm", node="m1") as first:
+        assert (first.node, first.model, first.card) == ("m1", "qwen-14b", 0)
+    async with c.acquire("sdxl", node="m2"):
+        pass
+    await until(
+        c, lambda: resident_on(c, "qwen-14b") == {"m1"} and resident_on(c, "sdxl-base") == {"m2"}, "warm"
+    )
+    async with c.acquire("qwen-14b") as llm, c.acquire("sdxl") as sdxl:
+        assert (llm.node, sdxl.node) == ("m1", "m2")
+        assert llm.route is not None and llm.route.choice is Choice.RESIDENT
+        assert sdxl.route is not None and sdxl.route.choice is Choice.RESIDENT
+    stats = await c.statistics()
+    assert stats["m0"]["loads"] == 0  # nothing went to the machine without them
+
+
+async def test_spills_to_another_machine_when_the_resident_one_is_busy(c: ClusterOrchestrator) -> None:
+    async with c.acquire("sdxl", node="m0"):
+        pass
+    await until(c, lambda: resident_on(c, "sdxl-base") == {"m0"}, "SDXL resident on m0")
+    # m0 is busy with an LLM now (its lease held): SDXL waits for no drain, another machine has room
+    async with c.acquire("llm", node="m0", owner="chat agent") as llm:
+        assert llm.node == "m0"
+        with anyio.fail_after(WITHIN_S):
+            async with c.acquire("sdxl", owner="artist") as sdxl:
+                assert sdxl.node in ("m1", "m2")
+                assert sdxl.route is not None and sdxl.route.choice is Choice.ROOM
+                # and a second LLM request joins the one resident, not the machine busy with SDXL
+                async with c.acquire("llm", owner="another chat agent") as second:
+                    assert second.node == "m0"
+                    assert second.route is not None and second.route.choice is Choice.RESIDENT
+
+
+async def test_the_holder_travels_with_its_requests(c: ClusterOrchestrator) -> None:
+    async with c.acquire("llm", node="m0") as llm:
+        # SDXL on m0 would evict this task's own LLM: routing sends it elsewhere
+        async with c.acquire("sdxl") as sdxl:
+            assert sdxl.node != "m0"
+        # pinned there, m0's own check sees that the same holder holds the LLM
+        with pytest.raises(LeaseDeadlock, match="qwen-14b"):
+            async with c.acquire("sdxl", node="m0"):
+                pass
+        assert llm.node == "m0"
+
+
+async def test_errors_come_back_as_their_own_class(c: ClusterOrchestrator) -> None:
+    with pytest.raises(NoRoute, match="no such model or kind"):
+        async with c.acquire("no-such-model"):
+            pass
+    async with c.acquire("sdxl", node="m1"):
+        with pytest.raises(AcquireTimeout) as info:
+            async with c.acquire("sdxl", node="m1", timeout=0.05, owner="another holder"):
+                pass
+        assert info.value.model == "sdxl-base" and info.value.timeout_s == pytest.approx(0.05, abs=0.01)
+    assert "within" in str(info.value) and isinstance(info.value, TimeoutError)
+
+
+async def test_a_reservation_goes_where_the_room_is(c: ClusterOrchestrator) -> None:
+    async with c.acquire("llm", node="m0"), c.acquire("llm", node="m1"):
+        async with c.reserve(8 * 2**30) as r:
+            assert r.node == "m2" and r.kind == "external"
+            assert r.route is not None and r.route.evictions == 0
+
+
+async def test_no_lost_request_and_the_budget_on_every_machine(c: ClusterOrchestrator) -> None:
+    served: list[tuple[str, str]] = []
+    failed: list[BaseException] = []
+    kinds = ["llm", "sdxl", "tts"]
+
+    async def agent(i: int) -> None:
+        for j in range(4):
+            kind = kinds[(i + j) % 3]
+            try:
+                async with c.acquire(kind, timeout=WITHIN_S) as lease:
+                    served.append((kind, lease.node))
+                    await anyio.sleep(0.005)  # the work inside the lease
+            except Exception as exc:
+                failed.append(exc)
+
+    with anyio.fail_after(WITHIN_S):
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(agent, i)
+    assert not failed, failed[:3]
+    assert len(served) == 48
+    assert len({node for _, node in served}) >= 2  # the work spread over machines
+    for node in NODES:
+        events = await c.events_of(node)
+        assert events, f"no events from {node}"
+        over = [e for e in events if e["committed_bytes"] > e["budget_bytes"]]
+        assert not over, f"{node} went over its budget: {over[:2]}"
+        stats = (await c.statistics())[node]
+        assert stats["peak_committed_bytes"] <= stats["budget_bytes"]
+
+
+async def test_a_machine_that_dies_ends_its_leases_and_comes_back(c: ClusterOrchestrator) -> None:
+    victim = "m2"
+    before: Any = c.machines()[victim]
+    async with c.acquire("sdxl", node="m0"), c.acquire("sdxl", node="m1"):
+        # the loss is seen by whichever comes first: the actor's death, or its restart
+        lost = f"machine {victim}('s orchestrator restarted| went down)"
+        with pytest.raises(LeaseLost, match=lost), anyio.fail_after(WITHIN_S):
+            async with c.acquire("llm", node=victim):
+                ray.kill(c.actor(victim), no_restart=False)
+                await anyio.sleep_forever()  # until the loss cancels the block
+        assert not c.alive()[victim]
+        # the next request is served elsewhere: the dead machine is not routed to
+        async with c.acquire("tts", timeout=WITHIN_S) as tts:
+            assert tts.node in ("m0", "m1")
+        await until(c, lambda: c.alive()[victim], f"{victim} restarted")
+        # back, and routed to again: the one machine where an LLM evicts no busy SDXL
+        async with c.acquire("llm", timeout=WITHIN_S, owner="chat agent") as again:
+            assert again.node == victim
+            assert again.route is not None and again.route.choice is Choice.ROOM
+    after: Any = c.machines()[victim]
+    assert after.instance != before.instance  # a fresh orchestrator there
