@@ -349,7 +349,8 @@ def _decide_card(view: StepView) -> Decision:
     cost_s = switch_cost_s(view, chosen) if chosen is not None and view.settings.fairness_by_cost else None
     adm = admission(sv, target, evictees, cost_s)
     drain = frozenset(adm.drain | set(view.to_unload) | view.drained)
-    s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in drain])
+    held_back = set(view.to_unload) | view.drained
+    s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in held_back])
 
     if chosen is None or target is None:
         return s.decision(
@@ -547,7 +548,7 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         for m, n in in_use_elsewhere.items():
             if gpu != cards.gpus_of(m)[0] and gpu in cards.gpus_of(m):
                 leases[m] = leases.get(m, 0) + n
-        outside = frozenset(m for m in drain if m in view.spans)
+        outside = frozenset(m for m in drain if m in view.spans) | view.in_flight
         sub = replace(
             view,
             cards=None,

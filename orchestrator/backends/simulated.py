@@ -82,6 +82,10 @@ class SimulatedBackend(Backend):
     def supports_host_tier(self) -> bool:
         return self.spec.offload
 
+    @property
+    def host_copy_portable(self) -> bool:
+        return True
+
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         return self.device.held_by(self.owner, live_only=live_only)
 
