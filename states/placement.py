@@ -2,7 +2,8 @@
 
 ``place()`` answers for one model, in this order (the first rule that applies decides):
 
-1. the cards where the model is resident or loading (a spanning model: all of them);
+1. the cards where the model is resident, or loading, or where a running switch is about to
+   load it (a spanning model: all of them);
 2. a host copy that cannot move (its backend keeps it in a process bound to one card, as a
    sleeping vLLM server does) restores only onto its own card;
 3. otherwise every allowed card (``gpus:`` in the model's config, else all) where the model
@@ -55,6 +56,7 @@ class PlaceContext:
     busy: frozenset[int] = frozenset()  # cards with a switch in progress
     leases: Mapping[str, int] = field(default_factory=dict)
     cost_s: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)  # load, restore, unload
+    loading: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # targets of running switches
 
 
 def allowed_gpus(cards: Cards, model: str, ctx: PlaceContext) -> tuple[int, ...]:
@@ -101,7 +103,7 @@ def place(
     """
     model = request.model
     k = max(1, ctx.spans.get(model, 1))
-    where = cards.gpus_of(model)
+    where = cards.gpus_of(model) or ctx.loading.get(model, ())
     if where:
         return Placement(model, where, "resident")
     allowed = allowed_gpus(cards, model, ctx)

@@ -131,12 +131,13 @@ class Backend(abc.ABC):
         card its process runs on)."""
         return False
 
-    def bind(self, gpus: tuple[int, ...], device: Device) -> None:
-        """Load onto cards ``gpus`` from now on (its first card's reading: ``device``). The
-        orchestrator calls it on a machine with several cards, before each load or restore."""
+    def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
+        """Load onto cards ``gpus`` from now on (``devices``: their readings, in that order).
+        The orchestrator calls it on a machine with several cards, before each load or
+        restore. A backend that reads a device reads its first card's."""
         self.gpus = gpus
         if hasattr(self, "device"):
-            setattr(self, "device", device)  # noqa: B010 - backends that read a device keep it there
+            setattr(self, "device", devices[0])  # noqa: B010 - kept where each backend reads it
 
     def is_alive(self) -> bool:
         """Loaded and able to serve: for a model with a process of its own, whether that

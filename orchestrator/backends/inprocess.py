@@ -201,8 +201,8 @@ class InProcessBackend(Backend):
     def host_copy_portable(self) -> bool:
         return True
 
-    def bind(self, gpus: tuple[int, ...], device: Device) -> None:
-        super().bind(gpus, device)
+    def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
+        super().bind(gpus, devices)
         if self.stand_in is None:
             self.target = f"cuda:{gpus[0]}"  # a restore moves the host copy there too
 

@@ -379,7 +379,7 @@ class Executor:
         for g, share in zip(gpus, shares, strict=True):
             self.accounting.check_room(p.load, share.vram_bytes, g)
         if ctx.several:
-            backend.bind(gpus, self.accounting.devices[gpus[0]])
+            backend.bind(gpus, tuple(self.accounting.devices[g] for g in gpus))
             ctx.home[p.load] = gpus[0]
             if len(gpus) > 1:
                 ctx.spans[p.load] = gpus
@@ -432,7 +432,8 @@ class Executor:
             detail=f"from {p.from_tier.value}" + (" (packed cache)" if origin == "cache" else ""),
             bytes_after=resident.vram_bytes,  # what the ledger holds for it
         )
-        self.accounting.learn(p.load, backend.measured_bytes(live_only=True), "load")
+        if len(gpus) == 1:  # a spanning model's reading is one card's share: nothing to learn
+            self.accounting.learn(p.load, backend.measured_bytes(live_only=True), "load")
         self.watch.start(p.load)
 
     def _load_error(self, p: Plan, exc: BaseException) -> BaseException:

@@ -146,10 +146,10 @@ class LeaseBook:
         self.waiters.append(w)
         self._by_seq[w.seq] = w
         if grants_at_once(
-            ctx.ledger,
+            ctx.cards,
             model,
             queue_length=len(self.waiters),
-            switching=ctx.switching,
+            switching=ctx.switching_on(ctx.cards.gpus_of(model)),
             draining=self.draining,
             to_unload=ctx.to_unload,
             held=self.leases.get(model, 0),
@@ -180,7 +180,8 @@ class LeaseBook:
             raise w.error
         waited = ctx.now_s() - w.arrived_s
         ctx.stats.record_wait(waited)
-        lease = Lease(model, kind, ctx.backends[model].handle, waited, priority)
+        devices = tuple(ctx.cards.card(g) for g in ctx.cards.gpus_of(model))
+        lease = Lease(model, kind, ctx.backends[model].handle, waited, priority, devices)
         # If the model's process dies while the block runs, the block is cancelled and
         # BackendCrashed raised from it (see CrashWatch).
         scope = anyio.CancelScope()

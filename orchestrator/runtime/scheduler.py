@@ -158,9 +158,12 @@ class Scheduler:
         ctx = self.ctx
         models = ctx.config.models
         in_flight: set[str] = set()
+        loading: dict[str, tuple[int, ...]] = {}
         host_pending = 0
-        for action in self._running.values():
+        for gpu, action in self._running.items():
             if isinstance(action, Switch):
+                if gpu not in (g for g, _ in action.more):
+                    loading[action.plan.load] = (gpu, *(g for g, _ in action.more))
                 for p in (action.plan, *(q for _, q in action.more)):
                     in_flight.add(p.load)
                     for e in p.evictions:
@@ -175,6 +178,7 @@ class Scheduler:
             "cards": ctx.cards,
             "busy": frozenset(self._running),
             "in_flight": frozenset(in_flight),
+            "loading": loading,
             "host_pending_bytes": host_pending,
             "allowed": {m: s.gpus for m, s in models.items() if s.gpus is not None},
             "spans": {m: s.tensor_parallel for m, s in models.items() if s.tensor_parallel > 1},
