@@ -28,9 +28,9 @@ from orchestrator.config_sections import (
     _typename,
 )
 from orchestrator.errors import ConfigError
-from orchestrator.spec import Config, DaemonSpec, ModelSpec, RequestLimits, SimSpec
+from orchestrator.spec import CardSpec, Config, DaemonSpec, ModelSpec, RequestLimits, SimSpec
 from states.scheduling import Mode
-from states.units import format_gib, gib_to_bytes
+from states.units import gib_to_bytes
 
 __all__ = [
     "BACKENDS",
@@ -109,7 +109,10 @@ class _Parser(_Sections):
     def config(self, raw: Mapping[str, Any]) -> Config:
         self.no_unknown(raw, "", self.TOP)
         hw = self.section(
-            raw, "hardware", ("gpu_name", "device", "index", "total_vram_gb", "safe_max_vram_gb"), True
+            raw,
+            "hardware",
+            ("gpu_name", "device", "index", "total_vram_gb", "safe_max_vram_gb", "gpus"),
+            True,
         )
         sw = self.section(
             raw,
@@ -163,30 +166,19 @@ class _Parser(_Sections):
                 "add at least one model under `models:` with kind and vram_gb",
             )
 
-        if "safe_max_vram_gb" not in hw:
-            raise self.err(
-                "hardware.safe_max_vram_gb",
-                "missing budget",
-                "set the most VRAM the orchestrator may use, e.g. 15.5 on a 16 GiB card",
-            )
-        budget = gib_to_bytes(self.number(hw["safe_max_vram_gb"], "hardware.safe_max_vram_gb", strict=True))
-        total = gib_to_bytes(
-            self.number(
-                hw.get("total_vram_gb", hw["safe_max_vram_gb"]), "hardware.total_vram_gb", strict=True
-            )
-        )
-        if budget > total:
-            raise self.err(
-                "hardware.safe_max_vram_gb",
-                f"{format_gib(budget)} is more than total_vram_gb ({format_gib(total)})",
-                "keep safe_max_vram_gb at or below total_vram_gb",
-            )
         device = self.choice(hw.get("device", "auto"), "hardware.device", DEVICES)
-        index = hw.get("index", 0)
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise self.err(
-                "hardware.index", f"expected a GPU index >= 0, got {index!r}", "use 0 for the first GPU"
-            )
+        cards = self.hardware_cards(hw, device)
+        if cards is not None:
+            budget = sum(c.budget_bytes for c in cards)
+            total = sum(c.total_bytes for c in cards)
+            index = cards[0].index
+        else:
+            budget, total = self.hardware_sizes(hw, "hardware")
+            index = hw.get("index", 0)
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise self.err(
+                    "hardware.index", f"expected a GPU index >= 0, got {index!r}", "use 0 for the first GPU"
+                )
 
         heavy = self.kinds(sw.get("heavy_models", ["llm", "sdxl"]), "switching.heavy_models")
         light = self.kinds(sw.get("light_models", ["tts"]), "switching.light_models")
@@ -200,8 +192,9 @@ class _Parser(_Sections):
 
         self._device, self._total, self._gpu = device, total, str(hw.get("gpu_name", "GPU"))
         models = {}
+        one = CardSpec(index, self._gpu, total, budget)
         for name, m in models_raw.items():
-            models[str(name)] = self.model(str(name), m, budget, heavy | light, time_scale)
+            models[str(name)] = self.model(str(name), m, cards or (one,), heavy | light, time_scale)
 
         defaults_raw = {} if raw.get("defaults") is None else raw["defaults"]
         if not isinstance(defaults_raw, Mapping):
@@ -247,7 +240,7 @@ class _Parser(_Sections):
             )
         return Config(
             source=self.source,
-            gpu_name=str(hw.get("gpu_name", "GPU")),
+            gpu_name=cards[0].name if cards else str(hw.get("gpu_name", "GPU")),
             device=device,
             device_index=index,
             total_bytes=total,
@@ -285,4 +278,5 @@ class _Parser(_Sections):
             sample_hz=self.number(mon.get("sample_hz", 20.0), "monitor.sample_hz"),
             daemon=self.daemon(self.section(raw, "daemon", self.DAEMON_KEYS, False)),
             cache=self.cache(raw),
+            gpus=cards if cards is not None and len(cards) > 1 else (),
         )

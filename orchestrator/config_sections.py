@@ -13,7 +13,16 @@ from typing import Any
 from orchestrator.backends.options import OptionError
 from orchestrator.backends.registry import TYPES, parse_options
 from orchestrator.errors import ConfigError
-from orchestrator.spec import BackendOptions, CacheSpec, DaemonSpec, ModelSpec, RequestLimits, SimSpec
+from orchestrator.spec import (
+    BackendOptions,
+    CacheSpec,
+    CardSpec,
+    DaemonSpec,
+    ModelSpec,
+    RequestLimits,
+    SimSpec,
+    card_share_bytes,
+)
 from states.machine import KIND_STATES
 from states.units import format_gib, gib_to_bytes
 
@@ -39,6 +48,11 @@ SIM_LATENCY_S: Mapping[str, Mapping[str, float]] = MappingProxyType(
 
 def _typename(v: object) -> str:
     return "nothing" if v is None else type(v).__name__
+
+
+# Discovered cards (hardware.gpus: all) without a safe_max_vram_gb keep this much of each
+# free for the driver and the desktop.
+DISCOVERED_HEADROOM_BYTES = 512 * 2**20
 
 
 class _Sections:
@@ -177,12 +191,105 @@ class _Sections:
 
     MODEL_KEYS = (
         "kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases",
-        "max_concurrent", "limits",
+        "max_concurrent", "limits", "gpus", "tensor_parallel",
     )  # fmt: skip
+    GPU_KEYS = ("index", "gpu_name", "total_vram_gb", "safe_max_vram_gb")
     LIMIT_KEYS = tuple(f.name for f in fields(RequestLimits))
     SIM_KEYS = ("load_s", "unload_s", "offload_s", "restore_s", "true_vram_gb", "use_peak_gb")
 
-    def model(self, name: str, m: Any, budget: int, kinds: frozenset[str], time_scale: float) -> ModelSpec:
+    # -- the hardware's cards --------------------------------------------------------------
+
+    def hardware_sizes(self, hw: Mapping[str, Any], key: str) -> tuple[int, int]:
+        """(budget, total) of one card: ``safe_max_vram_gb`` and ``total_vram_gb`` at ``key``."""
+        if "safe_max_vram_gb" not in hw:
+            raise self.err(
+                f"{key}.safe_max_vram_gb",
+                "missing budget",
+                "set the most VRAM the orchestrator may use, e.g. 15.5 on a 16 GiB card",
+            )
+        budget = gib_to_bytes(self.number(hw["safe_max_vram_gb"], f"{key}.safe_max_vram_gb", strict=True))
+        total = gib_to_bytes(
+            self.number(hw.get("total_vram_gb", hw["safe_max_vram_gb"]), f"{key}.total_vram_gb", strict=True)
+        )
+        if budget > total:
+            raise self.err(
+                f"{key}.safe_max_vram_gb",
+                f"{format_gib(budget)} is more than total_vram_gb ({format_gib(total)})",
+                "keep safe_max_vram_gb at or below total_vram_gb",
+            )
+        return budget, total
+
+    def hardware_cards(self, hw: Mapping[str, Any], device: str) -> tuple[CardSpec, ...] | None:
+        """``hardware.gpus``: a count of cards of the hardware's size, a list (of indexes, or
+        of mappings with each card's index, name and sizes), or ``all`` (every card NVML
+        finds, at its own size). None when absent: the one card of the hardware section."""
+        g = hw.get("gpus")
+        if g is None:
+            return None
+        name = str(hw.get("gpu_name", "GPU"))
+        if g == "all":
+            return self._discovered(hw, device)
+        if isinstance(g, int) and not isinstance(g, bool):
+            if g < 1:
+                raise self.err("hardware.gpus", f"expected at least 1 card, got {g}", "e.g. gpus: 2")
+            budget, total = self.hardware_sizes(hw, "hardware")
+            return tuple(CardSpec(i, name, total, budget) for i in range(g))
+        if not isinstance(g, list) or not g:
+            raise self.err(
+                "hardware.gpus",
+                f"expected a count, a list of cards or `all`, got {g!r}",
+                "e.g. gpus: 2, gpus: [0, 1], or gpus: [{index: 0, safe_max_vram_gb: 23}, ...]",
+            )
+        out: list[CardSpec] = []
+        for pos, item in enumerate(g):
+            key = f"hardware.gpus[{pos}]"
+            if isinstance(item, Mapping):
+                self.no_unknown(item, key, self.GPU_KEYS)
+                sizes = {k: item.get(k, hw.get(k)) for k in ("safe_max_vram_gb", "total_vram_gb")}
+                budget, total = self.hardware_sizes({k: v for k, v in sizes.items() if v is not None}, key)
+                idx = item.get("index", pos)
+                card_name = str(item.get("gpu_name", name))
+            else:
+                idx, card_name = item, name
+                budget, total = self.hardware_sizes(hw, "hardware")
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                where = f"{key}.index" if isinstance(item, Mapping) else key
+                raise self.err(where, f"expected a GPU index >= 0, got {idx!r}", "use 0 for the first GPU")
+            if any(c.index == idx for c in out):
+                raise self.err(
+                    "hardware.gpus",
+                    f"lists card {idx} twice: one card would be counted as two, and its memory twice",
+                    "list each physical card once (`nvidia-smi -L` lists them with their indexes)",
+                )
+            out.append(CardSpec(idx, card_name, total, budget))
+        return tuple(out)
+
+    def _discovered(self, hw: Mapping[str, Any], device: str) -> tuple[CardSpec, ...] | None:
+        from orchestrator.device.nvml import discover_cards
+
+        if device == "simulated":
+            raise self.err(
+                "hardware.gpus",
+                "`all` discovers real cards, and hardware.device is simulated",
+                "give a count (gpus: 2) or a list of cards with their sizes",
+            )
+        found = discover_cards()
+        if not found:
+            if device == "auto":
+                return None  # no GPU: the hardware section's one (simulated) card, as auto does
+            raise self.err("hardware.gpus", "`all` found no card through NVML", "list the cards by hand")
+        cap = hw.get("safe_max_vram_gb")
+        cap_bytes = gib_to_bytes(self.number(cap, "hardware.safe_max_vram_gb", strict=True)) if cap else None
+        return tuple(
+            CardSpec(i, n, t, min(t, cap_bytes) if cap_bytes else max(0, t - DISCOVERED_HEADROOM_BYTES))
+            for i, n, t in found
+        )
+
+    # -- one model ---------------------------------------------------------------------------
+
+    def model(
+        self, name: str, m: Any, cards: tuple[CardSpec, ...], kinds: frozenset[str], time_scale: float
+    ) -> ModelSpec:
         key = f"models.{name}"
         if not isinstance(m, Mapping):
             raise self.err(
@@ -203,12 +310,26 @@ class _Sections:
                 f"{key}.vram_gb", "missing", "set the model's VRAM estimate in GiB, e.g. vram_gb: 11.5"
             )
         vram = gib_to_bytes(self.number(m["vram_gb"], f"{key}.vram_gb", strict=True))
-        if vram > budget:
+        gpus, tp = self.placement(m, key, cards)
+        usable = [c for c in cards if gpus is None or c.index in gpus]
+        share = card_share_bytes(vram, tp)
+        fit = [c for c in usable if c.budget_bytes >= share]
+        if len(fit) < tp:
+            largest = max(c.budget_bytes for c in usable)
+            if tp > 1:
+                raise self.err(
+                    f"{key}.tensor_parallel",
+                    f"its share of {format_gib(share)} per card fits {len(fit)} of the "
+                    f"{len(usable)} cards it may use, and it spans {tp}",
+                    "lower tensor_parallel, allow more cards in gpus, or raise their safe_max_vram_gb",
+                )
+            whole = "the whole budget" if len(cards) == 1 else "every card's budget it may use"
             raise self.err(
                 f"{key}.vram_gb",
-                f"{format_gib(vram)} is larger than the whole budget "
-                f"({format_gib(budget)}; short {format_gib(vram - budget)})",
-                "use a smaller variant or raise hardware.safe_max_vram_gb",
+                f"{format_gib(vram)} is larger than {whole} "
+                f"({format_gib(largest)}; short {format_gib(vram - largest)})",
+                "use a smaller variant or raise hardware.safe_max_vram_gb"
+                + ("" if len(cards) == 1 else ", or span cards with tensor_parallel"),
             )
         confidence = self.choice(m.get("confidence", "medium"), f"{key}.confidence", CONFIDENCES)
         b = m.get("backend", "simulated")
@@ -269,7 +390,43 @@ class _Sections:
             aliases=tuple(aliases),
             max_concurrent=self.max_concurrent(m, key, parsed),
             limits=limits,
+            gpus=gpus,
+            tensor_parallel=tp,
         )
+
+    def placement(
+        self, m: Mapping[str, Any], key: str, cards: tuple[CardSpec, ...]
+    ) -> tuple[tuple[int, ...] | None, int]:
+        """``gpus`` (the cards a model may use) and ``tensor_parallel`` (how many it spans)."""
+        indexes = [c.index for c in cards]
+        gpus = m.get("gpus")
+        if gpus is not None:
+            if not isinstance(gpus, list) or not gpus or not all(
+                isinstance(g, int) and not isinstance(g, bool) for g in gpus
+            ):
+                raise self.err(
+                    f"{key}.gpus", f"expected a list of card indexes, got {gpus!r}", "e.g. gpus: [1]"
+                )
+            unknown = [g for g in gpus if g not in indexes]
+            if unknown:
+                raise self.err(
+                    f"{key}.gpus",
+                    f"names {unknown}, which hardware does not list (its cards: {indexes})",
+                    "name cards listed in hardware.gpus",
+                )
+            if len(set(gpus)) != len(gpus):
+                raise self.err(f"{key}.gpus", f"lists a card twice: {gpus}", "list each card once")
+        tp = self.whole(m.get("tensor_parallel", 1), f"{key}.tensor_parallel", nullable=False,
+                        fix="the number of cards it spans, e.g. tensor_parallel: 2")  # fmt: skip
+        assert tp is not None
+        allowed = len(gpus) if gpus is not None else len(cards)
+        if tp > allowed:
+            raise self.err(
+                f"{key}.tensor_parallel",
+                f"spans {tp} cards and may use {allowed}",
+                "lower tensor_parallel, or list more cards (hardware.gpus, models.<name>.gpus)",
+            )
+        return (tuple(gpus) if gpus is not None else None), tp
 
     def whole(self, v: Any, key: str, *, nullable: bool, fix: str) -> int | None:
         """A whole number >= 1 (or null where ``nullable``)."""

@@ -37,6 +37,7 @@ class Event:
     detail: str | None = None
     committed_bytes: int | None = None  # the ledger's committed bytes when the event happened
     budget_bytes: int | None = None  # the ledger's budget then
+    gpu: int | None = None  # the card (on a machine with several; the two above are its own)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -125,6 +125,36 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()  # other names acquire() and the monitor accept
     max_concurrent: int | None = None  # requests in flight at once; None: unlimited
     limits: RequestLimits = field(default_factory=RequestLimits)
+    gpus: tuple[int, ...] | None = None  # the cards it may use (models.<name>.gpus); None: any
+    tensor_parallel: int = 1  # cards it spans at once (vLLM's --tensor-parallel-size)
+
+    @property
+    def card_bytes(self) -> int:
+        """What it reserves on each card it uses: all of it on one card; spanning ``k``
+        cards, its ``k``-th share plus each process's own overhead (``TP_OVERHEAD_BYTES``)."""
+        return card_share_bytes(self.vram_bytes, self.tensor_parallel)
+
+
+# What each process of a model spanning several cards holds beyond its share of the weights
+# and cache: its CUDA context and the NCCL buffers between the cards (vLLM starts one worker
+# per card).
+TP_OVERHEAD_BYTES = 512 * 2**20
+
+
+def card_share_bytes(vram_bytes: int, tensor_parallel: int) -> int:
+    if tensor_parallel <= 1:
+        return vram_bytes
+    return -(-vram_bytes // tensor_parallel) + TP_OVERHEAD_BYTES
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    """One GPU of the machine (``hardware``, or one entry of ``hardware.gpus``)."""
+
+    index: int  # as CUDA and NVML number it
+    name: str
+    total_bytes: int
+    budget_bytes: int  # the most the orchestrator may commit on it
 
 
 @dataclass(frozen=True)
@@ -183,6 +213,20 @@ class Config:
     sample_hz: float = 20.0  # the peak sampler's rate (0: off)
     daemon: DaemonSpec = field(default_factory=DaemonSpec)
     cache: CacheSpec | None = None  # the packed checkpoint cache; None: off
+    # Several GPUs (hardware.gpus); empty: the one card the fields above describe. With
+    # several, budget_bytes and total_bytes are the machine's sums.
+    gpus: tuple[CardSpec, ...] = ()
+
+    @property
+    def cards(self) -> tuple[CardSpec, ...]:
+        """Every card of the machine, in the config's order."""
+        return self.gpus or (CardSpec(self.device_index, self.gpu_name, self.total_bytes, self.budget_bytes),)
+
+    def card(self, index: int) -> CardSpec:
+        for c in self.cards:
+            if c.index == index:
+                return c
+        raise KeyError(index)
 
     def resolve(self, name_or_kind: str) -> ModelSpec | None:
         """A model by name or alias, or the default model of a kind."""

@@ -39,13 +39,22 @@ The rules, in the order ``decide`` applies them:
 9. The wake time is the earliest of: a back-off ending, a reap or rebalance retry, the
    fairness bound, a deferred request's next look, a waiter becoming overdue, and (while
    models are resident) the next look at the device for foreign memory.
+
+On a machine with several cards (``view.cards``), placement (``states.placement.place``)
+first sends each waited model to the card (or the cards it spans) that serves it; then these
+rules run for every card that is not switching, over that card's ledger and the waiters
+placed on it, and each card may get one action (``Decision.actions``): switches on different
+cards run at the same time. A switch to a model that spans several cards goes ahead when every
+one of its cards is idle and its plan there evicts nothing in use (what it would evict drains
+meanwhile); it is one joint switch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from states.cards import Cards
 from states.errors import InsufficientVRAM, LeaseDeadlock
 from states.ledger import Ledger, Resident, Tier
 from states.plan import Deferred, Plan, PlanRequest, Policy, plan, victim_order
@@ -104,6 +113,19 @@ class StepView:
     foreign_text: str = ""  # "; other processes: ..." for messages (may be empty)
     capacity: Mapping[str, int] = field(default_factory=dict)  # leases at once, per limited model
     costs: Mapping[str, SwitchCosts] = field(default_factory=dict)  # per model; absent: the defaults
+    # Several cards (None: ``ledger`` is the one card). Then ``ledger`` is ignored, and:
+    cards: Cards | None = None
+    busy: frozenset[int] = frozenset()  # cards with an action in progress
+    in_flight: frozenset[str] = frozenset()  # models a running action loads or evicts
+    loading: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # running switches' targets
+    host_pending_bytes: int = 0  # host RAM that running actions will fill with host copies
+    allowed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # models.<m>.gpus
+    spans: Mapping[str, int] = field(default_factory=dict)  # models.<m>.tensor_parallel > 1
+    portable: frozenset[str] = frozenset()  # host copies that may restore onto another card
+    home: Mapping[str, int] = field(default_factory=dict)  # the card a backend last used
+    loaded_on: Mapping[int, str] = field(default_factory=dict)  # per card: its just_loaded
+    failed_on: Mapping[int, tuple[str, Exception]] = field(default_factory=dict)  # its just_failed
+    drained: frozenset[str] = frozenset()  # drained by another card's step (a spanning model)
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,7 @@ class Switch:
 
     plan: Plan
     side_load: bool = False  # beside a busy model that drains for another target
+    more: tuple[tuple[int, Plan], ...] = ()  # a spanning model: its plans on its other cards
 
 
 @dataclass(frozen=True)
@@ -145,6 +168,7 @@ class Decision:
     wake_at_s: float | None = None  # decide again then at the latest (None: when poked)
     deferred: Mapping[str, Deferred] = field(default_factory=dict)
     settled_unloads: frozenset[str] = frozenset()  # unload requests whose model is gone
+    actions: tuple[tuple[int, Action], ...] = ()  # several cards: (card, its action) each
 
 
 def backoff_s(failures_in_a_row: int, retry_backoff_s: float, max_wait_s: float) -> float:
@@ -237,6 +261,12 @@ class _Step:
 
 def decide(view: StepView) -> Decision:
     """Decide one scheduler step (see the module docstring for the rules)."""
+    if view.cards is not None and len(view.cards) > 1:
+        return _decide_cards(view, view.cards)
+    return _decide_card(view)
+
+
+def _decide_card(view: StepView) -> Decision:
     s = _Step(view)
     now = view.now_s
     ledger = view.ledger
@@ -319,8 +349,9 @@ def decide(view: StepView) -> Decision:
     evictees = frozenset(e.model for e in chosen.gpu_evictions) if chosen is not None else frozenset()
     cost_s = switch_cost_s(view, chosen) if chosen is not None and view.settings.fairness_by_cost else None
     adm = admission(sv, target, evictees, cost_s)
-    drain = frozenset(adm.drain | set(view.to_unload))
-    s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in view.to_unload])
+    drain = frozenset(adm.drain | set(view.to_unload) | view.drained)
+    held_back = set(view.to_unload) | view.drained
+    s.grant_within_capacity([w for w in s.waiters if w.seq in adm.grant and w.model not in held_back])
 
     if chosen is None or target is None:
         return s.decision(
@@ -454,3 +485,154 @@ def _wake_at(view: StepView, s: _Step) -> float | None:
         times.append(view.now_s + view.settings.look_period_s)
     later = [t for t in times if t > view.now_s]
     return min(later) if later else None
+
+
+# -- several cards ---------------------------------------------------------------------------
+
+
+def _decide_cards(view: StepView, cards: Cards) -> Decision:
+    """Place every waited model, decide each idle card over its own waiters, and join a
+    spanning model's switch across its cards (see the module docstring)."""
+    from states.placement import PlaceContext, hide_in_flight, place
+
+    pctx = PlaceContext(
+        policy=view.policy,
+        allowed=view.allowed,
+        spans=view.spans,
+        portable=view.portable,
+        busy=view.busy,
+        leases=view.leases,
+        cost_s={m: (c.load_s, c.restore_s, c.unload_s) for m, c in view.costs.items()},
+        loading=view.loading,
+    )
+    views = {g: hide_in_flight(cards.view(g), view.in_flight, view.host_pending_bytes) for g in cards.indexes}
+    settled = frozenset(m for m in view.to_unload if cards.get(m) is None)
+
+    failures: list[tuple[int, Exception]] = []
+    placed: dict[str, tuple[int, ...] | InsufficientVRAM] = {}
+    by_card: dict[int, list[WaiterView]] = {g: [] for g in cards.indexes}
+    for w in view.waiters:
+        where = placed.get(w.model)
+        if where is None:
+            try:
+                where = place(view.requests[w.model], cards, pctx, views).gpus
+            except InsufficientVRAM as exc:
+                where = exc
+            placed[w.model] = where
+        if isinstance(where, InsufficientVRAM):
+            failures.append((w.seq, where))
+        else:
+            by_card[where[0]].append(w)
+
+    # A spanning model is decided for on its first card. For its other cards it is in use
+    # while a card of it switches (the switch may be evicting it) or while it has waiters
+    # (its first card grants them in this step); what they drain of it, its first card
+    # grants no more of. Cards are decided from the last to the first, so that those drains
+    # are known when its first card's turn comes.
+    in_use_elsewhere: dict[str, int] = {}
+    for m, k in view.spans.items():
+        on = cards.gpus_of(m)
+        if k > 1 and on:
+            n = sum(1 for w in view.waiters if w.model == m) + (1 if set(on) & view.busy else 0)
+            if n:
+                in_use_elsewhere[m] = n
+
+    grants: list[int] = []
+    drain: set[str] = set()
+    actions: list[tuple[int, Action]] = []
+    wakes: list[float] = []
+    deferred: dict[str, Deferred] = {}
+    for gpu in sorted(cards.indexes, reverse=True):
+        if gpu in view.busy:
+            continue
+        own = cards.ledger(gpu)
+        leases = dict(view.leases)
+        for m, n in in_use_elsewhere.items():
+            if gpu != cards.gpus_of(m)[0] and gpu in cards.gpus_of(m):
+                leases[m] = leases.get(m, 0) + n
+        outside = frozenset(m for m in drain if m in view.spans) | view.in_flight
+        sub = replace(
+            view,
+            cards=None,
+            ledger=views[gpu],
+            waiters=tuple(by_card[gpu]),
+            leases=leases,
+            holders={m: h for m, h in view.holders.items() if gpu in cards.gpus_of(m)},
+            leftovers=frozenset(m for m in view.leftovers if view.home.get(m, cards.indexes[0]) == gpu),
+            to_unload={m: why for m, why in view.to_unload.items() if own.get(m) is not None},
+            just_loaded=view.loaded_on.get(gpu),
+            just_failed=view.failed_on.get(gpu),
+            drained=outside,
+        )
+        d = _decide_card(sub)
+        grants += d.grants
+        failures += d.failures
+        drain |= d.drain
+        deferred.update(d.deferred)
+        if d.wake_at_s is not None:
+            wakes.append(d.wake_at_s)
+        if d.action is not None:
+            actions.append((gpu, d.action))
+
+    spans = {m: where for m, where in placed.items() if not isinstance(where, InsufficientVRAM)}
+    actions, waiting = _join_spans(view, views, actions, spans, drain)
+    if waiting:
+        wakes.append(view.now_s + DEFERRED_POLL_S)
+    return Decision(
+        grants=tuple(grants),
+        failures=tuple(failures),
+        drain=frozenset(drain),
+        action=None,
+        wake_at_s=view.now_s if actions else (min(wakes) if wakes else None),
+        deferred=deferred,
+        settled_unloads=settled,
+        actions=tuple(actions),
+    )
+
+
+def _join_spans(
+    view: StepView,
+    views: Mapping[int, Ledger],
+    actions: list[tuple[int, Action]],
+    spans: Mapping[str, tuple[int, ...]],
+    drain: set[str],
+) -> tuple[list[tuple[int, Action]], bool]:
+    """A switch to a spanning model, decided on its first card, becomes one joint switch
+    over all its cards when each is idle and its plan there evicts nothing in use; until
+    then it waits, and what it would evict there drains. Its other cards start nothing else
+    in this step (their room is the span's). Returns the actions, and whether a span waits
+    for a card to become idle or for room (a look again soon)."""
+    out: list[tuple[int, Action]] = []
+    taken: set[int] = set()
+    waiting = False
+    for gpu, action in actions:
+        if not isinstance(action, Switch) or view.spans.get(action.plan.load, 1) <= 1:
+            out.append((gpu, action))
+            continue
+        model = action.plan.load
+        more: list[tuple[int, Plan]] = []
+        ready = True
+        for other in spans.get(model, ()):
+            if other == gpu:
+                continue
+            taken.add(other)
+            p: Plan | Deferred | None = None
+            if other not in view.busy:
+                try:
+                    p = plan(view.requests[model], views[other], view.policy)
+                except (InsufficientVRAM, ValueError):
+                    p = None
+            if not isinstance(p, Plan):
+                ready = False
+                continue
+            in_use = {e.model for e in p.gpu_evictions if view.leases.get(e.model, 0)}
+            if in_use:
+                drain |= in_use
+                ready = False
+            more.append((other, p))
+        if ready:
+            out.append((gpu, replace(action, more=tuple(more))))
+        else:
+            waiting = True
+    kept = [(g, a) for g, a in out if g not in taken or (isinstance(a, Switch) and a.more)]
+    return kept, waiting

@@ -59,6 +59,7 @@ class Backend(abc.ABC):
         self.owner = name
         self._handle: Any = None
         self._tier = Tier.DISK
+        self.gpus: tuple[int, ...] = ()  # the cards it was last bound to (empty: the config's one)
 
     # -- sync predicates -------------------------------------------------------------------
 
@@ -122,6 +123,21 @@ class Backend(abc.ABC):
     def uptime_s(self) -> float:
         """How long its own process has been running (0.0 without one)."""
         return 0.0
+
+    @property
+    def host_copy_portable(self) -> bool:
+        """Its host copy may be restored onto another card than the one it left (an
+        in-process model: its tensors go to any device; a sleeping server's is bound to the
+        card its process runs on)."""
+        return False
+
+    def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
+        """Load onto cards ``gpus`` from now on (``devices``: their readings, in that order).
+        The orchestrator calls it on a machine with several cards, before each load or
+        restore. A backend that reads a device reads its first card's."""
+        self.gpus = gpus
+        if hasattr(self, "device"):
+            setattr(self, "device", devices[0])  # noqa: B010 - kept where each backend reads it
 
     def is_alive(self) -> bool:
         """Loaded and able to serve: for a model with a process of its own, whether that

@@ -197,6 +197,15 @@ class InProcessBackend(Backend):
     def supports_host_tier(self) -> bool:
         return self.spec.offload
 
+    @property
+    def host_copy_portable(self) -> bool:
+        return True
+
+    def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
+        super().bind(gpus, devices)
+        if self.stand_in is None:
+            self.target = f"cuda:{gpus[0]}"  # a restore moves the host copy there too
+
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         """The weights' bytes on the device while resident. With ``live_only=False`` (the
         release wait), also what an unloaded model still holds because something outside

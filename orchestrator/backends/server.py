@@ -284,6 +284,8 @@ class ServerBackend(Backend):
         self._log.flush()
         token = children.new_token()  # the server and all its descendants carry it
         env = {**os.environ, **(o.env or {}), children.TOKEN_ENV: token}
+        if self.gpus:  # bound to cards on a machine with several: it sees only those
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
         self.base_url = f"http://{o.host}:{port}"
         # The checks open_process would make, made before the launcher hides them.
         if o.cwd is not None and not os.path.isdir(o.cwd):  # noqa: ASYNC240 - two stats before a start

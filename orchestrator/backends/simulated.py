@@ -19,7 +19,7 @@ from orchestrator.backends.options import parse_no_options
 from orchestrator.device.base import Device
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.errors import ConfigError
-from orchestrator.spec import Config, ModelSpec, SimSpec
+from orchestrator.spec import Config, ModelSpec, SimSpec, card_share_bytes
 from states.ledger import Tier
 
 
@@ -77,10 +77,20 @@ class SimulatedBackend(Backend):
         self.unloads = 0
         self.limit_bytes: int | None = None
         self._peak = 0  # the most it held, or wanted to, since loaded
+        self._span: tuple[SimulatedDevice, ...] = ()  # the other cards a spanning model is on
 
     @property
     def supports_host_tier(self) -> bool:
         return self.spec.offload
+
+    @property
+    def host_copy_portable(self) -> bool:
+        return True
+
+    def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
+        super().bind(gpus, devices)
+        others = [d for d in devices[1:] if isinstance(d, SimulatedDevice)]
+        self._span = tuple(others)  # a spanning model holds its share on each of these too
 
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         return self.device.held_by(self.owner, live_only=live_only)
@@ -111,12 +121,16 @@ class SimulatedBackend(Backend):
         # Allocate first, then spend the time: a load cancelled or failing midway leaves
         # memory behind, as a real one does, and the executor's cleanup must free it.
         need = self.sim.true_vram_bytes
+        if self._span:
+            need = card_share_bytes(need, 1 + len(self._span))  # on each card it spans
         self.attempts += 1
         self._peak = max(self._peak, need)
         if limit_bytes is not None and need > limit_bytes:
             raise SimulatedOOM(self.owner, need, limit_bytes, limit=True)
         self.limit_bytes = limit_bytes
         self.device.allocate(self.owner, need)
+        for d in self._span:
+            d.allocate(self.owner, need)
         self._tier = Tier.GPU
         self._handle = None
         if self.faults.hang_loads > 0:
@@ -173,6 +187,8 @@ class SimulatedBackend(Backend):
         self._peak = 0
         self.limit_bytes = None
         self.device.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)
+        for d in self._span:
+            d.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)
 
 
 def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> SimulatedBackend:

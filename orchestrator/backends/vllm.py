@@ -240,6 +240,8 @@ class VllmBackend(ServerBackend):
                 gpu_args = ["--gpu-memory-utilization", f"{min(0.99, limit_bytes / total):.4f}"]
                 if self.sleep_level is not None:
                     gpu_args.append("--enable-sleep-mode")
+            if len(self.gpus) > 1:
+                gpu_args += ["--tensor-parallel-size", str(len(self.gpus))]
             base = self._command(self.served)
             self.options = dataclasses.replace(
                 self.options,

@@ -105,3 +105,22 @@ class NvmlDevice:
                     self._nv.nvmlShutdown()
                 except self._nv.NVMLError:  # pragma: no cover
                     pass
+
+
+def discover_cards() -> list[tuple[int, str, int]]:
+    """Every card the driver knows: (index, name, total bytes); empty without a driver."""
+    if not nvml_available():
+        return []
+    nvml = _pynvml()
+    with _init_lock:
+        nvml.nvmlInit()
+        try:
+            out = []
+            for i in range(nvml.nvmlDeviceGetCount()):
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+                name = nvml.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                out.append((i, name, int(nvml.nvmlDeviceGetMemoryInfo(h).total)))
+            return out
+        finally:
+            nvml.nvmlShutdown()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import anyio
 
@@ -22,6 +23,7 @@ from orchestrator.footprints import FootprintStore
 from orchestrator.monitor import ModelEstimate, describe_processes, foreign_processes, planning_estimate
 from orchestrator.runtime.context import Context
 from orchestrator.runtime.lease import EXTERNAL_KIND
+from orchestrator.spec import card_share_bytes
 from states.ledger import Resident, Tier
 from states.plan import PlanRequest
 from states.units import format_gib
@@ -38,48 +40,61 @@ class NoRoom(Exception):
 
 
 class Accounting:
-    def __init__(self, ctx: Context, device: Device, footprints: FootprintStore) -> None:
+    def __init__(self, ctx: Context, devices: Mapping[int, Device], footprints: FootprintStore) -> None:
         self.ctx = ctx
-        self.device = device
+        self.devices = dict(devices)  # one per card
+        self.device = self.devices[ctx.first_gpu()]
         self.footprints = footprints
         self._dirty: anyio.Event | None = None  # made by run_writer, in the orchestrator's loop
 
     # -- what the device holds ---------------------------------------------------------------
 
-    def holdings(self) -> list[tuple[Resident, int | None]]:
-        """Each GPU resident with what it measurably holds (None: its backend cannot tell)."""
-        backends = self.ctx.backends
-        return [(r, backends[r.model].measured_bytes(live_only=True)) for r in self.ctx.ledger.gpu_residents]
+    def holdings(self, gpu: int | None = None) -> list[tuple[Resident, int | None]]:
+        """Each GPU resident of card ``gpu`` (the first by default) with what it measurably
+        holds there (None: its backend cannot tell, or it spans several cards)."""
+        ctx = self.ctx
+        gpu = ctx.first_gpu() if gpu is None else gpu
+        backends = ctx.backends
+        out: list[tuple[Resident, int | None]] = []
+        for r in ctx.cards.ledger(gpu).gpu_residents:
+            spans = ctx.several and len(ctx.cards.gpus_of(r.model)) > 1
+            out.append((r, None if spans else backends[r.model].measured_bytes(live_only=True)))
+        return out
 
-    def accounted_bytes(self) -> int:
+    def accounted_bytes(self, gpu: int | None = None) -> int:
         """What our GPU residents hold: measured where the backend can tell, else what the
         ledger planned. The rest of the device's used memory is foreign."""
-        return sum(r.vram_bytes if held is None else held for r, held in self.holdings())
+        return sum(r.vram_bytes if held is None else held for r, held in self.holdings(gpu))
 
     def refresh_foreign(self) -> None:
-        """Bytes on the device that the ledger does not account for shrink the room; a
+        """Bytes on each card that the ledger does not account for shrink its room; a
         resident measured larger than planned is entered at its measured size."""
         ctx = self.ctx
-        accounted = 0
-        for r, held in self.holdings():
-            accounted += r.vram_bytes if held is None else held
-            if held is not None and held > r.vram_bytes:
-                ctx.ledger = ctx.ledger.resize(r.model, held)
-                self.learn(r.model, held, "peak")
-                ctx.emit(
-                    "resize",
-                    model=r.model,
-                    bytes_after=held,
-                    detail=f"holds {format_gib(held)}, planned at {format_gib(r.vram_bytes)}",
-                )
-        foreign = max(0, self.device.used_bytes() - accounted)
-        if foreign != ctx.ledger.foreign_bytes:
-            ctx.ledger = ctx.ledger.with_foreign(foreign)
+        for gpu in ctx.cards.indexes:
+            accounted = 0
+            for r, held in self.holdings(gpu):
+                accounted += r.vram_bytes if held is None else held
+                if held is not None and held > r.vram_bytes:
+                    ctx.cards = ctx.cards.resize(r.model, held, gpu)
+                    self.learn(r.model, held, "peak")
+                    ctx.emit(
+                        "resize",
+                        gpu=gpu,
+                        model=r.model,
+                        bytes_after=held,
+                        detail=f"holds {format_gib(held)}, planned at {format_gib(r.vram_bytes)}",
+                    )
+            foreign = max(0, self.devices[gpu].used_bytes() - accounted)
+            if foreign != ctx.cards.ledger(gpu).foreign_bytes:
+                ctx.cards = ctx.cards.with_foreign(gpu, foreign)
 
-    def check_room(self, model: str, needed_bytes: int) -> None:
-        """Before a load, the device must really have the room, not only the ledger."""
-        budget = self.ctx.config.budget_bytes
-        reading = self.device.read()
+    def check_room(self, model: str, needed_bytes: int, gpu: int | None = None) -> None:
+        """Before a load, the card must really have the room, not only the ledger."""
+        ctx = self.ctx
+        gpu = ctx.first_gpu() if gpu is None else gpu
+        budget = ctx.cards.ledger(gpu).budget_bytes
+        device = self.devices[gpu]
+        reading = device.read()
         # Room on the card, and room within the budget for everything the card holds (ours,
         # other processes', the driver's): the ledger's rule, checked against the device.
         room = min(reading.free_bytes, budget - reading.used_bytes)
@@ -91,7 +106,8 @@ class Accounting:
                 needed_bytes,
                 max(0, room),
                 budget,
-                reason=f"the device has {format_gib(reading.free_bytes)} free and "
+                reason=f"the device{'' if len(self.devices) == 1 else f' cuda:{gpu}'} has "
+                f"{format_gib(reading.free_bytes)} free and "
                 f"{format_gib(reading.used_bytes)} in use" + self.foreign_text(reading),
             )
         )
@@ -114,6 +130,12 @@ class Accounting:
         if external is not None:
             return PlanRequest(model=model, kind=EXTERNAL_KIND, vram_bytes=external.vram_bytes, external=True)
         spec = ctx.config.models[model]
+        if spec.tensor_parallel > 1:
+            # Its share on each card it spans; a spanning model keeps no host copy.
+            share = card_share_bytes(self.estimate(model).estimated_vram_bytes, spec.tensor_parallel)
+            return PlanRequest(
+                model=model, kind=spec.kind, vram_bytes=share, configured_bytes=spec.card_bytes
+            )
         return PlanRequest(
             model=model,
             kind=spec.kind,
@@ -153,7 +175,7 @@ class Accounting:
         peak = backend.peak_bytes()
         if model in ctx.config.models:
             self.learn(model, peak, "peak")
-        r = ctx.ledger.get(model)
+        r = ctx.cards.get(model)
         if r is not None and r.tier is Tier.GPU and peak is not None and peak > r.vram_bytes:
             ctx.to_unload[model] = "reload at its learned size"
             ctx.wake()

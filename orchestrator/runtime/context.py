@@ -20,8 +20,9 @@ from orchestrator.config import Config, ModelSpec
 from orchestrator.events import Event, EventHub
 from orchestrator.runtime.lease import ExternalReservation
 from orchestrator.runtime.stats import Counters
+from states.cards import Card, Cards
 from states.ledger import Ledger
-from states.machine import ModelMachine, State
+from states.machine import ModelMachine, State, active_state
 from states.plan import Policy
 from states.step import SwitchCosts, backoff_s
 
@@ -55,12 +56,16 @@ class Context:
         self.stats = Counters()
 
         # Invariants (checked by tests/orchestrator/test_properties.py after every step):
-        # - ledger.committed_bytes <= budget; a load begins only when plan.after fits;
-        # - machine.state == active_state(ledger) unless a switch is running;
-        # - ledger and machine change only in the scheduler's step and the executor (and at
-        #   a crash, where the ledger is made true at once).
-        self.ledger = Ledger(budget_bytes=config.budget_bytes, host_budget_bytes=config.host_budget_bytes)
-        self.machine = ModelMachine()
+        # - on every card, committed_bytes <= its budget; a load begins only when plan.after fits;
+        # - each card's machine.state == active_state(its ledger) unless a switch runs there;
+        # - the cards and machines change only in the scheduler's step and the executor (and
+        #   at a crash, where the ledger is made true at once).
+        self.cards = Cards.of(
+            [(Card(c.index, c.name), c.budget_bytes) for c in config.cards], config.host_budget_bytes
+        )
+        self.machines: dict[int, ModelMachine] = {c.index: ModelMachine() for c in config.cards}
+        self.home: dict[str, int] = {}  # the card(s) each backend was last bound to, first card first
+        self.spans: dict[str, tuple[int, ...]] = {}
         self.lost_gpu_s: dict[str, float] = {}  # when each model last left the GPU
         self.failures: dict[str, int] = {}  # failures in a row
         self.backoff_until: dict[str, float] = {}
@@ -75,6 +80,32 @@ class Context:
         self._wake: anyio.Event | None = None  # made by the scheduler's loop (next_wake)
         self._measured: dict[str, set[str]] = {}  # which costs are measured, not estimated
         self._origin: dict[tuple[str, str], str] = {}  # where each learned cost's last load came from
+
+    # -- the cards ---------------------------------------------------------------------------
+
+    @property
+    def ledger(self) -> Ledger:
+        """The machine's ledger as one (with one card: that card's own ledger)."""
+        return self.cards.summary()
+
+    @property
+    def machine(self) -> ModelMachine:
+        """The first card's machine (with one card: the machine)."""
+        return self.machines[self.cards.indexes[0]]
+
+    @property
+    def several(self) -> bool:
+        return len(self.cards) > 1
+
+    def first_gpu(self) -> int:
+        return self.cards.indexes[0]
+
+    def gpus_of(self, model: str) -> tuple[int, ...]:
+        """The cards that hold ``model`` now, else the cards its backend last used."""
+        return self.cards.gpus_of(model) or self.spans.get(model) or (self.home.get(model, self.first_gpu()),)
+
+    def switching_on(self, gpus: tuple[int, ...]) -> bool:
+        return any(self.machines[g].state is State.SWITCHING for g in gpus)
 
     # -- time and wake-ups -------------------------------------------------------------------
 
@@ -93,43 +124,70 @@ class Context:
 
     # -- changes that are events -------------------------------------------------------------
 
-    def emit(self, kind: str, **kw: Any) -> None:
+    def emit(self, kind: str, gpu: int | None = None, **kw: Any) -> None:
+        """One event. Every event carries the committed bytes and the budget as they are now
+        (of its card, on a machine with several: ``gpu``, else of the model's first card): the
+        budget invariant can be checked from the event stream alone."""
+        cards = self.cards
         stats = self.stats
-        stats.peak_committed_bytes = max(stats.peak_committed_bytes, self.ledger.committed_bytes)
-        # Every event carries the ledger's committed bytes and budget as they are now: the
-        # budget invariant can be checked from the event stream alone.
-        kw.setdefault("committed_bytes", self.ledger.committed_bytes)
-        kw.setdefault("budget_bytes", self.ledger.budget_bytes)
+        if len(cards) == 1:
+            led = cards.ledgers[0]
+        else:
+            model = kw.get("model")
+            if gpu is None:
+                gpu = self.gpus_of(model)[0] if isinstance(model, str) else cards.indexes[0]
+            led = cards.ledger(gpu)
+            kw["gpu"] = gpu
+        stats.peak_committed_bytes = max(stats.peak_committed_bytes, cards.committed_bytes)
+        kw.setdefault("committed_bytes", led.committed_bytes)
+        kw.setdefault("budget_bytes", led.budget_bytes)
         self.hub.emit(Event(time_s=self.now_s(), kind=kind, **kw))
 
     def fire(
         self,
         trigger: str,
-        ledger: Ledger,
+        ledger: Ledger | None = None,
         *,
         model: str | None,
+        gpu: int | None = None,
         t0: float | None = None,
         detail: str | None = None,
     ) -> None:
-        """Move the machine through its table (with the ledger that holds after it)."""
-        before_state = self.machine.state
-        before_bytes = self.ledger.committed_bytes
-        self.machine.fire(trigger, ledger)
+        """Move card ``gpu``'s machine (the first card's by default) through its table, with
+        the ledger that holds after it (by default the card's ledger as it is now)."""
+        gpu = self.first_gpu() if gpu is None else gpu
+        machine = self.machines[gpu]
+        now = self.cards.ledger(gpu)
+        after = now if ledger is None else ledger
+        before_state = machine.state
+        machine.fire(trigger, after)
         self.emit(
             "transition",
+            gpu=gpu,
             model=model,
             trigger=trigger,
             from_state=before_state.name,
-            to_state=self.machine.state.name,
-            bytes_before=before_bytes,
-            bytes_after=ledger.committed_bytes,
+            to_state=machine.state.name,
+            bytes_before=now.committed_bytes,
+            bytes_after=after.committed_bytes,
             duration_s=None if t0 is None else self.now_s() - t0,
             detail=detail,
         )
 
+    def settle_cards(self) -> None:
+        """A card that is not switching and whose ledger changed under it (a model spanning
+        it was evicted through another of its cards) lands where its ledger says."""
+        if not self.several:
+            return
+        for gpu, machine in self.machines.items():
+            landed = active_state(self.cards.ledger(gpu))
+            if machine.state is not State.SWITCHING and machine.state is not landed:
+                self.fire("settle", model=None, gpu=gpu, detail="a model spanning this card left it")
+
     @property
     def switching(self) -> bool:
-        return self.machine.state is State.SWITCHING
+        """A switch runs on some card."""
+        return any(m.state is State.SWITCHING for m in self.machines.values())
 
     # -- per-model health --------------------------------------------------------------------
 

@@ -12,7 +12,8 @@
 - ``switch(plan)`` runs a plan (its evictions, then its load) between the machine's
   ``begin_switch`` and ``finish_switch`` / ``fail_switch``.
 
-One switch at a time: the scheduler is the only caller, and each action holds the switch lock.
+One switch at a time on each card: the scheduler is the only caller, and each action holds
+the switch lock of every card it touches (switches on different cards run at the same time).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from orchestrator.runtime.accounting import Accounting, NoRoom
 from orchestrator.runtime.context import Context
 from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.watch import CrashWatch
-from states.ledger import Tier
+from states.ledger import Resident, Tier
 from states.plan import Eviction, Plan
 from states.step import DEFERRED_POLL_S
 from states.units import format_gib
@@ -72,32 +73,38 @@ class Executor:
         self.book = book
         self.accounting = accounting
         self.watch = watch
-        self._lock: anyio.Lock | None = None  # made where the orchestrator runs (see lock)
+        self._locks: dict[int, anyio.Lock] = {}  # per card, made where the orchestrator runs (see lock)
         self.rebalance_after_s = 0.0  # a failed eviction is retried after this
         self.reap_after: dict[str, float] = {}  # a leftover whose unload failed: retried then
 
-    @property
-    def lock(self) -> anyio.Lock:
-        """The switch lock, made on first use: an anyio primitive belongs to the event loop
-        it is made in, and ModelManager builds the orchestrator in one loop and runs it in
-        another (its own thread)."""
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        return self._lock
+    def lock(self, gpu: int) -> anyio.Lock:
+        """Card ``gpu``'s switch lock, made on first use: an anyio primitive belongs to the
+        event loop it is made in, and ModelManager builds the orchestrator in one loop and
+        runs it in another (its own thread)."""
+        lock = self._locks.get(gpu)
+        if lock is None:
+            lock = self._locks[gpu] = anyio.Lock()
+        return lock
 
     @contextmanager
-    def switching(self) -> Iterator[None]:
-        """Hold the switch lock, taken without a checkpoint.
+    def switching(self, gpus: Sequence[int]) -> Iterator[None]:
+        """Hold the switch locks of cards ``gpus``, taken without a checkpoint.
 
-        The scheduler decides and starts a switch in one synchronous stretch: if taking the
+        The scheduler decides and starts a switch in one synchronous stretch: if taking a
         lock yielded, a lease could be granted (acquire's fast path) on a model the switch is
-        about to evict. The scheduler is the only switcher while running, so the lock is free.
+        about to evict. The scheduler is the only switcher while running, and starts nothing
+        on a card that is busy, so the locks are free.
         """
-        self.lock.acquire_nowait()
+        taken: list[anyio.Lock] = []
         try:
+            for g in gpus:
+                lock = self.lock(g)
+                lock.acquire_nowait()
+                taken.append(lock)
             yield
         finally:
-            self.lock.release()
+            for lock in taken:
+                lock.release()
 
     # -- the one unload path -----------------------------------------------------------------
 
@@ -171,14 +178,16 @@ class Executor:
         self, step: Eviction, landed: Tier, why: str, duration_s: float | None, *, counted: bool
     ) -> None:
         ctx = self.ctx
-        if ctx.ledger.get(step.model) is not None:
-            ctx.ledger = ctx.ledger.move(step.model, landed)
+        gpu = ctx.gpus_of(step.model)[0]  # before it leaves: the card it leaves
+        if ctx.cards.get(step.model) is not None:
+            ctx.cards = ctx.cards.move(step.model, landed)
         if step.from_tier is Tier.GPU:
             ctx.note_lost(step.model)
         if counted:
             ctx.stats.evictions += 1
         ctx.emit(
             "evict",
+            gpu=gpu,
             model=step.model,
             duration_s=duration_s,
             detail=f"{step.from_tier.value} -> {landed.value} {why}",
@@ -202,24 +211,33 @@ class Executor:
 
     # -- the actions -------------------------------------------------------------------------
 
-    async def switch(self, p: Plan) -> SwitchOutcome:
-        """Evict, then load, between ``begin_switch`` and ``finish_switch`` / ``fail_switch``."""
+    async def switch(
+        self, p: Plan, gpu: int | None = None, more: Sequence[tuple[int, Plan]] = ()
+    ) -> SwitchOutcome:
+        """Evict, then load, between ``begin_switch`` and ``finish_switch`` / ``fail_switch``,
+        on card ``gpu`` (the first by default); a spanning model's switch also runs ``more``
+        (its plans on its other cards): one joint switch."""
         ctx = self.ctx
         target = p.load
-        with self.switching():
+        plans = [(ctx.first_gpu() if gpu is None else gpu, p), *more]
+        gpus = [g for g, _ in plans]
+        with self.switching(gpus):
             t0 = ctx.now_s()
-            ctx.fire("begin_switch", p.after, model=target)
+            for g, q in plans:
+                ctx.fire("begin_switch", q.after, model=target, gpu=g)
             try:
-                await self.unload(
-                    p.evictions,
-                    why=f"for {target}",
-                    during=f"while evicting it for {target!r}",
-                    counted=True,
-                    strict=True,
-                )
-                await self.load(p)
+                for _, q in plans:
+                    await self.unload(
+                        q.evictions,
+                        why=f"for {target}",
+                        during=f"while evicting it for {target!r}",
+                        counted=True,
+                        strict=True,
+                    )
+                await self.load(p, tuple(gpus), tuple(q.after.loading for _, q in plans if q.after.loading))
             except BaseException as exc:
-                ctx.fire("fail_switch", ctx.ledger, model=target, t0=t0)
+                for g in gpus:
+                    ctx.fire("fail_switch", model=target, gpu=g, t0=t0)
                 ctx.stats.failed_switches += 1
                 ctx.stats.switching_s += ctx.now_s() - t0
                 if isinstance(exc, NoRoom):
@@ -227,34 +245,39 @@ class Executor:
                     # next step reads the device again and waits for room (or fails, per
                     # switching.foreign_memory).
                     ctx.backoff_until[target] = ctx.now_s() + DEFERRED_POLL_S
-                    ctx.emit("fail", model=target, detail=str(exc.error))
+                    ctx.emit("fail", model=target, gpu=gpus[0], detail=str(exc.error))
                     return SwitchOutcome(target)
                 if isinstance(exc, Exception):
                     n, backoff = ctx.back_off(target, exc)
                     logger.warning(
                         "switch to %s failed (%d in a row; retry in %.2f s): %s", target, n, backoff, exc
                     )
-                    ctx.emit("fail", model=target, detail=str(exc))
+                    ctx.emit("fail", model=target, gpu=gpus[0], detail=str(exc))
                     return SwitchOutcome(target, error=exc)  # its waiters get the error
                 raise
             ctx.stats.switching_s += ctx.now_s() - t0
             ctx.stats.switches += 1
-            if p.gpu_evictions:
+            if any(q.gpu_evictions for _, q in plans):
                 ctx.stats.exchanges += 1
             ctx.succeeded(target)
-            ctx.fire("finish_switch", ctx.ledger, model=target, t0=t0)
+            for g in gpus:
+                ctx.fire("finish_switch", model=target, gpu=g, t0=t0)
+        ctx.settle_cards()
         return SwitchOutcome(target, loaded=True)
 
-    async def evict(self, models: Sequence[str], why: str) -> None:
-        """A switch that loads nothing: unload idle GPU residents to disk. A failure backs
-        evictions off for ``retry_backoff_s``."""
+    async def evict(self, models: Sequence[str], why: str, gpu: int | None = None) -> None:
+        """A switch that loads nothing on card ``gpu`` (the first by default): unload idle GPU
+        residents to disk. A failure backs evictions off for ``retry_backoff_s``."""
         ctx = self.ctx
-        after = ctx.ledger
+        gpu = ctx.first_gpu() if gpu is None else gpu
+        after = ctx.cards.ledger(gpu)
         for m in models:
-            after = after.move(m, Tier.DISK)
-        with self.switching():
+            if after.get(m) is not None:
+                after = after.move(m, Tier.DISK)
+        with self.switching([gpu]):
             t0 = ctx.now_s()
-            ctx.fire("begin_switch", after, model=None, detail=f"unloading {', '.join(models)} ({why})")
+            detail = f"unloading {', '.join(models)} ({why})"
+            ctx.fire("begin_switch", after, model=None, gpu=gpu, detail=detail)
             try:
                 steps = [Eviction(m, Tier.GPU, Tier.DISK) for m in models]
                 await self.unload(steps, why=f"({why})", during=f"while evicting it ({why})", counted=True)
@@ -262,7 +285,8 @@ class Executor:
                 logger.error("evicting %s (%s) failed: %s", ", ".join(models), why, exc)
                 self.rebalance_after_s = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
             finally:
-                ctx.fire("finish_switch", ctx.ledger, model=None, t0=t0)
+                ctx.fire("finish_switch", model=None, gpu=gpu, t0=t0)
+        ctx.settle_cards()
 
     async def reap(self, models: Sequence[str]) -> None:
         """Unload what a backend still holds but the ledger does not (a failed cleanup).
@@ -277,7 +301,7 @@ class Executor:
                 self.reap_after.pop(name, None)
                 continue
             try:
-                with self.switching():
+                with self.switching([ctx.home.get(name, ctx.first_gpu())]):
                     step = Eviction(name, backend.tier, Tier.DISK)
                     await self.unload(
                         [step],
@@ -298,23 +322,31 @@ class Executor:
         with anyio.move_on_after(ctx.config.unload_timeout_s):
             while any(self.book.leases.values()):  # noqa: ASYNC110 - leases end in other tasks; poll briefly
                 await anyio.sleep(RELEASE_POLL_S)
-        async with self.lock:
-            if ctx.ledger.residents:
-                target = ctx.ledger
-                for r in target.residents:
-                    target = target.move(r.model, Tier.DISK)
-                t0 = ctx.now_s()
-                ctx.fire("begin_switch", target, model=None, detail="shutdown: unloading everything")
-                for r in list(ctx.ledger.residents):
-                    try:
-                        step = Eviction(r.model, r.tier, Tier.DISK)
-                        await self.unload([step], why="(shutdown)", during="at shutdown", counted=False)
-                        report.unloaded.append(r.model)
-                    except Exception as exc:
-                        logger.error("could not unload %s at shutdown: %s", r.model, exc)
-                        report.failed[r.model] = str(exc)
-                trigger = "fail_switch" if ctx.ledger.residents else "finish_switch"
-                ctx.fire(trigger, ctx.ledger, model=None, t0=t0)
+        for gpu in ctx.cards.indexes:
+            await self.lock(gpu).acquire()
+        try:
+            held = [g for g, led in zip(ctx.cards.indexes, ctx.cards.ledgers, strict=True) if led.residents]
+            t0 = ctx.now_s()
+            for gpu in held:
+                empty = ctx.cards.ledger(gpu)
+                for r in empty.residents:
+                    empty = empty.move(r.model, Tier.DISK)
+                ctx.fire("begin_switch", empty, model=None, gpu=gpu, detail="shutdown: unloading everything")
+            done: set[str] = set()
+            for r in list(ctx.cards.residents):
+                if r.model in done:
+                    continue  # a spanning model: once
+                done.add(r.model)
+                try:
+                    step = Eviction(r.model, r.tier, Tier.DISK)
+                    await self.unload([step], why="(shutdown)", during="at shutdown", counted=False)
+                    report.unloaded.append(r.model)
+                except Exception as exc:
+                    logger.error("could not unload %s at shutdown: %s", r.model, exc)
+                    report.failed[r.model] = str(exc)
+            for gpu in held:
+                trigger = "fail_switch" if ctx.cards.ledger(gpu).residents else "finish_switch"
+                ctx.fire(trigger, model=None, gpu=gpu, t0=t0)
             for b in list(ctx.backends.values()):
                 try:
                     with anyio.fail_after(ctx.config.unload_timeout_s):
@@ -327,18 +359,32 @@ class Executor:
             except VRAMNotReleased as exc:
                 logger.error("at shutdown: %s", exc)
                 report.failed.setdefault(exc.model, str(exc))
+        finally:
+            for gpu in ctx.cards.indexes:
+                self.lock(gpu).release()
         return report
 
     # -- the one load path -------------------------------------------------------------------
 
-    async def load(self, p: Plan) -> None:
-        """Bring ``p.load`` onto the GPU (a cold load, or a restore from the host tier)."""
+    async def load(self, p: Plan, gpus: tuple[int, ...] = (), shares: Sequence[Resident] = ()) -> None:
+        """Bring ``p.load`` onto the GPU (a cold load, or a restore from the host tier): onto
+        cards ``gpus`` (the first card by default), with ``shares[i]`` committed on
+        ``gpus[i]`` (by default the plan's load)."""
         ctx = self.ctx
         backend = ctx.backends[p.load]
         resident = p.after.loading
         assert resident is not None
-        self.accounting.check_room(p.load, resident.vram_bytes)
-        ctx.ledger = ctx.ledger.begin_load(resident)
+        gpus = gpus or (ctx.first_gpu(),)
+        shares = list(shares) or [resident]
+        for g, share in zip(gpus, shares, strict=True):
+            self.accounting.check_room(p.load, share.vram_bytes, g)
+        if ctx.several:
+            backend.bind(gpus, tuple(self.accounting.devices[g] for g in gpus))
+            ctx.home[p.load] = gpus[0]
+            if len(gpus) > 1:
+                ctx.spans[p.load] = gpus
+        for g, share in zip(gpus, shares, strict=True):
+            ctx.cards = ctx.cards.begin_load(g, share)
         # A cold load comes from the packed disk cache or from the source: a cost of its own.
         origin = "host" if p.from_tier is Tier.HOST else ("cache" if backend.cached else "source")
         t0 = ctx.now_s()
@@ -363,12 +409,14 @@ class Executor:
                     # The memory stayed: it is no longer ours in the ledger, so it counts as
                     # foreign until the device shows it gone (see Accounting.refresh_foreign).
                     logger.error("failed load of %s left %s on the device", p.load, format_gib(still))
-                ctx.ledger = ctx.ledger.abort_load()
+                for g in gpus:
+                    ctx.cards = ctx.cards.abort_load(g)
             err = self._load_error(p, exc)
             if err is exc:
                 raise  # already the project's error (or a cancellation)
             raise err from exc
-        ctx.ledger = ctx.ledger.finish_load()
+        for g in gpus:
+            ctx.cards = ctx.cards.finish_load(g)
         if p.from_tier is Tier.HOST:
             ctx.stats.restores += 1
         else:
@@ -378,12 +426,14 @@ class Executor:
         )
         ctx.emit(
             "load",
+            gpu=gpus[0],
             model=p.load,
             duration_s=ctx.now_s() - t0,
             detail=f"from {p.from_tier.value}" + (" (packed cache)" if origin == "cache" else ""),
             bytes_after=resident.vram_bytes,  # what the ledger holds for it
         )
-        self.accounting.learn(p.load, backend.measured_bytes(live_only=True), "load")
+        if len(gpus) == 1:  # a spanning model's reading is one card's share: nothing to learn
+            self.accounting.learn(p.load, backend.measured_bytes(live_only=True), "load")
         self.watch.start(p.load)
 
     def _load_error(self, p: Plan, exc: BaseException) -> BaseException:

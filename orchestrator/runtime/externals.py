@@ -8,6 +8,7 @@ bytes leave the ledger at once (or, during a switch, once the switch is over).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from orchestrator.device.base import Device
 from orchestrator.monitor import foreign_processes
@@ -20,9 +21,10 @@ logger = logging.getLogger("orchestrator")
 
 
 class Externals:
-    def __init__(self, ctx: Context, device: Device) -> None:
+    def __init__(self, ctx: Context, devices: Mapping[int, Device]) -> None:
         self.ctx = ctx
-        self.device = device
+        self.devices = dict(devices)  # one per card
+        self.device = self.devices[ctx.first_gpu()]
         self._seq = 0
         self._overusing: set[str] = set()  # ids whose program was seen using more than reserved
 
@@ -39,9 +41,7 @@ class Externals:
         ctx = self.ctx
         ctx.externals.pop(rid, None)
         self._overusing.discard(rid)
-        planned = ctx.ledger.get(rid) is not None or (
-            ctx.ledger.loading is not None and ctx.ledger.loading.model == rid
-        )
+        planned = ctx.cards.get(rid) is not None or bool(ctx.cards.gpus_of(rid))
         if ctx.switching:
             # A switch is under way (perhaps the one that admits this very reservation): the
             # scheduler drops it once that switch is over (a requested unload).
@@ -49,13 +49,15 @@ class Externals:
             ctx.wake()
             return
         if planned:
-            before = ctx.ledger.committed_bytes
-            ctx.ledger = ctx.ledger.move(rid, Tier.DISK)
+            gpu = ctx.gpus_of(rid)[0]
+            before = ctx.cards.ledger(gpu).committed_bytes
+            ctx.cards = ctx.cards.move(rid, Tier.DISK)
             ctx.emit(
                 "external_end",
+                gpu=gpu,
                 model=rid,
                 bytes_before=before,
-                bytes_after=ctx.ledger.committed_bytes,
+                bytes_after=ctx.cards.ledger(gpu).committed_bytes,
                 detail="reservation ended: its bytes are free for our models again",
             )
             ctx.wake()
@@ -67,7 +69,7 @@ class Externals:
         """Drop the stand-ins of reservations that ended during a switch, once unloaded."""
         ctx = self.ctx
         for name in [n for n, b in ctx.backends.items() if isinstance(b, ExternalBackend)]:
-            if name not in ctx.externals and ctx.ledger.get(name) is None and name not in ctx.to_unload:
+            if name not in ctx.externals and ctx.cards.get(name) is None and name not in ctx.to_unload:
                 del ctx.backends[name]
 
     def check_usage(self) -> list[tuple[ExternalReservation, int]]:
@@ -78,14 +80,17 @@ class Externals:
         budget stays safe, but our models may have to wait or be evicted for it.
         """
         ctx = self.ctx
-        held = [r for r in ctx.externals.values() if r.pid is not None and ctx.ledger.on_gpu(r.id)]
+        held = [r for r in ctx.externals.values() if r.pid is not None and ctx.cards.on_gpu(r.id)]
         if not held:
             return []
-        procs = dict(foreign_processes(self.device.read()))
+        readings: dict[int, dict[int, int]] = {}
         out = []
         for r in held:
             assert r.pid is not None
-            used = procs.get(r.pid, 0)
+            gpu = ctx.gpus_of(r.id)[0]
+            if gpu not in readings:
+                readings[gpu] = dict(foreign_processes(self.devices.get(gpu, self.device).read()))
+            used = readings[gpu].get(r.pid, 0)
             out.append((r, used))
             if used > r.vram_bytes and r.id not in self._overusing:
                 self._overusing.add(r.id)

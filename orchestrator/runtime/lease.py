@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.backends.base import Backend
 from orchestrator.errors import LeaseEnded
+from states.cards import Card
 from states.ledger import Tier
 
 EXTERNAL_KIND = "external"  # the kind of a reservation for a program outside the orchestrator
@@ -21,12 +22,26 @@ class Lease:
     the model is evicted. ``handle`` then raises ``LeaseEnded``.
     """
 
-    __slots__ = ("_handle", "ended", "kind", "model", "priority", "waited_s")
+    __slots__ = ("_handle", "devices", "ended", "kind", "model", "priority", "waited_s")
 
-    def __init__(self, model: str, kind: str, handle: Any, waited_s: float, priority: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        kind: str,
+        handle: Any,
+        waited_s: float,
+        priority: int,
+        devices: tuple[Card, ...] = (),
+    ) -> None:
         self.model, self.kind, self.waited_s, self.priority = model, kind, waited_s, priority
         self._handle = handle
         self.ended = False
+        self.devices = devices  # the card(s) that serve it, first card first
+
+    @property
+    def device(self) -> Card | None:
+        """The card that serves it (its index and name; a spanning model's first card)."""
+        return self.devices[0] if self.devices else None
 
     @property
     def handle(self) -> Any:

@@ -40,6 +40,8 @@ from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.scheduler import Scheduler
 from orchestrator.runtime.stats import Statistics
 from orchestrator.runtime.watch import CrashWatch
+from orchestrator.spec import CardSpec
+from states.cards import Cards
 from states.ledger import Ledger
 from states.machine import State
 from states.plan import Policy
@@ -60,14 +62,28 @@ class Orchestrator:
         config: Config,
         *,
         device: Device | None = None,
+        devices: Mapping[int, Device] | None = None,
         backends: Mapping[str, Backend] | None = None,
         footprints: FootprintStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.device: Device = device if device is not None else _make_device(config)
-        if device is None and isinstance(self.device, SimulatedDevice):
-            self.device.clock = clock  # its slow releases run on the orchestrator's clock
+        first = config.cards[0].index
+        if devices is not None:
+            missing = [c.index for c in config.cards if c.index not in devices]
+            if missing:
+                raise ValueError(f"devices= has no device for the config's cards {missing}")
+            self.devices: dict[int, Device] = {c.index: devices[c.index] for c in config.cards}
+        elif device is not None:
+            if len(config.cards) > 1:
+                raise ValueError("the config has several cards: pass devices= with one device per card")
+            self.devices = {first: device}
+        else:
+            self.devices = {c.index: _make_device(config, c) for c in config.cards}
+            for d in self.devices.values():
+                if isinstance(d, SimulatedDevice):
+                    d.clock = clock  # its slow releases run on the orchestrator's clock
+        self.device: Device = self.devices[first]  # the first card (with one card: the card)
         self.backends: dict[str, Backend] = dict(backends or {})
         for name, spec in config.models.items():
             if name not in self.backends:
@@ -78,13 +94,13 @@ class Orchestrator:
         self.sampler = PeakSampler(self.device, config.sample_hz, clock=clock)
 
         ctx = self._ctx = Context(config, self.backends, self.hub, clock)
-        self._accounting = Accounting(ctx, self.device, self.footprints)
+        self._accounting = Accounting(ctx, self.devices, self.footprints)
         self._book = LeaseBook(
             ctx, on_release=self._accounting.note_use_peak, holding_text=self._holding_text
         )
         self._watch = CrashWatch(ctx, self._book)
         self._executor = Executor(ctx, self._book, self._accounting, self._watch)
-        self._externals = Externals(ctx, self.device)
+        self._externals = Externals(ctx, self.devices)
         self._scheduler = Scheduler(ctx, self._book, self._accounting, self._executor, self._externals)
         self._tg: TaskGroup | None = None
         self._running = False
@@ -101,7 +117,8 @@ class Orchestrator:
 
     def _make_backend(self, spec: ModelSpec) -> Backend:
         log_dir = default_path().parent / "logs"
-        return create_backend(spec, config=self.config, device=self.device, log_dir=log_dir)
+        first = spec.gpus[0] if spec.gpus else self.config.cards[0].index
+        return create_backend(spec, config=self.config, device=self.devices[first], log_dir=log_dir)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -114,8 +131,17 @@ class Orchestrator:
         return self._ctx.machine.state
 
     def ledger(self) -> Ledger:
-        """A frozen snapshot of the ledger."""
+        """A frozen snapshot of the ledger (with several cards: the machine's totals as one
+        ledger; ``cards()`` has each card's own)."""
         return self._ctx.ledger
+
+    def cards(self) -> Cards:
+        """A frozen snapshot of every card's ledger (one card: a ``Cards`` of one)."""
+        return self._ctx.cards
+
+    def states(self) -> dict[int, State]:
+        """Each card's state, by card index."""
+        return {g: m.state for g, m in self._ctx.machines.items()}
 
     def now_s(self) -> float:
         return self._ctx.now_s()
@@ -371,11 +397,9 @@ def _check_timeout(timeout: float | None) -> None:
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
 
 
-def _make_device(config: Config) -> Device:
+def _make_device(config: Config, card: CardSpec) -> Device:
     try:
-        return open_device(
-            config.device, config.device_index, total_bytes=config.total_bytes, name=config.gpu_name
-        )
+        return open_device(config.device, card.index, total_bytes=card.total_bytes, name=card.name)
     except DeviceUnavailable as exc:
         raise ConfigError(
             config.source,

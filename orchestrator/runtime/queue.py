@@ -88,7 +88,7 @@ class LeaseBook:
         self.leases[w.model] = self.leases.get(w.model, 0) + 1
         holders = self.holders.setdefault(w.model, {})
         holders[w.holder] = holders.get(w.holder, 0) + 1
-        ctx.ledger = ctx.ledger.touch(w.model)
+        ctx.cards = ctx.cards.touch(w.model)
         ctx.stats.grants += 1
         ctx.emit("grant", model=w.model, duration_s=ctx.now_s() - w.arrived_s)  # the wait
         w.event.set()
@@ -119,11 +119,11 @@ class LeaseBook:
         holders[holder] -= 1
         if not holders[holder]:
             del holders[holder]
-        ctx.ledger = ctx.ledger.touch(model)
+        ctx.cards = ctx.cards.touch(model)
         self._on_release(model)
         ctx.stats.releases += 1
         ctx.emit("release", model=model)
-        if self.waiters or not ctx.ledger.fits():  # otherwise a release changes no decision
+        if self.waiters or not ctx.cards.fits():  # otherwise a release changes no decision
             ctx.wake()
 
     # -- one acquire -------------------------------------------------------------------------
@@ -146,10 +146,10 @@ class LeaseBook:
         self.waiters.append(w)
         self._by_seq[w.seq] = w
         if grants_at_once(
-            ctx.ledger,
+            ctx.cards,
             model,
             queue_length=len(self.waiters),
-            switching=ctx.switching,
+            switching=ctx.switching_on(ctx.cards.gpus_of(model)),
             draining=self.draining,
             to_unload=ctx.to_unload,
             held=self.leases.get(model, 0),
@@ -180,7 +180,8 @@ class LeaseBook:
             raise w.error
         waited = ctx.now_s() - w.arrived_s
         ctx.stats.record_wait(waited)
-        lease = Lease(model, kind, ctx.backends[model].handle, waited, priority)
+        devices = tuple(ctx.cards.card(g) for g in ctx.cards.gpus_of(model))
+        lease = Lease(model, kind, ctx.backends[model].handle, waited, priority, devices)
         # If the model's process dies while the block runs, the block is cancelled and
         # BackendCrashed raised from it (see CrashWatch).
         scope = anyio.CancelScope()

@@ -9,8 +9,10 @@ until the decision's wake time or until something changes (a new waiter, a relea
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from orchestrator.config import Config
 from orchestrator.runtime.accounting import Accounting
@@ -56,15 +58,22 @@ class Scheduler:
         self.settings = settings_of(ctx.config)
         self.deferred: dict[str, Deferred] = {}  # requests waiting for foreign memory, for messages
         self._outcome: SwitchOutcome | None = None  # how the last switch ended
+        # Several cards: the action running on each busy card, and how each card's last
+        # switch ended (read by the next step, then forgotten).
+        self._running: dict[int, Switch | Evict | Reap] = {}
+        self._outcomes: dict[int, SwitchOutcome] = {}
+        self._tg: TaskGroup | None = None
 
     async def run(self) -> None:
-        while True:
-            wake = self.ctx.next_wake()
-            delay = await self.step()
-            if delay == 0:
-                continue
-            with anyio.move_on_after(delay):
-                await wake.wait()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            while True:
+                wake = self.ctx.next_wake()
+                delay = await self.step()
+                if delay == 0:
+                    continue
+                with anyio.move_on_after(delay):
+                    await wake.wait()
 
     async def step(self) -> float | None:
         """One step. Returns how long to sleep (0: step again at once; None: until poked)."""
@@ -74,11 +83,35 @@ class Scheduler:
         view = self.snapshot()
         d = decide(view)
         self._outcome = None
+        self._outcomes.clear()
         self.apply(d)
-        if d.action is None:
-            return None if d.wake_at_s is None else max(MIN_SLEEP_S, d.wake_at_s - view.now_s)
-        await self.execute(d.action)
-        return 0
+        if d.action is not None:
+            await self.execute(d.action)
+            return 0
+        if d.actions and self._tg is not None:
+            # Several cards: each action runs on its own, one per card; the loop goes on
+            # deciding for the other cards, and an action's end wakes it.
+            for gpu, action in d.actions:
+                self._start(gpu, action)
+            return 0
+        return None if d.wake_at_s is None else max(MIN_SLEEP_S, d.wake_at_s - view.now_s)
+
+    def _start(self, gpu: int, action: Switch | Evict | Reap) -> None:
+        gpus = (gpu, *(g for g, _ in action.more)) if isinstance(action, Switch) else (gpu,)
+        for g in gpus:
+            self._running[g] = action
+        assert self._tg is not None
+        self._tg.start_soon(self._run_action, gpu, gpus, action, name=f"vram-orchestrator switch cuda:{gpu}")
+
+    async def _run_action(self, gpu: int, gpus: tuple[int, ...], action: Switch | Evict | Reap) -> None:
+        try:
+            outcome = await self.execute(action, gpu)
+            if outcome is not None:
+                self._outcomes[gpu] = outcome
+        finally:
+            for g in gpus:
+                self._running.pop(g, None)
+            self.ctx.wake()
 
     def snapshot(self) -> StepView:
         ctx, book, ex = self.ctx, self.book, self.executor
@@ -96,6 +129,7 @@ class Scheduler:
         foreign = ""
         if self.settings.foreign_memory_fails and ledger.foreign_bytes:
             foreign = self.accounting.foreign_text()
+        several = self._several(known) if ctx.several else {}
         return StepView(
             now_s=ctx.now_s(),
             ledger=ledger,
@@ -116,7 +150,43 @@ class Scheduler:
             foreign_text=foreign,
             capacity=ctx.capacity,
             costs=ctx.costs,
+            **several,
         )
+
+    def _several(self, known: frozenset[str]) -> dict[str, Any]:
+        """The snapshot's fields for a machine with several cards."""
+        ctx = self.ctx
+        models = ctx.config.models
+        in_flight: set[str] = set()
+        loading: dict[str, tuple[int, ...]] = {}
+        host_pending = 0
+        for gpu, action in self._running.items():
+            if isinstance(action, Switch):
+                if gpu not in (g for g, _ in action.more):
+                    loading[action.plan.load] = (gpu, *(g for g, _ in action.more))
+                for p in (action.plan, *(q for _, q in action.more)):
+                    in_flight.add(p.load)
+                    for e in p.evictions:
+                        in_flight.add(e.model)
+                        if e.to_tier is Tier.HOST and ctx.cards.tier_of(e.model) is not Tier.HOST:
+                            r = ctx.cards.get(e.model)
+                            host_pending += r.host_bytes if r is not None else 0
+            elif isinstance(action, Evict | Reap):
+                in_flight.update(action.models)
+        outcomes = self._outcomes
+        return {
+            "cards": ctx.cards,
+            "busy": frozenset(self._running),
+            "in_flight": frozenset(in_flight),
+            "loading": loading,
+            "host_pending_bytes": host_pending,
+            "allowed": {m: s.gpus for m, s in models.items() if s.gpus is not None},
+            "spans": {m: s.tensor_parallel for m, s in models.items() if s.tensor_parallel > 1},
+            "portable": frozenset(m for m in known if m in models and ctx.backends[m].host_copy_portable),
+            "home": dict(ctx.home),
+            "loaded_on": {g: o.target for g, o in outcomes.items() if o.loaded},
+            "failed_on": {g: (o.target, o.error) for g, o in outcomes.items() if o.error is not None},
+        }
 
     def apply(self, d: Decision) -> None:
         """The decision's bookkeeping: failures, grants, drains, deferrals, settled unloads."""
@@ -130,16 +200,20 @@ class Scheduler:
         for m in d.settled_unloads:
             ctx.to_unload.pop(m, None)
 
-    async def execute(self, action: Switch | Evict | Reap) -> None:
+    async def execute(self, action: Switch | Evict | Reap, gpu: int | None = None) -> SwitchOutcome | None:
+        """Run one action (on card ``gpu``; the first card by default)."""
         if isinstance(action, Switch):
-            self._outcome = await self.executor.switch(action.plan)
-        elif isinstance(action, Evict):
+            outcome = await self.executor.switch(action.plan, gpu, action.more)
+            self._outcome = outcome
+            return outcome
+        if isinstance(action, Evict):
             if action.requested:
                 for m in action.models:
                     self.ctx.to_unload.pop(m, None)
-            await self.executor.evict(action.models, action.reason)
+            await self.executor.evict(action.models, action.reason, gpu)
         else:
             await self.executor.reap(action.models)
+        return None
 
 
 class _Requests(Mapping[str, PlanRequest]):

@@ -51,17 +51,19 @@ class CrashWatch:
 
     def crashed(self, model: str, reason: str) -> None:
         ctx = self.ctx
-        if ctx.ledger.get(model) is None:
+        if ctx.cards.get(model) is None:
             return
         err = BackendCrashed(model, reason)
-        ctx.ledger = ctx.ledger.move(model, Tier.DISK)
+        gpus = ctx.gpus_of(model)
+        ctx.cards = ctx.cards.move(model, Tier.DISK)
         ctx.note_lost(model)
         scopes = self.book.scopes.get(model, {})
         for scope in scopes:
             scopes[scope] = err
             scope.cancel()
-        if not ctx.switching:
-            ctx.fire("settle", ctx.ledger, model=model, detail="crashed")
+        for gpu in gpus:
+            if not ctx.switching_on((gpu,)):
+                ctx.fire("settle", model=model, gpu=gpu, detail="crashed")
         n, backoff = ctx.back_off(model, err)
         logger.error("%s crashed (%d in a row; restart allowed in %.2f s): %s", model, n, backoff, reason)
         ctx.emit("crash", model=model, detail=reason)
