@@ -16,11 +16,12 @@ The rules, in the order they apply:
    request routed a moment ago counts before the machine's next snapshot shows it), with a
    free slot within its ``max_concurrent``: there, the least loaded first.
 4. Otherwise the cheapest move: a machine that holds a host copy of the model (a restore),
-   else the machine where placement finds the cheapest room (``states.plan.plan`` on that
-   machine's ledger, as it will be once the loads it has been asked for are done; a plan
-   costs its evictions' unloads and its load, ``states.step.switch_cost_s``, then the
-   number and bytes of its evictions), ties to the least loaded. A move never evicts a
-   model that holds leases or is waited for.
+   else the machine where placement finds the cheapest room: ``states.placement`` on that
+   machine's cards, as they will be once the loads it has been asked for are done, chooses
+   the card(s) and scores them (models in use evicted, then the switch's cost: the
+   evictions' unloads and the load or restore, then the bytes evicted); the machine with
+   the best score wins, ties to the least loaded. A move never evicts a model that holds
+   leases or is waited for.
    A resident machine that is full (its ``max_concurrent`` taken, others queued) competes
    with that move: its queue's expected wait (the leases ahead of this one, over the
    capacity, times ``hold_s``, how long a lease on the model is held) against the move's
@@ -38,8 +39,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from states.cards import Cards
 from states.errors import InsufficientVRAM, OrchestratorError
 from states.ledger import Ledger, Tier
+from states.placement import PlaceContext, place, score
 from states.plan import Deferred, Plan, PlanRequest, Policy, plan
 from states.step import StepView, SwitchCosts, switch_cost_s
 from states.units import format_gib
@@ -52,13 +55,15 @@ class MachineView:
     """What the router knows of one machine: its orchestrator's last snapshot, plus the
     requests the router itself sent there since (in ``waiting`` and ``leases``).
 
-    ``requests`` has a plan request for every model the machine's config knows (at the
-    bytes its orchestrator plans with); ``names`` maps every name, alias and kind that
-    machine's config resolves to the model it means there.
+    ``cards`` are the machine's ledgers, one per card. ``requests`` has a plan request for
+    every model the machine's config knows (at the bytes its orchestrator plans with: a
+    spanning model's share per card); ``names`` maps every name, alias and kind that
+    machine's config resolves to the model it means there. ``allowed``, ``spans`` and
+    ``portable`` are its models' card restrictions, as ``states.placement`` reads them.
     """
 
     node: str
-    ledger: Ledger
+    cards: Cards
     requests: Mapping[str, PlanRequest]
     names: Mapping[str, str]
     policy: Policy = field(default_factory=Policy)
@@ -66,6 +71,9 @@ class MachineView:
     waiting: Mapping[str, int] = field(default_factory=dict)  # waiters per model
     capacity: Mapping[str, int] = field(default_factory=dict)  # max_concurrent, where limited
     costs: Mapping[str, SwitchCosts] = field(default_factory=dict)  # learned switch costs
+    allowed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # models.<m>.gpus
+    spans: Mapping[str, int] = field(default_factory=dict)  # models.<m>.tensor_parallel > 1
+    portable: frozenset[str] = frozenset()  # host copies that may restore onto another card
     alive: bool = True
 
     @property
@@ -123,6 +131,8 @@ class Route:
     model: str
     choice: Choice
     cost_s: float = 0.0  # the move's switch cost, or a queue's expected wait
+    gpus: tuple[int, ...] = ()  # the card(s) placement chose there (a move)
+    score: tuple[int, ...] = ()  # placement's score of the move (the worst of its cards)
     evictions: int = 0  # GPU evictions the move needs
     evicted_bytes: int = 0
     busy_evictions: int = 0  # of those, models that hold leases or are waited for
@@ -185,8 +195,8 @@ def _order(routes: list[Route]) -> list[Route]:
     def by_load(r: Route) -> tuple[int, str]:
         return (r.load, r.node)
 
-    def by_cost(r: Route) -> tuple[float, int, int, int, str]:
-        return (r.cost_s, r.evictions, r.evicted_bytes, r.load, r.node)
+    def by_cost(r: Route) -> tuple[tuple[int, ...], float, int, int, int, str]:
+        return (r.score, r.cost_s, r.evictions, r.evicted_bytes, r.load, r.node)
 
     def of(choice: Choice) -> list[Route]:
         return [r for r in routes if r.choice is choice]
@@ -223,43 +233,43 @@ def _route_on(request: RouteRequest, m: MachineView, why: dict[str, str]) -> Rou
             why[m.node] = "its config has no such model or kind"
             return None
         target, model = req, name
-    if target.vram_bytes > m.ledger.budget_bytes:
-        why[m.node] = (
-            f"needs {format_gib(target.vram_bytes)}, "
-            f"more than its budget of {format_gib(m.ledger.budget_bytes)}"
-        )
-        return None
     held = request.held.get(m.node, frozenset())
     load = m.load
     if model:
         if model in held:
             return Route(m.node, model, Choice.HELD, load=load)
-        ledger = m.ledger
-        coming = ledger.loading is not None and ledger.loading.model == model
-        if ledger.on_gpu(model) or coming or m.waiting.get(model, 0) > 0:
+        if m.cards.gpus_of(model) or m.waiting.get(model, 0) > 0:
             queue_s = _queue_s(m, model, request.hold_s)
             if queue_s == 0.0:
                 return Route(m.node, model, Choice.RESIDENT, load=load)
             return Route(m.node, model, Choice.QUEUED, cost_s=queue_s, load=load)
-    expected = _expected_ledger(m)
-    if model and expected.on_gpu(model):  # it comes with a load already asked for
-        return Route(m.node, model, Choice.RESIDENT, load=load)
+    pctx = _place_context(m)
+    expected = _expected_cards(m, pctx)
     try:
-        p = plan(target, expected, m.policy)
-    except InsufficientVRAM as exc:  # (the budget was checked above: kept for safety)
-        why[m.node] = str(exc)
+        placed = place(target, expected, pctx)
+    except InsufficientVRAM as exc:
+        why[m.node] = f"needs {format_gib(exc.required_bytes)}, " + (
+            exc.reason or f"more than the budget of its largest card ({format_gib(exc.budget_bytes)})"
+        )
         return None
+    if placed.why == "resident":  # it comes with a load already asked for
+        return Route(m.node, model, Choice.RESIDENT, gpus=placed.gpus, load=load)
+    scores = [score(target, expected.view(g), g, pctx) for g in placed.gpus]
+    if any(sc is None for sc in scores):
+        why[m.node] = f"{target.model} fits none of the cards it may use"
+        return None
+    worst = max(sc for sc in scores if sc is not None)
+    p = plan(target, expected.view(placed.anchor), m.policy)
     if isinstance(p, Deferred):
-        return Route(m.node, model, Choice.DEFERRED, load=load)
+        return Route(m.node, model, Choice.DEFERRED, gpus=placed.gpus, score=worst, load=load)
     gpu = p.gpu_evictions
+    anchor = expected.view(placed.anchor)
     busy = sum(1 for e in gpu if _busy(m, e.model))
-    evicted_bytes = sum(_bytes_of(expected, e.model) for e in gpu)
-    cost_s = _cost_s(m, p)
     if any(e.model in held for e in gpu):
         choice = Choice.DEADLOCK
     elif busy:
         choice = Choice.AFTER_DRAIN
-    elif p.from_tier is Tier.HOST:
+    elif p.from_tier is Tier.HOST or placed.why == "host copy":
         choice = Choice.HOST
     else:
         choice = Choice.ROOM
@@ -267,9 +277,11 @@ def _route_on(request: RouteRequest, m: MachineView, why: dict[str, str]) -> Rou
         m.node,
         model,
         choice,
-        cost_s=cost_s,
+        cost_s=_cost_s(m, anchor, p),
+        gpus=placed.gpus,
+        score=worst,
         evictions=len(gpu),
-        evicted_bytes=evicted_bytes,
+        evicted_bytes=sum(_bytes_of(anchor, e.model) for e in gpu),
         busy_evictions=busy,
         load=load,
     )
@@ -297,30 +309,57 @@ def _bytes_of(ledger: Ledger, model: str) -> int:
     return r.vram_bytes if r is not None else 0
 
 
-def _cost_s(m: MachineView, p: Plan) -> float:
-    view = StepView(now_s=0.0, ledger=m.ledger, waiters=(), requests={}, policy=m.policy, costs=m.costs)
+def _cost_s(m: MachineView, ledger: Ledger, p: Plan) -> float:
+    view = StepView(now_s=0.0, ledger=ledger, waiters=(), requests={}, policy=m.policy, costs=m.costs)
     return switch_cost_s(view, p)
 
 
-def _expected_ledger(m: MachineView) -> Ledger:
-    """``m``'s ledger once the load in progress and the loads its waiters ask for are done
-    (most waited for first, where each fits): what a new request must make room beside."""
-    ledger = m.ledger
-    if ledger.loading is not None:
-        ledger = ledger.finish_load()
+def _place_context(m: MachineView) -> PlaceContext:
+    """What placement reads of ``m``; a model waited for counts as in use (evicting it would
+    make its waiters wait for it again)."""
+    in_use = dict(m.leases)
+    for model, n in m.waiting.items():
+        in_use[model] = in_use.get(model, 0) + n
+    return PlaceContext(
+        policy=m.policy,
+        allowed=m.allowed,
+        spans=m.spans,
+        portable=m.portable,
+        leases=in_use,
+        cost_s={model: (c.load_s, c.restore_s, c.unload_s) for model, c in m.costs.items()},
+    )
+
+
+def _expected_cards(m: MachineView, pctx: PlaceContext) -> Cards:
+    """``m``'s cards once the loads in progress and the loads its waiters ask for are done
+    (most waited for first, each where placement puts it, where it fits): what a new
+    request must make room beside."""
+    cards = m.cards
+    for g in cards.indexes:
+        if cards.ledger(g).loading is not None:
+            cards = cards.finish_load(g)
     wanted = sorted(
         (n, model)
         for model, n in m.waiting.items()
-        if n > 0 and model in m.requests and not ledger.on_gpu(model)
+        if n > 0 and model in m.requests and not cards.on_gpu(model)
     )
     for _, model in reversed(wanted):
         req = m.requests[model]
-        if req.vram_bytes > ledger.budget_bytes:
+        try:
+            placed = place(req, cards, pctx)
+        except InsufficientVRAM:
             continue
-        p = plan(req, ledger, m.policy)
-        if isinstance(p, Plan):
-            ledger = p.after.finish_load()
-    return ledger
+        if len(placed.gpus) != 1:
+            continue  # a spanning model: not simulated (it is placed when its machine decides)
+        gpu = placed.anchor
+        p = plan(req, cards.view(gpu), m.policy)
+        if not isinstance(p, Plan):
+            continue
+        for e in p.evictions:
+            cards = cards.move(e.model, e.to_tier)
+        assert p.after.loading is not None
+        cards = cards.begin_load(gpu, p.after.loading).finish_load(gpu)
+    return cards
 
 
 def names_of(

@@ -241,6 +241,9 @@ class OrchestratorActor:
         return {"lease": self._lease_dict(rl, request_id)}
 
     def _lease_dict(self, rl: RemoteLease, request_id: str) -> dict[str, Any]:
+        assert self.orch is not None
+        gpus = self.orch.cards().gpus_of(rl.model)
+        names = {c.index: c.name for c in self.config.cards}
         return {
             "id": rl.id,
             "request_id": request_id,
@@ -251,8 +254,8 @@ class OrchestratorActor:
             "url": _reachable(rl.url, self._address),
             "ttl_s": rl.ttl_s,
             "waited_s": rl.waited_s,
-            "card": self.config.device_index,
-            "gpu_name": self.config.gpu_name,
+            "cards": list(gpus),
+            "gpu_name": names.get(gpus[0], "") if gpus else "",
             "address": self._address,
             "ray_node_id": self._ray_node_id,
             "version": self.version,

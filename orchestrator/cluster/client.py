@@ -93,12 +93,17 @@ class ClusterLease:
     kind: str
     vram_bytes: int
     url: str | None  # the model's server, as other machines reach it (server models)
-    card: int  # the device index on that machine
+    cards: tuple[int, ...]  # the device index(es) on that machine: one, or each card it spans
     gpu_name: str
     ttl_s: float
     waited_s: float  # in the machine's queue
     address: str = ""  # the machine's address
     route: Route | None = None  # why it went there
+
+    @property
+    def card(self) -> int | None:
+        """The (first) card that serves it."""
+        return self.cards[0] if self.cards else None
 
     @property
     def handle(self) -> ServerAt:
@@ -120,7 +125,7 @@ class ClusterLease:
             kind=str(d["kind"]),
             vram_bytes=int(d["vram_bytes"]),
             url=d.get("url"),
-            card=int(d["card"]),
+            cards=tuple(int(g) for g in d.get("cards") or ()),
             gpu_name=str(d.get("gpu_name") or ""),
             ttl_s=float(d["ttl_s"]),
             waited_s=float(d.get("waited_s") or 0.0),

@@ -1,7 +1,7 @@
 """What travels from a machine to the router: a ``MachineSnapshot`` of its orchestrator.
 
-It is a frozen value built on the machine (``snapshot_of``) and sent as it is: the ledger,
-the leases and waiters per model, the capacity and learned switch costs of each model, the
+It is a frozen value built on the machine (``snapshot_of``) and sent as it is: the ledger
+of each card, the leases and waiters per model, the capacity and learned switch costs of each model, the
 plan request of every configured model (at the bytes that machine plans with), and the names
 its config resolves. The router turns it into a ``states.routing.MachineView`` with the
 requests it has sent there since (``view``). No weights, no handles, nothing of the models
@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.runtime import Orchestrator
+from orchestrator.spec import card_share_bytes
+from states.cards import Cards
 from states.ledger import Ledger
 from states.plan import PlanRequest, Policy
 from states.routing import MachineView, names_of
@@ -27,7 +29,7 @@ class MachineSnapshot:
     node: str  # the machine's name in the cluster
     instance: str  # this run of the machine's orchestrator (a restart gets a new one)
     version: int
-    ledger: Ledger
+    cards: Cards
     requests: Mapping[str, PlanRequest]
     names: Mapping[str, str]
     policy: Policy
@@ -35,12 +37,18 @@ class MachineSnapshot:
     waiting: Mapping[str, int] = field(default_factory=dict)
     capacity: Mapping[str, int] = field(default_factory=dict)
     costs: Mapping[str, SwitchCosts] = field(default_factory=dict)
+    allowed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # models.<m>.gpus
+    spans: Mapping[str, int] = field(default_factory=dict)  # models.<m>.tensor_parallel > 1
+    portable: frozenset[str] = frozenset()  # host copies that may restore onto another card
     lease_ids: frozenset[str] = frozenset()  # the remote leases it holds now
     address: str = ""  # the machine's IP address, as the cluster knows it
     ray_node_id: str = ""
-    card: int = 0  # the device index its orchestrator manages
-    gpu_name: str = ""
-    state: str = ""  # its machine state (IDLE, SWITCHING, ...)
+    states: Mapping[int, str] = field(default_factory=dict)  # each card's state (IDLE, ...)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The machine's totals as one ledger (one card: its ledger)."""
+        return self.cards.summary()
 
     def view(
         self,
@@ -55,7 +63,7 @@ class MachineSnapshot:
         snapshot shows it), and ``leases``, its grants less its releases since."""
         return MachineView(
             node=self.node,
-            ledger=self.ledger,
+            cards=self.cards,
             requests=self.requests,
             names=self.names,
             policy=self.policy,
@@ -63,6 +71,9 @@ class MachineSnapshot:
             waiting=_at_least(self.waiting, pending),
             capacity=self.capacity,
             costs=self.costs,
+            allowed=self.allowed,
+            spans=self.spans,
+            portable=self.portable,
             alive=alive,
         )
 
@@ -100,13 +111,21 @@ def snapshot_of(
     config = orch.config
     requests = {}
     for name, spec in config.models.items():
-        backend = orch.backends[name]
+        estimate = orch.estimate(name).estimated_vram_bytes
+        if spec.tensor_parallel > 1:  # its share on each card it spans (no host copy)
+            requests[name] = PlanRequest(
+                model=name,
+                kind=spec.kind,
+                vram_bytes=card_share_bytes(estimate, spec.tensor_parallel),
+                configured_bytes=spec.card_bytes,
+            )
+            continue
         requests[name] = PlanRequest(
             model=name,
             kind=spec.kind,
-            vram_bytes=orch.estimate(name).estimated_vram_bytes,
+            vram_bytes=estimate,
             configured_bytes=spec.vram_bytes,
-            offloadable=spec.offload and backend.supports_host_tier,
+            offloadable=spec.offload and orch.backends[name].supports_host_tier,
             host_bytes=spec.host_bytes,
         )
     waiting: dict[str, int] = {}
@@ -116,7 +135,7 @@ def snapshot_of(
         node=node,
         instance=instance,
         version=version,
-        ledger=orch.ledger(),
+        cards=orch.cards(),
         requests=requests,
         names=names_of(
             {n: (s.kind, tuple(s.aliases)) for n, s in config.models.items()}, dict(config.defaults)
@@ -126,12 +145,13 @@ def snapshot_of(
         waiting=waiting,
         capacity={n: s.max_concurrent for n, s in config.models.items() if s.max_concurrent is not None},
         costs=learned_costs(orch),
+        allowed={n: s.gpus for n, s in config.models.items() if s.gpus is not None},
+        spans={n: s.tensor_parallel for n, s in config.models.items() if s.tensor_parallel > 1},
+        portable=frozenset(n for n in config.models if orch.backends[n].host_copy_portable),
         lease_ids=lease_ids,
         address=address,
         ray_node_id=ray_node_id,
-        card=config.device_index,
-        gpu_name=config.gpu_name,
-        state=orch.state.name,
+        states={g: st.name for g, st in orch.states().items()},
     )
 
 

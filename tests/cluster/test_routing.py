@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from states import Ledger, PlanRequest, Policy, Resident, Tier, gib_to_bytes
+from states.cards import Card, Cards
 from states.routing import (
     Choice,
     MachineView,
@@ -62,7 +63,7 @@ def machine(node: str, *residents: Resident, budget: int = BUDGET, **kw: Any) ->
     ledger = Ledger(budget_bytes=budget, residents=residents, host_budget_bytes=gib_to_bytes(24), clock=5)
     kw.setdefault("costs", COSTS)
     kw.setdefault("requests", REQUESTS)
-    return MachineView(node, ledger, names=NAMES, policy=Policy(), **kw)
+    return MachineView(node, Cards.single(ledger), names=NAMES, policy=Policy(), **kw)
 
 
 def test_resident_machine_first() -> None:
@@ -136,7 +137,7 @@ def test_a_model_waited_for_counts_as_coming() -> None:
 
 def test_a_load_in_progress_counts_as_resident() -> None:
     loading = Ledger(budget_bytes=BUDGET).begin_load(resident("qwen-14b"))
-    a = MachineView("a", loading, REQUESTS, NAMES, costs=COSTS)
+    a = MachineView("a", Cards.single(loading), REQUESTS, NAMES, costs=COSTS)
     assert route(RouteRequest("llm"), [machine("b"), a]).node == "a"
     assert route(RouteRequest("sdxl"), [machine("b"), a]).node == "b"  # not beside the LLM coming
 
@@ -225,7 +226,7 @@ def test_a_raw_reservation_goes_to_the_cheapest_room() -> None:
 def test_foreign_memory_defers_last() -> None:
     crowded = Ledger(budget_bytes=BUDGET, foreign_bytes=gib_to_bytes(10))
     views = [
-        MachineView("a", crowded, REQUESTS, NAMES, costs=COSTS),
+        MachineView("a", Cards.single(crowded), REQUESTS, NAMES, costs=COSTS),
         machine("b", resident("qwen-14b"), leases={"qwen-14b": 1}),
     ]
     assert [(r.node, r.choice) for r in rank(RouteRequest("sdxl"), views)] == [
@@ -244,3 +245,21 @@ def test_names_resolve_as_a_config_does() -> None:
 def test_describe_names_the_move() -> None:
     r = route(RouteRequest("sdxl"), [machine("b", resident("qwen-14b"))])
     assert r.describe() == "sdxl-base on b (the cheapest room, 17 s, evicting 1 (11.50 GiB); load 0)"
+
+
+def test_placement_chooses_the_card_on_a_machine_of_several() -> None:
+    # a has two cards: the LLM busy on cuda:0, cuda:1 empty; b has one card with an idle LLM
+    two = Cards(
+        (Card(0), Card(1)),
+        (Ledger(budget_bytes=BUDGET, residents=(resident("qwen-14b"),)), Ledger(budget_bytes=BUDGET)),
+    )
+    a = MachineView("a", two, REQUESTS, NAMES, costs=COSTS, leases={"qwen-14b": 1})
+    views = [a, machine("b", resident("qwen-14b"))]
+    r = route(RouteRequest("sdxl"), views)
+    assert (r.node, r.gpus, r.choice, r.evictions) == ("a", (1,), Choice.ROOM, 0)  # no eviction at all
+    # a model the config keeps on cuda:0 (models.<name>.gpus) must wait for the drain there
+    only0 = MachineView(
+        "a", two, REQUESTS, NAMES, costs=COSTS, leases={"qwen-14b": 1}, allowed={"sdxl-base": (0,)}
+    )
+    r = route(RouteRequest("sdxl"), [only0, machine("b", resident("qwen-14b"))])
+    assert (r.node, r.choice) == ("b", Choice.ROOM)
