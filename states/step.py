@@ -178,7 +178,7 @@ def backoff_s(failures_in_a_row: int, retry_backoff_s: float, max_wait_s: float)
 
 
 def grants_at_once(
-    ledger: Ledger,
+    ledger: Ledger | Cards,
     model: str,
     *,
     queue_length: int,
