@@ -178,7 +178,7 @@ def backoff_s(failures_in_a_row: int, retry_backoff_s: float, max_wait_s: float)
 
 
 def grants_at_once(
-    ledger: Ledger,
+    ledger: Ledger | Cards,
     model: str,
     *,
     queue_length: int,
@@ -511,11 +511,15 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
     failures: list[tuple[int, Exception]] = []
     placed: dict[str, tuple[int, ...] | InsufficientVRAM] = {}
     by_card: dict[int, list[WaiterView]] = {g: [] for g in cards.indexes}
+    claimed: set[int] = set()  # cards given a model to switch in, in this step
     for w in view.waiters:
         where = placed.get(w.model)
         if where is None:
             try:
-                where = place(view.requests[w.model], cards, pctx, views).gpus
+                p = place(view.requests[w.model], cards, replace(pctx, busy=view.busy | claimed), views)
+                where = p.gpus
+                if p.why != "resident":
+                    claimed.update(where)
             except InsufficientVRAM as exc:
                 where = exc
             placed[w.model] = where
