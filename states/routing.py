@@ -22,13 +22,15 @@ The rules, in the order they apply:
    evictions' unloads and the load or restore, then the bytes evicted); the machine with
    the best score wins, ties to the least loaded. A move never evicts a model that holds
    leases or is waited for.
-   A resident machine that is full (its ``max_concurrent`` taken, others queued) competes
-   with that move: its queue's expected wait (the leases ahead of this one, over the
-   capacity, times ``hold_s``, how long a lease on the model is held) against the move's
-   cost; with ``hold_s`` unknown, the move wins.
-5. Then a full resident machine; then a move that must wait for busy models to drain (the
-   fewest busy evictions, then the cheapest); then a machine where foreign processes hold
-   the room (``Deferred``); last a machine where the plan would evict a model that this
+   A resident machine that is full (its ``max_concurrent`` taken, others queued), and a
+   move that must wait for busy models to drain, compete with that move by what they are
+   expected to cost: a queue, the leases ahead of this one over the capacity times the
+   model's hold time (``hold_s``: how long a lease on it is held, as the router has seen);
+   a drain, the switch's cost plus the longest hold time of the busy models it evicts. An
+   unknown hold time makes that wait infinite: the move wins.
+5. Then the rest in the order: full resident machines, moves that wait for a drain (the
+   cheapest, then the fewest busy evictions), a machine where foreign processes hold the
+   room (``Deferred``), and last a machine where the plan would evict a model that this
    same holder holds a lease on (that machine refuses it: ``LeaseDeadlock``).
 """
 
@@ -88,13 +90,13 @@ class RouteRequest:
     raw reservation (``name`` is then ignored).
 
     ``held`` is what this request's holder already holds: node -> models it holds leases on
-    there. ``hold_s`` is how long a lease on the model is held, on average (``None``:
-    unknown).
+    there. ``hold_s`` is how long a lease on each model is held, on average (a model not in
+    it: unknown).
     """
 
     name: str
     held: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    hold_s: float | None = None
+    hold_s: Mapping[str, float] = field(default_factory=dict)
     external_bytes: int = 0
 
 
@@ -178,7 +180,11 @@ def rank(request: RouteRequest, machines: Sequence[MachineView]) -> tuple[Route,
 
 
 def route(request: RouteRequest, machines: Sequence[MachineView]) -> Route:
-    """The best machine for ``request``: ``rank(request, machines)[0]``."""
+    """The best machine for ``request``: ``rank(request, machines)[0]``, without planning on
+    every machine when one already holds the model with a free slot (the common case)."""
+    quick = [r for m in machines if (r := _route_on(request, m, {}, resident_only=True)) is not None]
+    if quick:
+        return _order(quick)[0]
     return rank(request, machines)[0]
 
 
@@ -204,17 +210,21 @@ def _order(routes: list[Route]) -> list[Route]:
     out = sorted(of(Choice.HELD), key=by_load) + sorted(of(Choice.RESIDENT), key=by_load)
     moves = sorted(of(Choice.HOST), key=by_cost) + sorted(of(Choice.ROOM), key=by_cost)
     queued = sorted(of(Choice.QUEUED), key=by_cost)
-    if moves and queued and queued[0].cost_s <= moves[0].cost_s:
-        out += queued + moves
-    else:
-        out += moves + queued
-    out += sorted(of(Choice.AFTER_DRAIN), key=lambda r: (r.busy_evictions, *by_cost(r)))
+    drains = sorted(of(Choice.AFTER_DRAIN), key=lambda r: (r.cost_s, r.busy_evictions, *by_cost(r)))
+    firsts = [group[0] for group in (moves, queued, drains) if group]
+    if firsts:
+        best = min(firsts, key=lambda r: (r.cost_s, r.choice))  # a tie: the move, then the queue
+        out.append(best)
+    out += [r for r in moves + queued + drains if not (firsts and r is best)]
     out += sorted(of(Choice.DEFERRED), key=by_load) + sorted(of(Choice.DEADLOCK), key=by_cost)
     return out
 
 
-def _route_on(request: RouteRequest, m: MachineView, why: dict[str, str]) -> Route | None:
-    """``request`` on machine ``m``, or ``None`` (with the reason in ``why``)."""
+def _route_on(
+    request: RouteRequest, m: MachineView, why: dict[str, str], *, resident_only: bool = False
+) -> Route | None:
+    """``request`` on machine ``m``, or ``None`` (with the reason in ``why``); with
+    ``resident_only``, only a machine that holds the model with a free slot (else ``None``)."""
     if not m.alive:
         why[m.node] = "down"
         return None
@@ -239,52 +249,70 @@ def _route_on(request: RouteRequest, m: MachineView, why: dict[str, str]) -> Rou
         if model in held:
             return Route(m.node, model, Choice.HELD, load=load)
         if m.cards.gpus_of(model) or m.waiting.get(model, 0) > 0:
-            queue_s = _queue_s(m, model, request.hold_s)
+            queue_s = _queue_s(m, model, request.hold_s.get(model))
             if queue_s == 0.0:
                 return Route(m.node, model, Choice.RESIDENT, load=load)
+            if resident_only:
+                return None
             return Route(m.node, model, Choice.QUEUED, cost_s=queue_s, load=load)
+    if resident_only:
+        return None
     pctx = _place_context(m)
     expected = _expected_cards(m, pctx)
     try:
-        placed = place(target, expected, pctx)
+        gpus, host = _placed(target, expected, pctx)
     except InsufficientVRAM as exc:
         why[m.node] = f"needs {format_gib(exc.required_bytes)}, " + (
             exc.reason or f"more than the budget of its largest card ({format_gib(exc.budget_bytes)})"
         )
         return None
-    if placed.why == "resident":  # it comes with a load already asked for
-        return Route(m.node, model, Choice.RESIDENT, gpus=placed.gpus, load=load)
-    scores = [score(target, expected.view(g), g, pctx) for g in placed.gpus]
+    if model and expected.gpus_of(model):  # it comes with a load already asked for
+        return Route(m.node, model, Choice.RESIDENT, gpus=gpus, load=load)
+    scores = [score(target, expected.view(g), g, pctx) for g in gpus]
     if any(sc is None for sc in scores):
         why[m.node] = f"{target.model} fits none of the cards it may use"
         return None
     worst = max(sc for sc in scores if sc is not None)
-    p = plan(target, expected.view(placed.anchor), m.policy)
+    anchor = expected.view(gpus[0])
+    p = plan(target, anchor, m.policy)
     if isinstance(p, Deferred):
-        return Route(m.node, model, Choice.DEFERRED, gpus=placed.gpus, score=worst, load=load)
+        return Route(m.node, model, Choice.DEFERRED, gpus=gpus, score=worst, load=load)
     gpu = p.gpu_evictions
-    anchor = expected.view(placed.anchor)
     busy = sum(1 for e in gpu if _busy(m, e.model))
     if any(e.model in held for e in gpu):
         choice = Choice.DEADLOCK
     elif busy:
         choice = Choice.AFTER_DRAIN
-    elif p.from_tier is Tier.HOST or placed.why == "host copy":
+    elif p.from_tier is Tier.HOST or host:
         choice = Choice.HOST
     else:
         choice = Choice.ROOM
+    cost_s = _cost_s(m, anchor, p)
+    if choice is Choice.AFTER_DRAIN:  # and the wait for the busy leases to end
+        cost_s += max(request.hold_s.get(e.model, math.inf) for e in gpu if _busy(m, e.model))
     return Route(
         m.node,
         model,
         choice,
-        cost_s=_cost_s(m, anchor, p),
-        gpus=placed.gpus,
+        cost_s=cost_s,
+        gpus=gpus,
         score=worst,
         evictions=len(gpu),
         evicted_bytes=sum(_bytes_of(anchor, e.model) for e in gpu),
         busy_evictions=busy,
         load=load,
     )
+
+
+def _placed(target: PlanRequest, cards: Cards, pctx: PlaceContext) -> tuple[tuple[int, ...], bool]:
+    """The card(s) placement puts ``target`` on, and whether it restores a host copy. A
+    machine of one card has no choice to make (the card, when the model may use it)."""
+    if len(cards) == 1 and target.model not in pctx.allowed:
+        if target.vram_bytes > cards.ledgers[0].budget_bytes:
+            raise InsufficientVRAM(target.model, target.vram_bytes, cards.budget_bytes, cards.budget_bytes)
+        return cards.indexes, cards.tier_of(target.model) is Tier.HOST
+    placed = place(target, cards, pctx)
+    return placed.gpus, placed.why == "host copy"
 
 
 def _queue_s(m: MachineView, model: str, hold_s: float | None) -> float:

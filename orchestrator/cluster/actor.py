@@ -38,7 +38,7 @@ from orchestrator.runtime import Orchestrator
 logger = logging.getLogger("orchestrator.cluster")
 
 EVENTS_KEPT = 100_000  # events the actor keeps for events_after()
-SNAPSHOT_COALESCE_S = 0.002  # after a change, wait this long for more before answering a poll
+SNAPSHOT_COALESCE_S = 0.01  # after a change, wait this long for more before answering a poll
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 

@@ -229,7 +229,7 @@ class ClusterOrchestrator:
         self._tg: TaskGroup | None = None
         self._changed = anyio.Event()
         self._holders: dict[str, dict[str, dict[str, int]]] = {}  # holder -> node -> model -> leases
-        self._hold_s: dict[str, float] = {}  # learned mean hold time per requested name
+        self._hold_s: dict[str, float] = {}  # learned mean hold time per model
         self._holder_prefix = f"{socket.gethostname()}:pid-{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- life --------------------------------------------------------------------------------
@@ -509,8 +509,8 @@ class ClusterOrchestrator:
             renewing.cancel()
             m.leases.pop(lease.id, None)
             self._note_held(holder, m.name, key, -1)
-            if name:
-                self._learn_hold(name, anyio.current_time() - granted_at)
+            if key:
+                self._learn_hold(key, anyio.current_time() - granted_at)
             if held.lost is None:
                 released = await self._release(m, lease)
                 if released is not None:
@@ -520,9 +520,9 @@ class ClusterOrchestrator:
         if held.lost is not None:
             raise LeaseLost(410, "lease_lost", f"{held.lost}; the block was cancelled: acquire again")
 
-    def _learn_hold(self, name: str, seconds: float) -> None:
-        old = self._hold_s.get(name)
-        self._hold_s[name] = seconds if old is None else old + HOLD_SMOOTHING * (seconds - old)
+    def _learn_hold(self, model: str, seconds: float) -> None:
+        old = self._hold_s.get(model)
+        self._hold_s[model] = seconds if old is None else old + HOLD_SMOOTHING * (seconds - old)
 
     async def _release(self, m: _Machine, lease: ClusterLease) -> int | None:
         """Release the lease; the machine's version after it (``None``: it did not answer)."""
@@ -586,7 +586,7 @@ class ClusterOrchestrator:
                 if m.name not in skip and (node is None or m.name == node) and (v := m.view()) is not None
             ]
             request = RouteRequest(
-                name, held=self._held_by(holder), hold_s=self._hold_s.get(name), external_bytes=n_bytes or 0
+                name, held=self._held_by(holder), hold_s=self._hold_s, external_bytes=n_bytes or 0
             )
             r = route(request, views)
             if r.choice is Choice.DEADLOCK:

@@ -153,9 +153,11 @@ def test_a_full_resident_machine_spills_when_the_wait_is_unknown_or_long() -> No
     views = [full, machine("b", resident("qwen-14b"))]
     r = route(RouteRequest("sdxl"), views)
     assert (r.node, r.choice) == ("b", Choice.ROOM)  # hold time unknown: the move wins
-    long = route(RouteRequest("sdxl", hold_s=60.0), views)  # 2 ahead x 60 s > 17 s of switching
+    long = route(
+        RouteRequest("sdxl", hold_s={"sdxl-base": 60.0}), views
+    )  # 2 ahead x 60 s > 17 s of switching
     assert long.node == "b"
-    short = route(RouteRequest("sdxl", hold_s=2.0), views)  # 2 ahead x 2 s < 17 s: queue
+    short = route(RouteRequest("sdxl", hold_s={"sdxl-base": 2.0}), views)  # 2 ahead x 2 s < 17 s: queue
     assert (short.node, short.choice, short.cost_s) == ("a", Choice.QUEUED, 4.0)
 
 
@@ -263,3 +265,35 @@ def test_placement_chooses_the_card_on_a_machine_of_several() -> None:
     )
     r = route(RouteRequest("sdxl"), [only0, machine("b", resident("qwen-14b"))])
     assert (r.node, r.choice) == ("b", Choice.ROOM)
+
+
+def test_a_drain_competes_with_a_queue_by_its_expected_cost() -> None:
+    # SDXL is full on a (one slot, 3 queued); b runs a busy LLM whose leases last 2 s
+    views = [
+        machine(
+            "a",
+            resident("sdxl-base"),
+            leases={"sdxl-base": 1},
+            waiting={"sdxl-base": 3},
+            capacity={"sdxl-base": 1},
+        ),
+        machine("b", resident("qwen-14b"), leases={"qwen-14b": 2}),
+    ]
+    holds = {"sdxl-base": 8.0, "qwen-14b": 2.0}
+    r = route(RouteRequest("sdxl", hold_s=holds), views)
+    # the queue: 4 ahead x 8 s = 32 s; the drain: 2 s for the LLM's leases + 2 s unload + 15 s load
+    assert (r.node, r.choice, r.cost_s) == ("b", Choice.AFTER_DRAIN, 19.0)
+    # with the LLM's hold time unknown, its drain could take any time: the queue
+    r = route(RouteRequest("sdxl", hold_s={"sdxl-base": 8.0}), views)
+    assert (r.node, r.choice) == ("a", Choice.QUEUED)
+
+
+def test_route_is_ranks_first() -> None:
+    views = [
+        machine("a", resident("qwen-14b"), leases={"qwen-14b": 8}, capacity={"qwen-14b": 8}),
+        machine("b", resident("qwen-14b"), leases={"qwen-14b": 2}, capacity={"qwen-14b": 8}),
+        machine("c"),
+        machine("d", resident("sdxl-base", Tier.HOST)),
+    ]
+    for name in ("llm", "sdxl", "tts", "big-llm"):
+        assert route(RouteRequest(name), views) == rank(RouteRequest(name), views)[0]
