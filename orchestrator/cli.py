@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.cli_config import DEFAULT_CONFIG_HELP, cmd_check, cmd_plan
-from orchestrator.config import load_config
+from orchestrator.config import Config, load_config
 from orchestrator.errors import OrchestratorError
 from states.units import format_gib, gib_to_bytes
 
@@ -182,6 +182,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.daemon.host
     resolve_token(config, host, args.token)  # refuse a non-loopback bind without a token first
 
+    if args.ray:
+        return _serve_cluster(args, config, host)
+
     def ready(url: str) -> None:
         print(f"vram-orchestrator serving {config.source} on {url} (pid {os.getpid()})", flush=True)
 
@@ -190,6 +193,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend_options=event_loop_options(),
     )
     print(f"vram-orchestrator: {report.line()}", flush=True)
+    return EXIT_OK
+
+
+def _serve_cluster(args: argparse.Namespace, config: Config, host: str) -> int:
+    """``serve --ray ADDRESS``: the gateway in front of a cluster (orchestrator.cluster)."""
+    import anyio
+
+    try:
+        from orchestrator.cluster.gateway import serve_cluster
+    except ImportError as exc:
+        raise OrchestratorError(f"--ray needs Ray: pip install 'vram-orchestrator[ray]' ({exc})") from None
+    if not args.config:
+        raise OrchestratorError(
+            "--ray needs --config: the path of each machine's config file (every machine reads its own)"
+        )
+    path = str(Path(args.config).expanduser().resolve())
+
+    def ready(url: str) -> None:
+        print(
+            f"vram-orchestrator serving the Ray cluster at {args.ray} on {url} (pid {os.getpid()})",
+            flush=True,
+        )
+
+    served = anyio.run(
+        lambda: serve_cluster(
+            config,
+            address=args.ray,
+            config_path=path,
+            host=host,
+            port=args.port,
+            token=args.token,
+            on_ready=ready,
+        )
+    )
+    print(f"vram-orchestrator: stopped; served machines {', '.join(served)}", flush=True)
     return EXIT_OK
 
 
@@ -317,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         help="bearer token clients must send (default: $VRAM_ORCHESTRATOR_TOKEN, then daemon.token); "
         "required to bind a non-loopback address",
+    )
+    sv.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="serve the completions of a Ray cluster of orchestrators (one per machine: the nodes "
+        "started with a vram-machine:<name> resource, each reading --config's path on its own "
+        "machine); ADDRESS as for ray.init, e.g. auto or HEAD:6379 (the ray extra)",
     )
     sv.set_defaults(func=cmd_serve)
 

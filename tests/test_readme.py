@@ -21,7 +21,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 FAKE_SERVER = str(ROOT / "tests" / "fixtures" / "fake_openai_server.py")
 TEST_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && "
-    ".venv/bin/pip install -q -e '.[dev,diffusers]' && .venv/bin/python -m pytest -q"
+    ".venv/bin/pip install -q -e '.[dev,diffusers,ray]' && .venv/bin/python -m pytest -q"
 )
 
 

@@ -59,11 +59,18 @@ class OrchestratorActor:
         if (config_path is None) == (config_text is None):
             raise ValueError("give the machine's config_path or its config_text (one of the two)")
         self.node = node
-        self.config: Config = (
-            load_config(config_path)
-            if config_path is not None
-            else parse_config(config_text or "", source=f"<config of machine {node}>")
-        )
+        # A config error is kept and reported by every call (a constructor that raises would
+        # be restarted by Ray again and again, and this error's class does not cross to the
+        # caller as itself).
+        self.config_error: str | None = None
+        try:
+            self.config: Config = (
+                load_config(config_path)
+                if config_path is not None
+                else parse_config(config_text or "", source=f"<config of machine {node}>")
+            )
+        except Exception as exc:
+            self.config_error = f"{type(exc).__name__}: {exc}"
         self.orch: Orchestrator | None = None
         self.leases: LeaseManager | None = None
         self.version = 0
@@ -81,6 +88,8 @@ class OrchestratorActor:
     # -- life --------------------------------------------------------------------------------
 
     async def _started(self) -> tuple[Orchestrator, LeaseManager]:
+        if self.config_error is not None:
+            raise RuntimeError(f"machine {self.node}: its config is not valid: {self.config_error}")
         if self._host_task is None:
             self._host_task = asyncio.get_running_loop().create_task(self._host())
         await self._ready.wait()
@@ -244,6 +253,7 @@ class OrchestratorActor:
         assert self.orch is not None
         gpus = self.orch.cards().gpus_of(rl.model)
         names = {c.index: c.name for c in self.config.cards}
+        backend = self.orch.backends.get(rl.model)
         return {
             "id": rl.id,
             "request_id": request_id,
@@ -252,6 +262,7 @@ class OrchestratorActor:
             "kind": rl.kind,
             "vram_bytes": rl.vram_bytes,
             "url": _reachable(rl.url, self._address),
+            "served_model": backend.served_model if backend is not None else None,
             "ttl_s": rl.ttl_s,
             "waited_s": rl.waited_s,
             "cards": list(gpus),

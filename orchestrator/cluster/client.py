@@ -24,6 +24,7 @@ ends: the block is cancelled and ``LeaseLost`` raised from it. A request still w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -35,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import sniffio
 from anyio.abc import TaskGroup
 
 from orchestrator.cluster.actor import OrchestratorActor, machine_resource
@@ -98,6 +98,7 @@ class ClusterLease:
     ttl_s: float
     waited_s: float  # in the machine's queue
     address: str = ""  # the machine's address
+    served_model: str | None = None  # the name the model's server knows it by (server models)
     route: Route | None = None  # why it went there
 
     @property
@@ -130,6 +131,7 @@ class ClusterLease:
             ttl_s=float(d["ttl_s"]),
             waited_s=float(d.get("waited_s") or 0.0),
             address=str(d.get("address") or ""),
+            served_model=d.get("served_model"),
             route=route,
         )
 
@@ -150,6 +152,7 @@ class _Machine:
     snapshot: MachineSnapshot | None = None
     alive: bool = False
     down_reason: str = "not started yet"
+    start_failed: bool = False
     instance: str | None = None
     pending: dict[str, int] = field(default_factory=dict)  # routed here, not granted yet
     # this router's grants (+1) and releases (-1) here, each at the machine's version after
@@ -235,8 +238,12 @@ class ClusterOrchestrator:
     # -- life --------------------------------------------------------------------------------
 
     async def __aenter__(self) -> ClusterOrchestrator:
-        if sniffio.current_async_library() != "asyncio":
-            raise RuntimeError("ClusterOrchestrator runs on asyncio (Ray's awaitables are asyncio futures)")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "ClusterOrchestrator runs on asyncio (Ray's awaitables are asyncio futures), not on trio"
+            ) from None
         ray = _ray()
         if not ray.is_initialized():
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
@@ -263,12 +270,14 @@ class ClusterOrchestrator:
         for m in self._machines.values():
             tg.start_soon(self._poll, m, name=f"vram-orchestrator cluster: snapshots of {m.name}")
         with anyio.move_on_after(self.start_timeout_s):
-            while any(m.snapshot is None for m in self._machines.values()):
+            while any(m.snapshot is None and not m.start_failed for m in self._machines.values()):
                 await self.changed()
         if not any(m.alive for m in self._machines.values()):
             why = "; ".join(f"{m.name}: {m.down_reason}" for m in self._machines.values())
             await self.aclose()
-            raise ClusterError(f"no machine of the cluster started within {self.start_timeout_s:g} s ({why})")
+            raise ClusterError(
+                f"no machine of the cluster started ({why}); each had {self.start_timeout_s:g} s"
+            )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -354,13 +363,20 @@ class ClusterOrchestrator:
             try:
                 snap: MachineSnapshot = await m.handle.snapshot_after.remote(version, instance)
             except ray.exceptions.RayActorError as exc:
-                self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
+                if m.snapshot is None and isinstance(exc, ray.exceptions.ActorDiedError):
+                    m.start_failed = True  # it never started: its config, or its constructor
+                    self._down(m, f"its orchestrator's actor could not start: {_first_line(exc)}")
+                else:
+                    self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
                 version, instance = -1, None
                 if isinstance(exc, ray.exceptions.ActorDiedError):
                     await anyio.sleep(DOWN_RETRY_S)  # gone for good, or not restartable yet
                 continue
-            except ray.exceptions.RayTaskError as exc:  # its orchestrator failed to start
-                self._down(m, str(exc.cause) if exc.cause is not None else str(exc))
+            except Exception as exc:  # its orchestrator failed to start (a RayTaskError), or worse
+                cause = getattr(exc, "cause", None)
+                if m.snapshot is None:
+                    m.start_failed = True
+                self._down(m, str(cause) if cause is not None else _first_line(exc))
                 await anyio.sleep(DOWN_RETRY_S)
                 continue
             if m.instance is not None and snap.instance != m.instance:
@@ -619,6 +635,14 @@ class ClusterOrchestrator:
                 skip.add(m.name)
                 continue
             raise error
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a Ray error (its message runs to a traceback): the last line that says what
+    was raised, else the first."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    raised = [x for x in lines if "Error:" in x or "Exception:" in x]
+    return (raised[-1] if raised else lines[0] if lines else type(exc).__name__)[:500]
 
 
 def _node_gpus(ray: Any, name: str) -> float:

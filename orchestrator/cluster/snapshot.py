@@ -40,6 +40,7 @@ class MachineSnapshot:
     allowed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # models.<m>.gpus
     spans: Mapping[str, int] = field(default_factory=dict)  # models.<m>.tensor_parallel > 1
     portable: frozenset[str] = frozenset()  # host copies that may restore onto another card
+    served: Mapping[str, str] = field(default_factory=dict)  # server models: the name their server knows
     lease_ids: frozenset[str] = frozenset()  # the remote leases it holds now
     address: str = ""  # the machine's IP address, as the cluster knows it
     ray_node_id: str = ""
@@ -148,6 +149,7 @@ def snapshot_of(
         allowed={n: s.gpus for n, s in config.models.items() if s.gpus is not None},
         spans={n: s.tensor_parallel for n, s in config.models.items() if s.tensor_parallel > 1},
         portable=frozenset(n for n in config.models if orch.backends[n].host_copy_portable),
+        served={n: b.served_model for n, b in orch.backends.items() if b.served_model is not None},
         lease_ids=lease_ids,
         address=address,
         ray_node_id=ray_node_id,

@@ -6,11 +6,15 @@ test begins with every machine up and nothing loaded.
 
 from __future__ import annotations
 
+import json
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install -e '.[ray]'")
@@ -18,22 +22,50 @@ ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from orchestrator.cluster import (  # noqa: E402
+    ClusterError,
     ClusterOrchestrator,
     LeaseLost,
     Machine,
     NoRoute,
     machine_resource,
 )
+from orchestrator.cluster.gateway import ClusterGateway, create_cluster_app  # noqa: E402
+from orchestrator.config import parse_config  # noqa: E402
 from orchestrator.errors import AcquireTimeout, LeaseDeadlock  # noqa: E402
 from states.routing import Choice  # noqa: E402
 from tests.orchestrator.conftest import config_yaml  # noqa: E402
 
 NODES = ("m0", "m1", "m2")
-MODELS = """\
-qwen-14b: {kind: llm, vram_gb: 11.5}
-sdxl-base: {kind: sdxl, vram_gb: 10.5, offload: true, host_gb: 6.5, max_concurrent: 1}
-gpt-sovits-small: {kind: tts, vram_gb: 3.5}
+FAKE_SERVER = str(Path(__file__).resolve().parents[1] / "fixtures" / "fake_openai_server.py")
+# chat: a small server model (the fake OpenAI server, started by its machine on a free port and
+# listening on every address, so that the gateway reaches it at the machine's address)
+CHAT = {
+    "kind": "llm",
+    "vram_gb": 2.0,
+    "backend": {
+        "type": "server",
+        "command": [
+            sys.executable,
+            FAKE_SERVER,
+            "--port",
+            "{port}",
+            "--model",
+            "{model}",
+            "--host",
+            "0.0.0.0",
+        ],
+        "served_model": "fake-llm",
+        "start_timeout_s": 20,
+        "stop_grace_s": 2,
+    },
+}
+MODELS = f"""\
+qwen-14b: {{kind: llm, vram_gb: 11.5}}
+sdxl-base: {{kind: sdxl, vram_gb: 10.5, offload: true, host_gb: 6.5, max_concurrent: 1}}
+gpt-sovits-small: {{kind: tts, vram_gb: 3.5}}
+chat: {json.dumps(CHAT)}
 """
+ALL_MODELS = ("qwen-14b", "sdxl-base", "gpt-sovits-small", "chat")
 DEFAULTS = """\
 llm: qwen-14b
 sdxl: sdxl-base
@@ -86,7 +118,7 @@ async def until(c: ClusterOrchestrator, predicate: Callable[[], bool], what: str
 async def c(cluster: ClusterOrchestrator) -> ClusterOrchestrator:
     """The module's cluster, every machine up, nothing loaded, no lease held."""
     await until(cluster, lambda: all(cluster.alive().values()), "every machine is up")
-    for model in ("qwen-14b", "sdxl-base", "gpt-sovits-small"):
+    for model in ALL_MODELS:
         await cluster.unload(model, timeout=WITHIN_S)
 
     def settled() -> bool:
@@ -196,6 +228,40 @@ async def test_no_lost_request_and_the_budget_on_every_machine(c: ClusterOrchest
         assert stats["peak_committed_bytes"] <= stats["budget_bytes"]
 
 
+async def test_the_gateway_proxies_completions_to_the_serving_machine(c: ClusterOrchestrator) -> None:
+    g = ClusterGateway(c, parse_config(MACHINE_CONFIG, source="<gateway config>"), token=None)
+    transport = httpx.ASGITransport(app=create_cluster_app(g))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gateway", timeout=WITHIN_S
+        ) as client:
+            body = {"model": "chat", "messages": [{"role": "user", "content": "hello cluster"}]}
+            r = await client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "echo: hello cluster"
+            r = await client.post(
+                "/v1/completions", json={"model": "chat", "prompt": "a b c", "stream": True}
+            )
+            assert r.status_code == 200 and "data: [DONE]" in r.text
+            models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+            assert models["chat"]["server"] and len(models["chat"]["resident_on"]) == 1
+            assert models["sdxl-base"]["server"] is False
+            # an in-process model, an unknown one, an endpoint that stays on the machines
+            r = await client.post("/v1/chat/completions", json={"model": "sdxl", "messages": []})
+            assert r.status_code == 400 and "in-process" in r.json()["error"]["message"]
+            r = await client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+            assert r.status_code == 404
+            r = await client.post("/v1/images/generations", json={"model": "sdxl", "prompt": "x"})
+            assert r.status_code == 501
+            status = (await client.get("/v1/status")).json()
+            assert set(status["machines"]) == set(NODES) and all(
+                m["alive"] for m in status["machines"].values()
+            )
+    finally:
+        g.stopping.set()
+        await g.upstreams.aclose()
+
+
 async def test_a_machine_that_dies_ends_its_leases_and_comes_back(c: ClusterOrchestrator) -> None:
     victim = "m2"
     before: Any = c.machines()[victim]
@@ -217,3 +283,13 @@ async def test_a_machine_that_dies_ends_its_leases_and_comes_back(c: ClusterOrch
             assert again.route is not None and again.route.choice is Choice.ROOM
     after: Any = c.machines()[victim]
     assert after.instance != before.instance  # a fresh orchestrator there
+
+
+async def test_a_machine_whose_config_is_wrong_says_so(ray_cluster: Cluster) -> None:
+    # (no GPU asked for: the module's own actor on m0 holds that machine's one GPU)
+    bad = Machine("m0", config_text="models: {x: {kind: llm, vram_gb: 1}}", num_gpus=0)
+    with pytest.raises(ClusterError, match=r"m0: machine m0: its config is not valid: .*hardware"):
+        async with ClusterOrchestrator(
+            [bad], namespace="vram-orchestrator-tests-bad", start_timeout_s=WITHIN_S
+        ):
+            pass
