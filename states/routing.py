@@ -26,8 +26,9 @@ The rules, in the order they apply:
    move that must wait for busy models to drain, compete with that move by what they are
    expected to cost: a queue, the leases ahead of this one over the capacity times the
    model's hold time (``hold_s``: how long a lease on it is held, as the router has seen);
-   a drain, the switch's cost plus the longest hold time of the busy models it evicts. An
-   unknown hold time makes that wait infinite: the move wins.
+   a drain, the switch's cost plus the longest hold time of the busy models it evicts, plus
+   the load of each of those that is resident on no other machine (its users' next requests
+   pay for it). An unknown hold time makes that wait infinite: the move wins.
 5. Then the rest in the order: full resident machines, moves that wait for a drain (the
    cheapest, then the fewest busy evictions), a machine where foreign processes hold the
    room (``Deferred``), and last a machine where the plan would evict a model that this
@@ -170,8 +171,9 @@ def rank(request: RouteRequest, machines: Sequence[MachineView]) -> tuple[Route,
     """
     routes: list[Route] = []
     why: dict[str, str] = {}
+    elsewhere = _resident_on(machines)
     for m in machines:
-        r = _route_on(request, m, why)
+        r = _route_on(request, m, why, elsewhere=elsewhere)
         if r is not None:
             routes.append(r)
     if not routes:
@@ -220,8 +222,27 @@ def _order(routes: list[Route]) -> list[Route]:
     return out
 
 
+def _resident_on(machines: Sequence[MachineView]) -> dict[str, set[str]]:
+    """model -> the live machines where it is resident (or loading)."""
+    out: dict[str, set[str]] = {}
+    for m in machines:
+        if m.alive:
+            for r in m.cards.gpu_residents:
+                out.setdefault(r.model, set()).add(m.node)
+            for g in m.cards.indexes:
+                loading = m.cards.ledger(g).loading
+                if loading is not None:
+                    out.setdefault(loading.model, set()).add(m.node)
+    return out
+
+
 def _route_on(
-    request: RouteRequest, m: MachineView, why: dict[str, str], *, resident_only: bool = False
+    request: RouteRequest,
+    m: MachineView,
+    why: dict[str, str],
+    *,
+    resident_only: bool = False,
+    elsewhere: Mapping[str, set[str]] | None = None,
 ) -> Route | None:
     """``request`` on machine ``m``, or ``None`` (with the reason in ``why``); with
     ``resident_only``, only a machine that holds the model with a free slot (else ``None``)."""
@@ -288,8 +309,15 @@ def _route_on(
     else:
         choice = Choice.ROOM
     cost_s = _cost_s(m, anchor, p)
-    if choice is Choice.AFTER_DRAIN:  # and the wait for the busy leases to end
-        cost_s += max(request.hold_s.get(e.model, math.inf) for e in gpu if _busy(m, e.model))
+    if choice is Choice.AFTER_DRAIN:
+        busy_models = [e.model for e in gpu if _busy(m, e.model)]
+        # the wait for the busy leases to end, and the reload of each busy model that is
+        # resident nowhere else: its users' next requests pay for it
+        cost_s += max(request.hold_s.get(b, math.inf) for b in busy_models)
+        default = SwitchCosts()
+        for b in busy_models:
+            if not (elsewhere or {}).get(b, set()) - {m.node}:
+                cost_s += m.costs.get(b, default).load_s
     return Route(
         m.node,
         model,

@@ -281,7 +281,13 @@ def test_a_drain_competes_with_a_queue_by_its_expected_cost() -> None:
     ]
     holds = {"sdxl-base": 8.0, "qwen-14b": 2.0}
     r = route(RouteRequest("sdxl", hold_s=holds), views)
-    # the queue: 4 ahead x 8 s = 32 s; the drain: 2 s for the LLM's leases + 2 s unload + 15 s load
+    # the queue: 4 ahead x 8 s = 32 s; the drain: 2 s for the LLM's leases + 2 s unload + 15 s
+    # load, and the LLM resident nowhere else must be reloaded for its users (20 s): 39 s
+    assert (r.node, r.choice, r.cost_s) == ("a", Choice.QUEUED, 32.0)
+    assert rank(RouteRequest("sdxl", hold_s=holds), views)[1].cost_s == 39.0
+    # with the LLM resident on another machine too, draining b costs 19 s: the drain wins
+    views.append(machine("c", resident("qwen-14b"), leases={"qwen-14b": 3}))  # (busier than b)
+    r = route(RouteRequest("sdxl", hold_s=holds), views)
     assert (r.node, r.choice, r.cost_s) == ("b", Choice.AFTER_DRAIN, 19.0)
     # with the LLM's hold time unknown, its drain could take any time: the queue
     r = route(RouteRequest("sdxl", hold_s={"sdxl-base": 8.0}), views)
