@@ -380,6 +380,7 @@ class ClusterOrchestrator:
                 await anyio.sleep(DOWN_RETRY_S)
                 continue
             if m.instance is not None and snap.instance != m.instance:
+                m.changes.clear()  # counted against the versions of the orchestrator that is gone
                 self._lose_all(m, f"machine {m.name}'s orchestrator restarted (instance {snap.instance})")
             m.instance, m.snapshot = snap.instance, snap
             if not m.alive:
@@ -398,6 +399,7 @@ class ClusterOrchestrator:
         if m.alive:
             logger.warning("machine %s is down: %s", m.name, why)
         m.alive, m.down_reason = False, why
+        m.changes.clear()
         self._lose_all(m, f"machine {m.name} went down: {why}")
         self._notify()
 
@@ -545,10 +547,10 @@ class ClusterOrchestrator:
         ray = _ray()
         with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
             try:
-                _, version = await m.handle.release.remote(lease.id)
+                why, version = await m.handle.release.remote(lease.id)
             except ray.exceptions.RayActorError:
                 return None  # the machine went down: its leases ended with it
-            return int(version)
+            return None if why is not None else int(version)
         return None
 
     async def _why_ended(self, m: _Machine, lease: ClusterLease, lost: str) -> str:
