@@ -92,8 +92,8 @@ def test_a_list_of_indexes_takes_the_hardwares_size() -> None:
         (
             "hardware: {device: simulated, gpus: [{slot: 0, safe_max_vram_gb: 8}]}\n",
             "",
-            "hardware.gpus[0]",
-            "slot",
+            "hardware.gpus[0].slot",
+            "unknown key",
         ),
         (
             "hardware: {device: simulated, safe_max_vram_gb: 15, gpus: all}\n",
@@ -115,7 +115,7 @@ def test_a_list_of_indexes_takes_the_hardwares_size() -> None:
             TWO,
             "models: {a: {kind: llm, vram_gb: 40, tensor_parallel: 2}}",
             "models.a.tensor_parallel",
-            "fits 0 of",
+            "fits 1 of the 2 cards",
         ),
     ],
 )
