@@ -508,4 +508,9 @@ def machine_for(
     attrs: dict[str, Any] = {"config": config, "footprint_factor": footprint_factor}
     if time_scale is not None and not math.isnan(time_scale):
         attrs["time_scale"] = time_scale
-    return type("OrchestratorMachineFor", (OrchestratorMachine,), attrs)
+    base: type[OrchestratorMachine] = OrchestratorMachine
+    if len(config.cards) > 1:
+        from orchestrator.testing_cards import CardsMachine
+
+        base = CardsMachine
+    return type("OrchestratorMachineFor", (base,), attrs)

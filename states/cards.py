@@ -269,4 +269,3 @@ class Cards:
 
     def with_budget(self, gpu: int, budget_bytes: int) -> Cards:
         return self._with(gpu, replace(self.ledger(gpu), budget_bytes=budget_bytes))
-

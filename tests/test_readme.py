@@ -279,3 +279,14 @@ def test_pages_speak_of_the_project_and_the_users_machine(page: Path) -> None:
         assert not re.search(rf"\b{re.escape(words)}\b", text, re.I), f"{page.name} mentions {words!r}"
     if "design document" in text and page.name != "model-management-module.md":
         assert "model-management-module.md" in text, f"{page.name}: 'the design document' without its page"
+
+
+def test_the_several_gpus_example_parses_as_written() -> None:
+    """docs/gpus.md's config: two cards, a spanning model, a model kept to one card."""
+    from orchestrator.config import parse_config
+
+    text = block_after((ROOT / "docs" / "gpus.md").read_text(), "## The config", "yaml")
+    config = parse_config(text.replace("device: auto", "device: simulated"), source="gpus.md")
+    assert [c.index for c in config.cards] == [0, 1]
+    assert config.models["qwen-32b"].tensor_parallel == 2 and config.models["tts"].gpus == (1,)
+    assert config.models["qwen-32b"].backend == "vllm"

@@ -48,6 +48,10 @@ class SyntheticBackend(Backend):
         self.true_bytes = spec.sim.true_vram_bytes if spec.sim is not None else spec.vram_bytes
         self._tensors: list[Any] = []
 
+    def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
+        super().bind(gpus, devices)
+        self.device_index = gpus[0]
+
     def _torch(self) -> Any:
         try:
             import torch
@@ -99,7 +103,7 @@ def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) ->
             "a synthetic backend allocates real CUDA memory, but the device is simulated",
             "use backend: simulated, or hardware.device: auto on a machine with a GPU",
         )
-    return SyntheticBackend(spec, config.device_index)
+    return SyntheticBackend(spec, int(getattr(device, "index", config.device_index)))
 
 
 BACKEND = BackendType(parse=parse_no_options, create=create)

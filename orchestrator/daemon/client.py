@@ -67,6 +67,7 @@ class RemoteLease:
     ttl_s: float
     waited_s: float
     expires_at: float | None  # wall-clock time (time.time()) when it expires unless renewed
+    gpus: tuple[int, ...] = ()  # the card(s) that serve it (the daemon's card indexes)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RemoteLease:
@@ -79,6 +80,7 @@ class RemoteLease:
             ttl_s=float(d["ttl_s"]),
             waited_s=float(d.get("waited_s") or 0.0),
             expires_at=d.get("expires_at"),
+            gpus=tuple(int(g) for g in d.get("gpus") or ()),
         )
 
 

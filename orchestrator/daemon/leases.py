@@ -51,6 +51,7 @@ class RemoteLease:
     pid: int | None
     holder: str
     url: str | None = None
+    gpus: tuple[int, ...] = ()  # the card(s) that serve it, first card first
     expires_s: float = math.inf  # monotonic; the ttl counts from the grant
     waited_s: float = 0.0
     granted: anyio.Event = field(default_factory=anyio.Event)
@@ -68,6 +69,7 @@ class RemoteLease:
             "kind": self.kind,
             "bytes": self.vram_bytes,
             "url": self.url,
+            "gpus": list(self.gpus),
             "ttl_s": self.ttl_s,
             "expires_at": time.time() + (self.expires_s - now) if self.expires_s != math.inf else None,
             "expires_in_s": max(0.0, self.expires_s - now) if self.expires_s != math.inf else None,
@@ -159,6 +161,7 @@ class LeaseManager:
                     rl.waited_s = lease.waited_s
                     backend = self.orch.backends.get(lease.model)  # an external one has none
                     rl.url = backend.url if backend is not None else None
+                    rl.gpus = tuple(c.index for c in lease.devices)
                     rl.expires_s = time.monotonic() + rl.ttl_s
                     rl.granted.set()
                     await rl.released.wait()
