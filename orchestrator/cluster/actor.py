@@ -251,7 +251,7 @@ class OrchestratorActor:
 
     def _lease_dict(self, rl: RemoteLease, request_id: str) -> dict[str, Any]:
         assert self.orch is not None
-        gpus = self.orch.cards().gpus_of(rl.model)
+        gpus = rl.gpus or self.orch.cards().gpus_of(rl.model)
         names = {c.index: c.name for c in self.config.cards}
         backend = self.orch.backends.get(rl.model)
         return {

@@ -102,7 +102,9 @@ def ray_cluster() -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 async def cluster(ray_cluster: Cluster) -> AsyncIterator[ClusterOrchestrator]:
     machines = [Machine(name, config_text=MACHINE_CONFIG) for name in NODES]
-    async with ClusterOrchestrator(machines, ttl_s=5.0, start_timeout_s=WITHIN_S) as c:
+    # (the default ttl of 30 s: a renewal, every 10 s, never reaches a killed machine's
+    # restarted actor before its failed snapshot poll has said that the machine went down)
+    async with ClusterOrchestrator(machines, start_timeout_s=WITHIN_S) as c:
         yield c
 
 
@@ -266,9 +268,7 @@ async def test_a_machine_that_dies_ends_its_leases_and_comes_back(c: ClusterOrch
     victim = "m2"
     before: Any = c.machines()[victim]
     async with c.acquire("sdxl", node="m0"), c.acquire("sdxl", node="m1"):
-        # the loss is seen by whichever comes first: the actor's death, or its restart
-        lost = f"machine {victim}('s orchestrator restarted| went down)"
-        with pytest.raises(LeaseLost, match=lost), anyio.fail_after(WITHIN_S):
+        with pytest.raises(LeaseLost, match=f"machine {victim} went down"), anyio.fail_after(WITHIN_S):
             async with c.acquire("llm", node=victim):
                 ray.kill(c.actor(victim), no_restart=False)
                 await anyio.sleep_forever()  # until the loss cancels the block
