@@ -135,7 +135,7 @@ class Route:
     choice: Choice
     cost_s: float = 0.0  # the move's switch cost, or a queue's expected wait
     gpus: tuple[int, ...] = ()  # the card(s) placement chose there (a move)
-    score: tuple[int, ...] = ()  # placement's score of the move (the worst of its cards)
+    score: tuple[float, ...] = ()  # placement's score of the move (the worst of its cards)
     evictions: int = 0  # GPU evictions the move needs
     evicted_bytes: int = 0
     busy_evictions: int = 0  # of those, models that hold leases or are waited for
@@ -203,7 +203,7 @@ def _order(routes: list[Route]) -> list[Route]:
     def by_load(r: Route) -> tuple[int, str]:
         return (r.load, r.node)
 
-    def by_cost(r: Route) -> tuple[tuple[int, ...], float, int, int, int, str]:
+    def by_cost(r: Route) -> tuple[tuple[float, ...], float, int, int, int, str]:
         return (r.score, r.cost_s, r.evictions, r.evicted_bytes, r.load, r.node)
 
     def of(choice: Choice) -> list[Route]:
