@@ -225,7 +225,7 @@ async def overhead(names: Sequence[str], n: int, namespace: str) -> dict[str, An
             await actor.ping.remote()
             pings.append(now() - t0)
         out["ray_round_trip_p50_ms"] = _ms(pings, 0.5)
-        views = [v for m in cluster._machines.values() if (v := m.view()) is not None]
+        views = cluster.views()
         t0 = now()
         k = 2000
         for _ in range(k):

@@ -315,6 +315,10 @@ class ClusterOrchestrator:
         """Whether each machine is up for routing now."""
         return {name: m.alive for name, m in self._machines.items()}
 
+    def views(self) -> list[MachineView]:
+        """The routing views of the machines, as the next ``acquire()`` sees them."""
+        return [v for m in self._machines.values() if (v := m.view()) is not None]
+
     def down_reasons(self) -> dict[str, str]:
         return {name: m.down_reason for name, m in self._machines.items() if not m.alive}
 
