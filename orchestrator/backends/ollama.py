@@ -24,10 +24,15 @@ Config::
 
 An attached Ollama keeps its own settings: a model used directly (not through the
 orchestrator) with the default ``keep_alive`` is unloaded by Ollama 5 minutes later, which
-the orchestrator sees at once (the model leaves the ledger). A model a client of Ollama's own
-loaded (a finite ``expires_at`` in ``/api/ps``) is demand: the orchestrator takes it over (its
-unaccounted copy given back, then loaded within the budget and kept), so that the ledger
-counts it as resident, never as anonymous foreign memory.
+the orchestrator sees at once (the model leaves the ledger). A model Ollama holds that the
+orchestrator did not load (a client of Ollama's own loaded it, or it was loaded when the
+orchestrator attached) is adopted in place when the ledger with it fits the budget and the
+exclusive kinds: resident from then on, at what its runner holds (or its estimate, when
+larger), with no reload, and with Ollama's own ``expires_at`` left as it is (asking Ollama to
+keep it longer would be a request that reloads it when the client's options differ,
+``server/sched.go`` ``needsReload``). When it does not fit, it is given back through
+``keep_alive: 0``, and a client's load (a finite ``expires_at``) is then demand: a lease is
+held on its behalf and the model loaded within the budget, as any waiter's.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from orchestrator.runtime.accounting import Accounting, NoRoom
 from orchestrator.runtime.context import Context
 from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.watch import CrashWatch
+from states.adopt import adoption
 from states.ledger import Tier
 from states.plan import Eviction, Plan
 from states.step import DEFERRED_POLL_S
@@ -276,6 +277,11 @@ class Executor:
             if backend is None or backend.tier is Tier.DISK:
                 self.reap_after.pop(name, None)
                 continue
+            with self.switching():
+                adopted = await self.adopt(name)
+            if adopted:
+                self.reap_after.pop(name, None)
+                continue
             try:
                 with self.switching():
                     step = Eviction(name, backend.tier, Tier.DISK)
@@ -289,6 +295,43 @@ class Executor:
             except Exception as exc:
                 self.reap_after[name] = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
                 logger.warning("%s still holds memory after a failed cleanup; retrying: %s", name, exc)
+
+    async def adopt(self, name: str) -> bool:
+        """Record a model its own program holds outside the ledger (loaded by hand there, or
+        there already when the orchestrator attached) as resident in place, without a load,
+        when the ledger with it fits (``states.adopt.adoption``): an ``adopt`` event, the
+        machine settled where the ledger lands, the model watched like a loaded one. False
+        when the backend has no such copy or it does not fit: the caller gives it back."""
+        ctx = self.ctx
+        backend = ctx.backends[name]
+        if name not in ctx.config.models or ctx.ledger.get(name) is not None or ctx.switching:
+            return False
+        try:
+            held = await backend.held_outside_bytes()
+        except Exception as exc:
+            logger.warning("cannot tell what %s's program holds of it: %s", name, exc)
+            return False
+        if not held:
+            return False
+        after = adoption(self.accounting.request(name), ctx.ledger, held, ctx.policy)
+        if after is None:
+            logger.warning(
+                "%s is on the GPU outside the orchestrator (%s) and the budget has no room for it "
+                "beside %s: it is given back", name, format_gib(held), ctx.ledger.describe(),
+            )  # fmt: skip
+            return False
+        backend.adopt()
+        ctx.ledger = after
+        ctx.emit(
+            "adopt",
+            model=name,
+            bytes_after=held,
+            detail=f"on the GPU already ({format_gib(held)}): taken over in place, not loaded",
+        )
+        ctx.fire("settle", after, model=name, detail="adopted")
+        self.accounting.learn(name, held, "load")
+        self.watch.start(name)
+        return True
 
     async def shutdown(self) -> ShutdownReport:
         """Unload everything and close every backend; say what really happened."""

@@ -685,32 +685,115 @@ async def test_comfyui_queue_takes_the_card_from_an_idle_llm_and_gives_it_back(
         assert device.peak_bytes <= BUDGET
 
 
-async def test_a_model_loaded_by_hand_in_ollama_while_sdxl_is_resident(
+async def test_a_model_loaded_by_hand_in_ollama_while_sdxl_is_resident_is_adopted_in_place(
     device: SharedSimulatedDevice, fakes: Fakes
 ) -> None:
     ol = fakes.start("ollama", "--models", "llama3.2:3b=3.0")
     small = ollama_model(ol.url, model="llama3.2:3b")
     small["vram_gb"] = 3.5
     orch = make_orch(device, {"small": small, "sdxl-base": SDXL}, heavy_models=["sdxl"], light_models=["llm"])
+    events: list[Any] = []
+    orch.add_listener(events.append)
     async with orch:
         async with orch.acquire("sdxl-base"):
             pass
         # `ollama run llama3.2:3b` in a terminal: Ollama loads it for 5 minutes, on its own.
         await http("POST", ol.url + "/api/generate", json={"model": "llama3.2:3b"})
+        (runner,) = runner_pids(ol)
 
         def resident() -> bool:
             r = orch.ledger().get("small")
             return r is not None and r.tier is Tier.GPU and not orch.leases().get("small")
 
         await wait_until(resident, within=10, what="the hand-loaded model is resident in the ledger")
-        # Counted as the model it is (measured by its runner), not as someone else's memory;
-        # SDXL stayed, and the budget held.
-        assert cooperative(orch, "small").measured_bytes() == 3 * GIB
-        assert orch.ledger().get("sdxl-base") is not None
-        assert orch.ledger().foreign_bytes == 0
+        # Adopted where it is: the same runner, nothing unloaded or loaded again; counted as the
+        # model it is (measured by its runner, at its estimate in the ledger), not as someone
+        # else's memory; SDXL stayed, and the budget held.
+        assert [e.kind for e in events if e.model == "small" and e.kind in ("adopt", "load", "evict")] == [
+            "adopt"
+        ]
+        assert runner_pids(ol) == {runner} and cooperative(orch, "small").measured_bytes() == 3 * GIB
+        assert orch.ledger().get("small").vram_bytes == int(3.5 * GIB)  # type: ignore[union-attr]
+        assert orch.ledger().get("sdxl-base") is not None and orch.ledger().foreign_bytes == 0
+        assert orch.statistics().loads == 1  # SDXL's
         ps = (await ol.get("/api/ps"))["models"]
-        assert [m["name"] for m in ps] == ["llama3.2:3b"] and ps[0]["expires_at"].startswith("2318")
+        assert [m["name"] for m in ps] == ["llama3.2:3b"]
+        assert not ps[0]["expires_at"].startswith("2318")  # Ollama's own keep-alive, untouched
         assert device.peak_bytes <= BUDGET
+        # From now on it is a resident like any other: a lease on it uses that very runner.
+        async with orch.acquire("small") as lease:
+            r = await lease.handle.client.post(
+                "/v1/chat/completions",
+                json={"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
+        assert runner_pids(ol) == {runner}
+
+
+async def test_a_model_ollama_holds_when_the_orchestrator_attaches_is_adopted(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    ol = fakes.start("ollama", "--models", "qwen2.5:7b=9.0")
+    # Loaded before the orchestrator starts (by a client, or an earlier run), kept forever.
+    await http("POST", ol.url + "/api/generate", json={"model": "qwen2.5:7b", "keep_alive": -1})
+    (runner,) = runner_pids(ol)
+    orch = make_orch(device, {"qwen": ollama_model(ol.url), "sdxl-base": SDXL})
+    events: list[Any] = []
+    orch.add_listener(events.append)
+    async with orch:
+        b = cooperative(orch, "qwen")
+        await wait_until(lambda: b.tier is Tier.GPU, within=5, what="the orchestrator saw Ollama's model")
+        async with orch.acquire("qwen", timeout=10) as lease:
+            assert lease.handle.base_url == ol.url
+            assert runner_pids(ol) == {runner}  # the very runner: no reload
+            r = orch.ledger().get("qwen")
+            assert r is not None and r.vram_bytes == int(9.5 * GIB)
+        adopt = [e for e in events if e.model == "qwen" and e.kind == "adopt"]
+        assert len(adopt) == 1 and adopt[0].bytes_after == 9 * GIB and "not loaded" in (adopt[0].detail or "")
+        assert not [e for e in events if e.model == "qwen" and e.kind == "load"]
+        settle = [e for e in events if e.kind == "transition" and e.trigger == "settle"]
+        assert settle and settle[0].to_state == "LLM_ACTIVE" and orch.state.name == "LLM_ACTIVE"
+        # It leaves as any resident does: through Ollama's own unload, verified on the device.
+        async with orch.acquire("sdxl-base"):
+            assert not process_alive(runner) and device.held_by_pid(runner) == 0
+            assert (await ol.get("/api/ps"))["models"] == []
+        assert device.peak_bytes <= BUDGET
+
+
+async def test_a_model_loaded_by_hand_that_does_not_fit_is_given_back(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    """Loaded by hand past what the budget allows (beside SDXL, 10.5 + 5.5 GiB over 15.5): it is
+    not adopted; Ollama is asked to unload it, and SDXL, in use, keeps the card."""
+    ol = fakes.start("ollama", "--models", "llama3.2:3b=5.5")
+    small = ollama_model(ol.url, model="llama3.2:3b")
+    small["vram_gb"] = 5.5
+    orch = make_orch(device, {"small": small, "sdxl-base": SDXL}, heavy_models=["sdxl"], light_models=["llm"])
+    events: list[Any] = []
+    orch.add_listener(events.append)
+    both: list[Any] = []
+    orch.add_listener(
+        lambda e: (
+            both.append(e)
+            if {"small", "sdxl-base"} <= {r.model for r in orch.ledger().gpu_residents}
+            else None
+        )
+    )
+    async with orch:
+        async with orch.acquire("sdxl-base"):
+            await http("POST", ol.url + "/api/generate", json={"model": "llama3.2:3b"})
+            (runner,) = runner_pids(ol)
+
+            def evicted() -> list[Any]:
+                return [e for e in events if e.model == "small" and e.kind == "evict"]
+
+            await wait_until(lambda: bool(evicted()), within=10, what="the hand-loaded copy given back")
+            assert "left over" in (evicted()[0].detail or "")
+            # Through Ollama's own unload, verified on the device; SDXL, in use, kept the card.
+            assert not process_alive(runner) and device.held_by_pid(runner) == 0
+            assert orch.ledger().get("sdxl-base") is not None
+        assert not [e for e in events if e.kind == "adopt"]
+        assert not both  # the ledger never held the two together
 
 
 async def test_the_gateway_in_front_of_ollama_with_the_openai_client(
