@@ -685,6 +685,53 @@ async def test_comfyui_queue_takes_the_card_from_an_idle_llm_and_gives_it_back(
         assert device.peak_bytes <= BUDGET
 
 
+async def test_a_comfyui_prompt_that_starts_before_its_lease_is_granted(
+    device: SharedSimulatedDevice, fakes: Fakes
+) -> None:
+    """ComfyUI's API cannot hold its queue (``orchestrator/backends/comfyui.py``): a prompt
+    sent to an idle ComfyUI starts at once, before the orchestrator has seen it (``poll_s``) and
+    taken the card from the idle LLM. ComfyUI moves to the GPU what the free memory allows; the
+    orchestrator counts that as another program's memory (its ledger stays within the budget
+    and nothing of its own is loaded into it), gives the idle LLM back through Ollama's API,
+    and holds ComfyUI's slot on its behalf. (A prompt queued under a lease loads in full:
+    ``test_comfyui_frees_its_models_then_reloads_them_by_its_next_prompt``.)"""
+    ol = fakes.start("ollama", "--models", "qwen2.5:7b=9.0")
+    # Its prompt runs 3 s; the orchestrator looks at ComfyUI's queue every second.
+    comfy = fakes.start(
+        "comfyui", "--models", "sdxl.safetensors=7.0", "--context-gb", "0.5", "--job-s", "3.0"
+    )
+    comfy_spec = {
+        "kind": "sdxl",
+        "vram_gb": 7.5,
+        "backend": {"type": "comfyui", "url": comfy.url, "idle_gb": 0.5, "poll_s": 1.0},
+    }
+    orch = make_orch(device, {"qwen": ollama_model(ol.url), "comfy": comfy_spec})
+    seen: list[tuple[Any, Any]] = []
+    orch.add_listener(lambda e: seen.append((e, orch.ledger())))
+    async with orch:
+        async with orch.acquire("qwen"):
+            pass
+        r = await http("POST", comfy.url + "/prompt", json=comfy_prompt("sdxl.safetensors"))
+        prompt_id = r.json()["prompt_id"]
+        await wait_until(
+            lambda: orch.leases().get("comfy") == 1, within=10, what="a lease on ComfyUI's behalf"
+        )
+        await wait_queue_empty(comfy)
+        assert (await comfy.get("/history"))[prompt_id]["status"]["status_str"] == "success"
+    # The prompt ran before the lease: with the 6.5 GiB the card had free beside Qwen's 9 GiB.
+    assert f"loaded partially: {int(6.5 * GIB)} of {7 * GIB} bytes" in comfy.log.read_text()
+    assert device.peak_bytes == 16 * GIB > BUDGET  # ComfyUI's own doing: the window that stays open
+    # The orchestrator's account: ComfyUI's memory was another program's until the grant, and
+    # Qwen left through Ollama's API, for ComfyUI's lease or at once when the orchestrator saw
+    # the card over the room (whichever came first); the ledger never held both, nor more than
+    # the budget.
+    evict = next(e for e, _ in seen if e.kind == "evict" and e.model == "qwen")
+    assert evict.detail in ("gpu -> disk for comfy", "gpu -> disk (over the room)")
+    assert next(ledger for e, ledger in seen if e is evict).foreign_bytes >= 7 * GIB
+    assert all(e.committed_bytes <= e.budget_bytes for e, _ in seen)
+    assert not any({"qwen", "comfy"} <= {r.model for r in ledger.gpu_residents} for _, ledger in seen)
+
+
 async def test_a_model_loaded_by_hand_in_ollama_while_sdxl_is_resident_is_adopted_in_place(
     device: SharedSimulatedDevice, fakes: Fakes
 ) -> None:
