@@ -339,7 +339,7 @@ class CooperativeBackend(Backend):
         read from the program now (its view, then its processes on the device)."""
         if self._tier is not Tier.DISK or self.url is None or self._program_gone():
             return None
-        self._root = await anyio.to_thread.run_sync(self._find_root)
+        await self._ensure_program()  # attached: as a load attaches (is_alive() follows it)
         if self._root is None:
             return None
         async with self._client() as client:

@@ -316,9 +316,12 @@ class Executor:
         after = adoption(self.accounting.request(name), ctx.ledger, held, ctx.policy)
         if after is None:
             logger.warning(
-                "%s is on the GPU outside the orchestrator (%s) and the budget has no room for it "
-                "beside %s: it is given back", name, format_gib(held), ctx.ledger.describe(),
-            )  # fmt: skip
+                "%s is on the GPU outside the orchestrator (%s) and does not fit beside %s (the "
+                "budget, or another heavy model): it is given back",
+                name,
+                format_gib(held),
+                ctx.ledger.describe(),
+            )
             return False
         backend.adopt()
         ctx.ledger = after

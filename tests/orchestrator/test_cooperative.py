@@ -791,7 +791,7 @@ async def test_a_model_ollama_holds_when_the_orchestrator_attaches_is_adopted(
         b = cooperative(orch, "qwen")
         await wait_until(lambda: b.tier is Tier.GPU, within=5, what="the orchestrator saw Ollama's model")
         async with orch.acquire("qwen", timeout=10) as lease:
-            assert lease.handle.base_url == ol.url
+            assert lease.handle.base_url == ol.url and b.is_alive()
             assert runner_pids(ol) == {runner}  # the very runner: no reload
             r = orch.ledger().get("qwen")
             assert r is not None and r.vram_bytes == int(9.5 * GIB)
