@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 
@@ -32,7 +32,8 @@ from orchestrator.runtime.accounting import Accounting, NoRoom
 from orchestrator.runtime.context import Context
 from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.watch import CrashWatch
-from states.ledger import Resident, Tier
+from states.adopt import adoption
+from states.ledger import Ledger, Resident, Tier
 from states.plan import Eviction, Plan
 from states.step import DEFERRED_POLL_S
 from states.units import format_gib
@@ -300,6 +301,11 @@ class Executor:
             if backend is None or backend.tier is Tier.DISK:
                 self.reap_after.pop(name, None)
                 continue
+            with self.switching([ctx.home.get(name, ctx.first_gpu())]):
+                adopted = await self.adopt(name)
+            if adopted:
+                self.reap_after.pop(name, None)
+                continue
             try:
                 with self.switching([ctx.home.get(name, ctx.first_gpu())]):
                     step = Eviction(name, backend.tier, Tier.DISK)
@@ -313,6 +319,48 @@ class Executor:
             except Exception as exc:
                 self.reap_after[name] = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
                 logger.warning("%s still holds memory after a failed cleanup; retrying: %s", name, exc)
+
+    async def adopt(self, name: str) -> bool:
+        """Record a model its own program holds outside the ledger (loaded by hand there, or
+        there already when the orchestrator attached) as resident in place, without a load,
+        when the ledger with it fits (``states.adopt.adoption``): an ``adopt`` event, the
+        machine settled where the ledger lands, the model watched like a loaded one. False
+        when the backend has no such copy or it does not fit: the caller gives it back."""
+        ctx = self.ctx
+        backend = ctx.backends[name]
+        gpu = ctx.home.get(name, ctx.first_gpu())  # the card its program's memory is on
+        if name not in ctx.config.models or ctx.cards.get(name) is not None or ctx.switching_on((gpu,)):
+            return False
+        try:
+            held = await backend.held_outside_bytes()
+        except Exception as exc:
+            logger.warning("cannot tell what %s's program holds of it: %s", name, exc)
+            return False
+        if not held:
+            return False
+        after = adoption(self.accounting.request(name), ctx.cards.view(gpu), held, ctx.policy)
+        if after is None:
+            logger.warning(
+                "%s is on the GPU outside the orchestrator (%s) and does not fit beside %s (the "
+                "budget, or another heavy model): it is given back",
+                name,
+                format_gib(held),
+                ctx.cards.ledger(gpu).describe(),
+            )
+            return False
+        backend.adopt()
+        ctx.cards = ctx.cards.with_ledger(gpu, _own(after, ctx.cards.ledger(gpu)))
+        ctx.emit(
+            "adopt",
+            gpu=gpu,
+            model=name,
+            bytes_after=held,
+            detail=f"on the GPU already ({format_gib(held)}): taken over in place, not loaded",
+        )
+        ctx.fire("settle", model=name, gpu=gpu, detail="adopted")
+        self.accounting.learn(name, held, "load")
+        self.watch.start(name)
+        return True
 
     async def shutdown(self) -> ShutdownReport:
         """Unload everything and close every backend; say what really happened."""
@@ -457,3 +505,11 @@ class Executor:
         if isinstance(exc, Exception) and not isinstance(exc, BackendError):
             return LoadFailed(p.load, f"{type(exc).__name__}: {exc}")
         return exc
+
+
+def _own(view: Ledger, own: Ledger) -> Ledger:
+    """A card's planning view (its ledger with every card's host copies) changed by a pure
+    rule, brought back to the card's own ledger: its GPU residents and load from the view,
+    its own host copies as they were."""
+    others = {r.model for r in view.host_residents} - {r.model for r in own.host_residents}
+    return replace(view, residents=tuple(r for r in view.residents if r.model not in others))
