@@ -422,15 +422,16 @@ class Executor:
         backend = ctx.backends[p.load]
         resident = p.after.loading
         assert resident is not None
-        gpus = gpus or (ctx.first_gpu(),)
+        gpus = gpus or (ctx.cards.indexes[0],)
         shares = list(shares) or [resident]
         for g, share in zip(gpus, shares, strict=True):
             self.accounting.check_room(p.load, share.vram_bytes, g)
-        if ctx.several:
-            backend.bind(gpus, tuple(self.accounting.devices[g] for g in gpus))
-            ctx.home[p.load] = gpus[0]
-            if len(gpus) > 1:
-                ctx.spans[p.load] = gpus
+        # The backend serves from these cards: in-process models load on cuda:N, servers
+        # start with CUDA_VISIBLE_DEVICES naming them.
+        backend.bind(gpus, tuple(self.accounting.devices[g] for g in gpus))
+        ctx.home[p.load] = gpus[0]
+        if len(gpus) > 1:
+            ctx.spans[p.load] = gpus
         for g, share in zip(gpus, shares, strict=True):
             ctx.cards = ctx.cards.begin_load(g, share)
         # A cold load comes from the packed disk cache or from the source: a cost of its own.
