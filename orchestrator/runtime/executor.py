@@ -217,7 +217,16 @@ class Executor:
     ) -> SwitchOutcome:
         """Evict, then load, between ``begin_switch`` and ``finish_switch`` / ``fail_switch``,
         on card ``gpu`` (the first by default); a spanning model's switch also runs ``more``
-        (its plans on its other cards): one joint switch."""
+        (its plans on its other cards): one joint switch. However it ends, a card whose ledger
+        changed under it (a spanning model it evicted) lands where its ledger says."""
+        try:
+            return await self._switch(p, gpu, more)
+        finally:
+            self.ctx.settle_cards()
+
+    async def _switch(
+        self, p: Plan, gpu: int | None = None, more: Sequence[tuple[int, Plan]] = ()
+    ) -> SwitchOutcome:
         ctx = self.ctx
         target = p.load
         plans = [(ctx.first_gpu() if gpu is None else gpu, p), *more]
@@ -263,7 +272,6 @@ class Executor:
             ctx.succeeded(target)
             for g in gpus:
                 ctx.fire("finish_switch", model=target, gpu=g, t0=t0)
-        ctx.settle_cards()
         return SwitchOutcome(target, loaded=True)
 
     async def evict(self, models: Sequence[str], why: str, gpu: int | None = None) -> None:
@@ -287,7 +295,7 @@ class Executor:
                 self.rebalance_after_s = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
             finally:
                 ctx.fire("finish_switch", model=None, gpu=gpu, t0=t0)
-        ctx.settle_cards()
+                ctx.settle_cards()
 
     async def reap(self, models: Sequence[str]) -> None:
         """Unload what a backend still holds but the ledger does not (a failed cleanup).
@@ -395,6 +403,7 @@ class Executor:
             for gpu in held:
                 trigger = "fail_switch" if ctx.cards.ledger(gpu).residents else "finish_switch"
                 ctx.fire(trigger, model=None, gpu=gpu, t0=t0)
+            ctx.settle_cards()
             for b in list(ctx.backends.values()):
                 try:
                     with anyio.fail_after(ctx.config.unload_timeout_s):
