@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from states.cards import Cards
 from states.errors import InsufficientVRAM, LeaseDeadlock
 from states.ledger import Ledger, Resident, Tier
+from states.placement import PlaceContext, hide_in_flight, place
 from states.plan import Deferred, Plan, PlanRequest, Policy, plan, victim_order
 from states.scheduling import Mode, SchedulerView, WaiterView, admission, drain_due_at, rank_targets
 
@@ -493,8 +494,6 @@ def _wake_at(view: StepView, s: _Step) -> float | None:
 def _decide_cards(view: StepView, cards: Cards) -> Decision:
     """Place every waited model, decide each idle card over its own waiters, and join a
     spanning model's switch across its cards (see the module docstring)."""
-    from states.placement import PlaceContext, hide_in_flight, place
-
     pctx = PlaceContext(
         policy=view.policy,
         allowed=view.allowed,
