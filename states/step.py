@@ -119,6 +119,7 @@ class StepView:
     busy: frozenset[int] = frozenset()  # cards with an action in progress
     in_flight: frozenset[str] = frozenset()  # models a running action loads or evicts
     loading: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # running switches' targets
+    card_used_s: Mapping[int, float] = field(default_factory=dict)  # each card's last grant
     host_pending_bytes: int = 0  # host RAM that running actions will fill with host copies
     allowed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # models.<m>.gpus
     spans: Mapping[str, int] = field(default_factory=dict)  # models.<m>.tensor_parallel > 1
@@ -503,6 +504,7 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         leases=view.leases,
         cost_s={m: (c.load_s, c.restore_s, c.unload_s) for m, c in view.costs.items()},
         loading=view.loading,
+        used_s=view.card_used_s,
     )
     views = {g: hide_in_flight(cards.view(g), view.in_flight, view.host_pending_bytes) for g in cards.indexes}
     settled = frozenset(m for m in view.to_unload if cards.get(m) is None)
