@@ -70,6 +70,111 @@ def test_plan_says_when_offload_has_no_host_tier(tmp_path: Path) -> None:
     assert "set switching.host_ram_budget_gb" in out.stderr
 
 
+TWO_CARDS = (
+    "hardware:\n  device: simulated\n  gpus:\n"
+    "    - {index: 0, gpu_name: Card A, total_vram_gb: 24, safe_max_vram_gb: 23}\n"
+    "    - {index: 1, gpu_name: Card B, total_vram_gb: 16, safe_max_vram_gb: 15}\n"
+)
+
+
+def card_tables(stdout: str) -> dict[str, dict[str, list[str]]]:
+    """``plan``'s tables per card: {"cuda:0": {model: its row's cells}}."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for line in stdout.splitlines():
+        if line.startswith("cuda:"):
+            current = tables.setdefault(line.split()[0], {})
+        elif current is not None and line.startswith("  ") and not line.split()[0] == "model":
+            current[line.split()[0]] = line.split()
+        elif not line.startswith("  "):
+            current = None
+    return tables
+
+
+def test_plan_prints_a_table_per_card(tmp_path: Path) -> None:
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(
+        TWO_CARDS + "models:\n"
+        "  qwen-14b: {kind: llm, vram_gb: 11.5}\n"
+        "  big-llm: {kind: llm, vram_gb: 26, tensor_parallel: 2}\n"
+        "  qwen-vl: {kind: llm, vram_gb: 20}\n"
+        "  sdxl-base: {kind: sdxl, vram_gb: 10.5, gpus: [1]}\n"
+        "  tts: {kind: tts, vram_gb: 3.5}\n"
+        "defaults: {llm: qwen-14b}\n"
+    )
+    out = run("plan", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{cfg}: 2 cards, simulated devices")
+    assert "budget 38.00 GiB of 40.00 GiB on 2 cards" in out.stdout
+    assert "cuda:0 Card A: budget 23.00 GiB of 24.00 GiB" in out.stdout
+    assert "cuda:1 Card B: budget 15.00 GiB of 16.00 GiB" in out.stdout
+    tables = card_tables(out.stdout)
+    # SDXL may use card 1 only; the others may use both.
+    assert set(tables["cuda:0"]) == {"qwen-14b", "big-llm", "qwen-vl", "tts"}
+    assert set(tables["cuda:1"]) == {"qwen-14b", "big-llm", "qwen-vl", "sdxl-base", "tts"}
+    assert tables["cuda:1"]["sdxl-base"][3:7] == ["10.50", "GiB", "4.50", "GiB"]
+    assert " ".join(tables["cuda:1"]["sdxl-base"]).endswith("only cuda:1")
+    # The spanning model reserves its half plus the per-process overhead on each card.
+    assert tables["cuda:0"]["big-llm"][3:7] == ["13.50", "GiB", "9.50", "GiB"]
+    assert "spans 2 cards (26.00 GiB in all)" in " ".join(tables["cuda:1"]["big-llm"])
+    # 20 GiB fits card 0 only: card 1's table says it never goes there.
+    assert tables["cuda:0"]["qwen-vl"][3:7] == ["20.00", "GiB", "3.00", "GiB"]
+    assert "short 5.00 GiB: never here" in " ".join(tables["cuda:1"]["qwen-vl"])
+    assert out.stdout.rstrip().endswith("groups are consistent")
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "message"),
+    [
+        (
+            "{kind: llm, vram_gb: 20, gpus: [1]}",
+            "models.big.vram_gb",
+            "20.00 GiB is larger than every card's budget it may use (15.00 GiB; short 5.00 GiB)",
+        ),
+        (
+            "{kind: llm, vram_gb: 36, tensor_parallel: 2}",
+            "models.big.tensor_parallel",
+            "its share of 18.50 GiB per card fits 1 of the 2 cards it may use, and it spans 2",
+        ),
+    ],
+)
+def test_plan_says_a_model_restricted_to_too_small_cards_can_never_be_placed(
+    tmp_path: Path, model: str, key: str, message: str
+) -> None:
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(TWO_CARDS + f"models:\n  big: {model}\n")
+    out = run("plan", "--config", str(cfg))
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert f"{cfg}: {key}" in line and message in line, line
+
+
+def test_never_placed_names_each_model_no_card_can_take() -> None:
+    """What ``plan`` checks beyond the parser: a config built in code is not parsed."""
+    import dataclasses
+
+    from orchestrator.cli_config import never_placed, plan_problems
+    from orchestrator.config import parse_config
+
+    config = parse_config(
+        TWO_CARDS + "models:\n  a: {kind: llm, vram_gb: 10, gpus: [1]}\n  b: {kind: llm, vram_gb: 20, "
+        "tensor_parallel: 2}\n  c: {kind: tts, vram_gb: 2}\n",
+        source="<two cards>",
+    )
+    assert never_placed(config) == []
+    grown = {
+        "a": dataclasses.replace(config.models["a"], vram_bytes=16 * 2**30),  # card 1 has 15 GiB
+        "b": dataclasses.replace(config.models["b"], vram_bytes=40 * 2**30),  # 20.5 GiB each: card 0 only
+        "c": config.models["c"],
+    }
+    config = dataclasses.replace(config, models=grown)
+    found = dict(never_placed(config))
+    assert set(found) == {"a", "b"}
+    assert found["a"] == "16.00 GiB is larger than the budget of every card it may use: cuda:1 (15.00 GiB)"
+    assert found["b"].startswith("it spans 2 cards at 20.50 GiB each, and 1 of the cards it may use")
+    assert "models.a: can never be placed: " + found["a"] in plan_problems(config)
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path: Path, where: str) -> None:
     args = ["plan", "--config", str(tmp_path / "missing.yaml")]
