@@ -203,6 +203,7 @@ def test_plan_shows_its_config_as_optional_with_its_default() -> None:
         (["demo", "--agents", "-2"], "argument --agents: must be at least 1, got -2"),
         (["demo", "--agents", "two"], "argument --agents: expected a whole number, got 'two'"),
         (["demo", "--time-scale", "0"], "argument --time-scale: must be a number greater than 0, got 0"),
+        (["demo", "--gpus", "0"], "argument --gpus: must be at least 1, got 0"),
         (["check", "--examples", "0"], "argument --examples: must be at least 1, got 0"),
         (["check", "--steps", "-1"], "argument --steps: must be at least 1, got -1"),
         (
@@ -256,6 +257,46 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     chart = out_dir / "timeline.png"
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
     assert out.stdout.rstrip().splitlines()[-1].endswith(f"VRAM timeline chart: {chart}")
+
+
+def test_demo_on_two_simulated_cards(tmp_path: Path) -> None:
+    out_dir = tmp_path / "demo"
+    out = run(
+        "demo", "--gpus", "2", "--out", str(out_dir), "--time-scale", "0.005", "--agents", "3",
+        "--tiny-models", "off",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (
+        "agents on 2 cards (Simulated RTX 5080 (16 GiB)) (simulated device), budget 31.00 GiB in all"
+        in out.stdout
+    )
+    assert "cuda:1 switching: IDLE -> loading" in out.stdout  # progress lines name the card
+    summary = json.loads((out_dir / "summary.json").read_text())
+    cards = summary["cards"]
+    assert [(c["index"], c["budget_bytes"]) for c in cards] == [
+        (0, int(15.5 * 2**30)),
+        (1, int(15.5 * 2**30)),
+    ]
+    assert all(0 < c["peak_vram_bytes"] <= c["budget_bytes"] for c in cards)  # both cards served
+    assert sum(c["switches"] for c in cards) == summary["switches"]
+    assert {m for c in cards for m in c["loaded"]} == {"qwen-14b", "sdxl-base", "gpt-sovits-small"}
+    assert summary["within_budget"] is True and summary["leases"] == 12
+    lines = out.stdout.splitlines()
+    for c in cards:
+        (line,) = [x for x in lines if x.strip().startswith(f"cuda:{c['index']} ") and "budget (" in x]
+        assert "of its 15.50 GiB budget (within)" in line and f"loaded {', '.join(c['loaded'])}" in line
+    assert (out_dir / "timeline.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_demo_gpus_needs_the_simulated_device(tmp_path: Path) -> None:
+    cfg = tmp_path / "real.yaml"
+    cfg.write_text("hardware: {device: nvml, safe_max_vram_gb: 15.5}\nmodels: {m: {kind: llm, vram_gb: 4}}\n")
+    out = run(
+        "demo", "--gpus", "2", "--config", str(cfg), "--out", str(tmp_path / "o"), "--tiny-models", "off"
+    )
+    assert out.returncode == 1
+    assert "--gpus 2 runs on the simulated device" in out.stderr and "hardware.gpus" in out.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
