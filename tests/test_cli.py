@@ -123,6 +123,18 @@ def test_plan_prints_a_table_per_card(tmp_path: Path) -> None:
     assert out.stdout.rstrip().endswith("groups are consistent")
 
 
+def test_the_several_gpus_example_of_the_config_page_passes_plan(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    block = page[page.index("### Several GPUs") :].split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "two-cards.yaml"
+    cfg.write_text(block)
+    out = run("plan", "--config", str(cfg))
+    assert out.returncode == 0, out.stdout + out.stderr
+    tables = card_tables(out.stdout)
+    assert "sdxl-base" in tables["cuda:1"] and "sdxl-base" not in tables["cuda:0"]
+    assert tables["cuda:0"]["qwen-32b"][3:5] == ["13.50", "GiB"]  # as the page says
+
+
 @pytest.mark.parametrize(
     ("model", "key", "message"),
     [
