@@ -246,9 +246,17 @@ def format_status(report: dict[str, Any], *, running: bool = False) -> str:
                 "-" if measured is None else format_gib(measured),
                 str(m["leases"]),
                 str(m["waiting"]),
-                " ".join(
-                    [w for w, on in (("default", m["default"]), ("cached", m.get("cached", False))) if on]
-                    + _placement_notes(m, cards)
+                ", ".join(
+                    x
+                    for x in (
+                        " ".join(
+                            w
+                            for w, on in (("default", m["default"]), ("cached", m.get("cached", False)))
+                            if on
+                        ),
+                        ", ".join(_placement_notes(m, cards)),
+                    )
+                    if x
                 ),
             )
         )

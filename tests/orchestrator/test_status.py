@@ -61,7 +61,7 @@ def test_the_config_view_lists_each_card() -> None:
     row1 = next(line for line in lines if line.strip().startswith("cuda:1"))
     assert row1.split()[:6] == ["cuda:1", "Card", "B", "16.00", "GiB", "15.00"]
     sdxl = next(line for line in lines if line.strip().startswith("sdxl-base"))
-    assert sdxl.rstrip().endswith("only cuda:1")
+    assert sdxl.rstrip().endswith("default, only cuda:1")
     big = next(line for line in lines if line.strip().startswith("big-llm"))
     assert big.rstrip().endswith("spans 2 cards")
 
