@@ -19,6 +19,8 @@ from states.units import format_gib
 
 if TYPE_CHECKING:
     from orchestrator.runtime import Orchestrator
+    from states.cards import Card
+    from states.ledger import Ledger
 
 
 def status_report(orch: Orchestrator) -> dict[str, Any]:
@@ -107,7 +109,7 @@ def status_report(orch: Orchestrator) -> dict[str, Any]:
     return report
 
 
-def _card_report(orch: Orchestrator, card: Any, led: Any) -> dict[str, Any]:
+def _card_report(orch: Orchestrator, card: Card, led: Ledger) -> dict[str, Any]:
     """One card of several: its device's numbers, its own ledger and its state."""
     device = orch.devices[card.index]
     used = device.used_bytes()
