@@ -113,16 +113,7 @@ def _card_report(orch: Orchestrator, card: Card, led: Ledger) -> dict[str, Any]:
     """One card of several: its device's numbers, its own ledger and its state."""
     device = orch.devices[card.index]
     used = device.used_bytes()
-    cards = orch.cards()
-    ours = 0
-    for r in led.gpu_residents:
-        # As the scheduler counts it: measured where the backend can tell (a model spanning
-        # several cards cannot say what it holds on each), else what the ledger planned.
-        backend = orch.backends.get(r.model)
-        held = None
-        if backend is not None and len(cards.gpus_of(r.model)) <= 1:
-            held = backend.measured_bytes(live_only=True)
-        ours += r.vram_bytes if held is None else held
+    ours = orch.accounted_bytes(card.index)  # as the scheduler counts it
     return {
         "index": card.index,
         "name": device.name,

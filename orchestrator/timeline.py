@@ -211,7 +211,7 @@ def by_card(events: Iterable[Event]) -> list[tuple[int | None, list[Event]]]:
             if e.model is not None:
                 loading_on.get(e.model, set()).discard(e.gpu)
             targets = {e.gpu}
-        elif e.kind == "load" and e.model is not None:
+        elif e.kind in ("load", "adopt") and e.model is not None:
             targets = {e.gpu} | loading_on.get(e.model, set())
             held_on[e.model] = set(targets)
         elif e.kind == "evict" and e.model is not None and _gpu_eviction(e.detail):
@@ -279,6 +279,10 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
             if e.model in resident:  # a load of a model we think resident: restart its span
                 close(e.model, start)
             resident[e.model] = (e.time_s, given.get(e.model))
+        elif e.kind == "adopt" and e.model is not None:
+            # taken over in place, on the GPU already: resident from now, at what it holds
+            note(e.model)
+            resident[e.model] = (e.time_s, e.bytes_after)
         elif e.kind == "evict" and e.model is not None:
             if open_switch is not None and open_switch[1] is None and "(shutdown)" in (e.detail or ""):
                 open_switch = (open_switch[0], None, "shutdown")  # said by its evictions too

@@ -389,3 +389,12 @@ def test_the_chart_has_a_panel_per_card_with_its_budget(tmp_path: Path) -> None:
     assert one.data == chart_data(reconstruct(HAND_EVENTS), budget_bytes=int(15.5 * GIB))
     pytest.importorskip("matplotlib")
     png_ok(render_timeline(TWO_CARD_EVENTS, tmp_path / "two.png"))
+
+
+def test_a_model_adopted_in_place_is_drawn_resident_from_its_adoption() -> None:
+    events = [
+        Event(5.0, "adopt", "qwen-14b", bytes_after=LLM, detail="on the GPU already: taken over in place"),
+        Event(9.0, "evict", "qwen-14b", detail="gpu -> disk (shutdown)"),
+    ]
+    tl = reconstruct(events)
+    assert [s for s in tl.spans if not s.loading] == [Span("qwen-14b", 5.0, 9.0, LLM)]
