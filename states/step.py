@@ -529,18 +529,21 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         else:
             by_card[where[0]].append(w)
 
-    # A spanning model is decided for on its first card. For its other cards it is in use
-    # while a card of it switches (the switch may be evicting it) or while it has waiters
-    # (its first card grants them in this step); what they drain of it, its first card
-    # grants no more of. Cards are decided from the last to the first, so that those drains
-    # are known when its first card's turn comes.
-    in_use_elsewhere: dict[str, int] = {}
+    # A spanning model is decided for on its first card. For every card of it, it is in use
+    # while another of its cards switches (that switch may be evicting it); for its other
+    # cards, also while it has waiters (its first card grants them in this step). What they
+    # drain of it, its first card grants no more of. Cards are decided from the last to the
+    # first, so that those drains are known when its first card's turn comes.
+    in_use_elsewhere: dict[str, int] = {}  # for its other cards than the first
+    in_use_everywhere: dict[str, int] = {}  # for every card of it
     for m, k in view.spans.items():
         on = cards.gpus_of(m)
         if k > 1 and on:
-            n = sum(1 for w in view.waiters if w.model == m) + (1 if set(on) & view.busy else 0)
-            if n:
-                in_use_elsewhere[m] = n
+            waiting = sum(1 for w in view.waiters if w.model == m)
+            if waiting:
+                in_use_elsewhere[m] = waiting
+            if set(on) & view.busy:
+                in_use_everywhere[m] = 1
 
     grants: list[int] = []
     drain: set[str] = set()
@@ -554,6 +557,9 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         leases = dict(view.leases)
         for m, n in in_use_elsewhere.items():
             if gpu != cards.gpus_of(m)[0] and gpu in cards.gpus_of(m):
+                leases[m] = leases.get(m, 0) + n
+        for m, n in in_use_everywhere.items():
+            if gpu in cards.gpus_of(m):
                 leases[m] = leases.get(m, 0) + n
         outside = frozenset(m for m in drain if m in view.spans) | view.in_flight
         sub = replace(

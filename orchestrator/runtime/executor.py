@@ -182,6 +182,7 @@ class Executor:
         gpu = ctx.gpus_of(step.model)[0]  # before it leaves: the card it leaves
         if ctx.cards.get(step.model) is not None:
             ctx.cards = ctx.cards.move(step.model, landed)
+            ctx.settle_cards()  # a spanning model left its other cards too: they land at once
         if step.from_tier is Tier.GPU:
             ctx.note_lost(step.model)
         if counted:
