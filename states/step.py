@@ -503,7 +503,8 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         busy=view.busy,
         leases=view.leases,
         cost_s={m: (c.load_s, c.restore_s, c.unload_s) for m, c in view.costs.items()},
-        loading=view.loading,
+        # A model a failed cleanup left on a card stays there until reaped: it is placed there.
+        loading={**{m: (view.home.get(m, cards.indexes[0]),) for m in view.leftovers}, **view.loading},
         used_s=view.card_used_s,
     )
     views = {g: hide_in_flight(cards.view(g), view.in_flight, view.host_pending_bytes) for g in cards.indexes}
