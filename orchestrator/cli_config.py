@@ -252,8 +252,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         for note in getattr(found or exc, "__notes__", []):
             print(note)
         return EXIT_ERROR
+    budgets = (
+        format_gib(config.budget_bytes)
+        if len(config.cards) == 1
+        else ", ".join(f"cuda:{c.index} {format_gib(c.budget_bytes)}" for c in config.cards)
+    )
     print(
-        f"ok: no sequence passed the budget ({format_gib(config.budget_bytes)}), lost a lease or "
+        f"ok: no sequence passed the budget ({budgets}), lost a lease or "
         f"starved a model ({time.monotonic() - t0:.1f} s)"
     )
     # Apart from the budget: which models no sequence could ever load at this factor.
