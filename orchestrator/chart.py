@@ -2,11 +2,14 @@
 stacked bands, the shaded regions, the title, the axis range) as plain numbers from a
 ``Timeline`` (``orchestrator.timeline``); ``render_timeline()`` draws it with matplotlib (the
 optional ``charts`` extra, imported only there and only when called): committed bytes per
-model stacked over time, the budget line, switch spans shaded, GiB and seconds.
+model stacked over time, the budget line, switch spans shaded, GiB and seconds. On a machine
+with several cards (events that name their ``gpu``) it draws one panel per card, each with its
+card's budget, over one time axis (``chart_panels()``); a model keeps its colour on every card.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.events import Event
-from orchestrator.timeline import ChartsUnavailable, Timeline, TimelineError, read_events, reconstruct
+from orchestrator.timeline import (
+    ChartsUnavailable,
+    Timeline,
+    TimelineError,
+    budget_from_events,
+    by_card,
+    read_events,
+    reconstruct,
+)
 from states.units import GIB, format_gib
 
 
@@ -84,9 +95,18 @@ class ChartData:
 
 
 def chart_data(
-    tl: Timeline, *, budget_bytes: int | None = None, time_scale: float = 1.0, title: str | None = None
+    tl: Timeline,
+    *,
+    budget_bytes: int | None = None,
+    time_scale: float = 1.0,
+    title: str | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> ChartData:
-    """The numbers the chart is drawn from (pure: no matplotlib), for ``render_timeline``."""
+    """The numbers the chart is drawn from (pure: no matplotlib), for ``render_timeline``.
+
+    :param colors: a colour per model (the panels of several cards share one); by default the
+        palette in the order the models first appear.
+    """
     if time_scale <= 0:
         raise TimelineError(f"time_scale must be positive, got {time_scale!r}")
     k = 1.0 / time_scale
@@ -102,7 +122,7 @@ def chart_data(
     base = [0.0] * len(times)
     bands: list[Band] = []
     for model in tl.models:
-        color = palette[first_seen.index(model)]
+        color = colors[model] if colors and model in colors else palette[first_seen.index(model)]
         size = max(s.bytes for s in tl.spans if s.model == model)
         for loading in (False, True):
             layer = [0.0] * len(times)
@@ -147,6 +167,58 @@ def chart_data(
     )
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One card's part of the chart (``gpu`` None: the one card of a log that names none)."""
+
+    gpu: int | None
+    data: ChartData
+    budget_bytes: int | None
+
+
+def chart_panels(
+    events: Sequence[Event],
+    *,
+    budget_bytes: int | None = None,
+    time_scale: float = 1.0,
+    sizes: Mapping[str, int] | None = None,
+    title: str | None = None,
+) -> list[Panel]:
+    """A panel per card (one for a log whose events name no card), pure: no matplotlib.
+
+    With several cards each panel's budget is the one its card's events carry (``budget_bytes``
+    only stands in for a card whose events carry none), and a model has one colour on all."""
+    cards = by_card(events)
+    if len(cards) == 1 and cards[0][0] is None:
+        tl = reconstruct(cards[0][1], sizes)
+        return [
+            Panel(
+                None,
+                chart_data(tl, budget_bytes=budget_bytes, time_scale=time_scale, title=title),
+                budget_bytes,
+            )
+        ]
+    timelines = [(gpu, evs, reconstruct(evs, sizes)) for gpu, evs in cards]
+    order: list[str] = []
+    for _gpu, _evs, tl in timelines:
+        first = sorted(tl.models, key=lambda m: min(s.start_s for s in tl.spans if s.model == m))
+        order += [m for m in first if m not in order]
+    palette = _palette(len(order))
+    colors = {m: palette[i] for i, m in enumerate(order)}
+    panels = []
+    for gpu, evs, tl in timelines:
+        budget = budget_from_events(evs) or budget_bytes
+        data = chart_data(tl, budget_bytes=budget, time_scale=time_scale, colors=colors)
+        panels.append(
+            Panel(gpu, dataclasses.replace(data, title=f"cuda:{gpu}: " + _short_title(data.title)), budget)
+        )
+    return panels
+
+
+def _short_title(title: str) -> str:
+    return title.removeprefix("VRAM timeline: ")
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else ('es' if word.endswith('ch') else 's')}"
 
@@ -182,10 +254,50 @@ def render_timeline(
         raise TimelineError(f"{source or 'the event list'}: no events to draw; run the orchestrator first")
     if time_scale <= 0:
         raise TimelineError(f"time_scale must be positive, got {time_scale!r}")
-    data = chart_data(reconstruct(evs, sizes), budget_bytes=budget_bytes, time_scale=time_scale, title=title)
+    panels = chart_panels(evs, budget_bytes=budget_bytes, time_scale=time_scale, sizes=sizes, title=title)
+    x_label = (
+        "time (s)"
+        if time_scale == 1
+        else f"time at real speed (s); the run was {1 / time_scale:g}x faster than real"
+    )
+    if len(panels) == 1:
+        fig = Figure(figsize=(11, 5.2), dpi=110, layout="constrained")
+        (panel,) = panels
+        _draw(fig.add_subplot(), panel.data, panel.budget_bytes, to_rgba, x_label=x_label)
+    else:
+        fig = Figure(figsize=(11, 1.0 + 3.4 * len(panels)), dpi=110, layout="constrained")
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        x_max = max(p.data.x_max for p in panels)
+        for i, (ax, panel) in enumerate(zip(axes, panels, strict=True)):
+            last = i == len(panels) - 1
+            _draw(ax, panel.data, panel.budget_bytes, to_rgba, x_label=x_label if last else None, x_max=x_max)
+        switches = sum(sum(1 for r in p.data.regions if r.label == "switching") for p in panels)
+        fig.suptitle(
+            title or f"VRAM timeline on {len(panels)} cards: {_plural(switches, 'switch')} in all",
+            fontsize=12,
+        )
 
-    fig = Figure(figsize=(11, 5.2), dpi=110, layout="constrained")
-    ax = fig.add_subplot()
+    out = Path(out_path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png")
+    except OSError as exc:
+        raise TimelineError(
+            f"{out}: cannot write the chart ({exc.strerror}); choose a writable path"
+        ) from None
+    return out
+
+
+def _draw(
+    ax: Any,
+    data: ChartData,
+    budget_bytes: int | None,
+    to_rgba: Any,
+    *,
+    x_label: str | None,
+    x_max: float | None = None,
+) -> None:
+    """One panel: the stacked bands, the committed outline, the shaded switches, the budget."""
     model_handles: list[Any] = []
     for band in data.bands:
         poly = ax.fill_between(
@@ -241,13 +353,10 @@ def render_timeline(
         )
         top_gib = max(top_gib, budget_bytes / GIB)
     ax.set_ylim(0, max(1.0, top_gib * 1.12))
-    ax.set_xlim(0, max(data.x_max, 1e-9))
+    ax.set_xlim(0, max(data.x_max if x_max is None else x_max, 1e-9))
     ax.set_ylabel("committed VRAM (GiB)")
-    ax.set_xlabel(
-        "time (s)"
-        if time_scale == 1
-        else f"time at real speed (s); the run was {1 / time_scale:g}x faster than real"
-    )
+    if x_label is not None:
+        ax.set_xlabel(x_label)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(data.title, fontsize=12)
     # The models in the legend read top-down, as the stack does.
@@ -260,16 +369,6 @@ def render_timeline(
         fontsize=9,
         frameon=False,
     )
-
-    out = Path(out_path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
-    except OSError as exc:
-        raise TimelineError(
-            f"{out}: cannot write the chart ({exc.strerror}); choose a writable path"
-        ) from None
-    return out
 
 
 def _palette(n: int) -> list[str]:

@@ -58,7 +58,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         config = dataclasses.replace(config, time_scale=args.time_scale)
     out_dir = Path(args.out) if args.out else Path(f"vram-demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.device == "auto" and not args.config and config.device == "simulated":
+    if args.gpus is not None:
+        from orchestrator.demo import with_cards
+
+        config = with_cards(config, args.gpus)  # on the simulated device: no real-GPU variant
+    elif args.device == "auto" and not args.config and config.device == "simulated":
         from orchestrator.demo import real_gpu_variant
 
         variant, why = real_gpu_variant(config)
@@ -85,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return EXIT_ERROR
     orch = Orchestrator(config)
     summary = anyio.run(lambda: run_demo(orch, agents=args.agents, out_dir=out_dir, seed=args.seed))
-    return EXIT_OK if summary["peak_vram_bytes"] <= summary["budget_bytes"] else EXIT_ERROR
+    return EXIT_OK if summary["within_budget"] else EXIT_ERROR
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -233,7 +237,7 @@ def _serve_cluster(args: argparse.Namespace, config: Config, host: str) -> int:
 
 def cmd_timeline(args: argparse.Namespace) -> int:
     from orchestrator.chart import render_timeline
-    from orchestrator.timeline import read_run, reconstruct
+    from orchestrator.timeline import by_card, read_run, reconstruct
 
     if args.url:
         from orchestrator.client import fetch_events, fetch_status
@@ -260,6 +264,17 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         time_scale = args.time_scale
     out = Path(args.output) if args.output else events_path.with_name("timeline.png")
     render_timeline(events, out, budget_bytes=budget, time_scale=time_scale)
+    cards = by_card(events)
+    if len(cards) > 1:
+        timelines = [(gpu, reconstruct(evs)) for gpu, evs in cards]
+        n = sum(1 for _, tl in timelines for s in tl.switches if s.model is not None)
+        models = {m for _, tl in timelines for m in tl.models}
+        peaks = ", ".join(f"cuda:{gpu} {format_gib(tl.peak_bytes)}" for gpu, tl in timelines)
+        print(
+            f"wrote {out}: {len(events)} events on {len(cards)} cards (a panel each), {n} switches, "
+            f"{len(models)} models, peak committed {peaks}; each card's budget from its events"
+        )
+        return EXIT_OK
     tl = reconstruct(events)
     n = sum(1 for s in tl.switches if s.model is not None)
     budget_txt = (
@@ -314,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: the real GPU when there is one with room for the budget (the embedded config "
         "only), else the simulated device",
+    )
+    d.add_argument(
+        "--gpus",
+        type=positive_int,
+        metavar="N",
+        help="run on N simulated cards, each the size of the config's card (its models may use "
+        "any card): a table per card in the summary and a chart panel per card",
     )
     d.add_argument(
         "--tiny-models",

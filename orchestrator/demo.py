@@ -36,11 +36,13 @@ from orchestrator.backends.synthetic import SyntheticHandle
 from orchestrator.chart import render_timeline
 from orchestrator.config import Config
 from orchestrator.device.simulated import SimulatedDevice
+from orchestrator.errors import OrchestratorError
 from orchestrator.events import Event
 from orchestrator.footprints import default_path
 from orchestrator.media import MediaUnsupported, generate_image
 from orchestrator.progress import StatusLine, Ticker
 from orchestrator.runtime import Orchestrator
+from orchestrator.spec import CardSpec
 from orchestrator.timeline import CHARTS_HINT, ChartsUnavailable
 from orchestrator.tiny_models import MODELS as TINY_MODEL_NAMES
 from orchestrator.tiny_models import build as build_tiny
@@ -145,6 +147,35 @@ def with_tiny_models(config: Config, root: Path, *, stream: TextIO | None = None
             models[name], backend=backend, options=parse_options(backend, options), max_concurrent=1
         )
     return dataclasses.replace(config, models=MappingProxyType(models)), list(targets.values())
+
+
+def with_cards(config: Config, n: int) -> Config:
+    """The config on ``n`` simulated cards, each the size of its one card (``--gpus N``): what
+    ``hardware.gpus: N`` gives. Its models may use any card."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if config.device != "simulated":
+        raise OrchestratorError(
+            f"--gpus {n} runs on the simulated device, and {config.source} has device "
+            f"{config.device!r}: list your cards in its hardware.gpus instead"
+        )
+    if len(config.cards) > 1:
+        raise OrchestratorError(
+            f"{config.source} already lists {len(config.cards)} cards (hardware.gpus): drop --gpus"
+        )
+    if n == 1:
+        return config
+    (card,) = config.cards
+    cards = tuple(CardSpec(i, card.name, card.total_bytes, card.budget_bytes) for i in range(n))
+    models = {name: dataclasses.replace(spec, gpus=None) for name, spec in config.models.items()}
+    return dataclasses.replace(
+        config,
+        gpus=cards,
+        device_index=0,
+        budget_bytes=n * card.budget_bytes,
+        total_bytes=n * card.total_bytes,
+        models=MappingProxyType(models),
+    )
 
 
 def real_gpu_variant(config: Config) -> tuple[Config | None, str]:
@@ -290,7 +321,7 @@ class Progress:
         self.orch, self.line, self.time_scale, self.ticker = orch, line, time_scale, ticker
 
     def __call__(self, e: Event) -> None:
-        stamp = f"[{e.time_s:7.2f} s]"
+        stamp = f"[{e.time_s:7.2f} s]" + ("" if e.gpu is None else f" cuda:{e.gpu}")
         if e.kind == "transition" and e.trigger == "begin_switch":
             what = f"loading {e.model}" if e.model else (e.detail or "unloading")
             self.line.print(f"{stamp} switching: {e.from_state} -> {what} ...")
@@ -330,9 +361,13 @@ async def run_demo(
     scale = orch.config.time_scale or 1.0
     budget = orch.config.budget_bytes
     device = orch.device
+    devices = orch.devices
+    on = device.name if len(devices) == 1 else f"{len(devices)} cards ({_names(orch)})"
     print(
-        f"vram-orchestrator demo: {agents} agents on {device.name} ({device.source} device), "
-        f"budget {format_gib(budget)}; time runs {1 / scale:g}x faster than real",
+        f"vram-orchestrator demo: {agents} agents on {on} ({device.source} device), "
+        f"budget {format_gib(budget)}"
+        + ("" if len(devices) == 1 else " in all")
+        + f"; time runs {1 / scale:g}x faster than real",
         file=stream,
     )
     line = StatusLine(stream)
@@ -343,10 +378,13 @@ async def run_demo(
 
         orch.add_listener(record)
         orch.add_listener(Progress(orch, line, scale, ticker))
+        per_card = CardCounts()
+        orch.add_listener(per_card)
         if on_event is not None:
             orch.add_listener(on_event)
-        if isinstance(device, SimulatedDevice):
-            device.reset_peaks()
+        for d in devices.values():
+            if isinstance(d, SimulatedDevice):
+                d.reset_peaks()
         baseline_bytes = device.read().used_bytes
         t0 = time.monotonic()
         async with orch:
@@ -383,6 +421,13 @@ async def run_demo(
         "wait_p50_real_speed_s": stats.waits.p50_s / scale,
         "wait_max_real_speed_s": stats.waits.max_s / scale,
     }
+    if len(devices) > 1:
+        cards = _card_summaries(orch, per_card)
+        summary["cards"] = cards
+        summary["peak_vram_bytes"] = sum(c["peak_vram_bytes"] for c in cards)  # each card's peak, summed
+        summary["within_budget"] = all(c["peak_vram_bytes"] <= c["budget_bytes"] for c in cards)
+    else:
+        summary["within_budget"] = peak <= budget
     summary["images"] = sorted(p.name for p in out_dir.glob("agent-*.png"))
     summary["audio"] = sorted(p.name for p in out_dir.glob("agent-*.wav"))
     real = [name for name, spec in orch.config.models.items() if spec.backend in ("diffusers", "tts")]
@@ -397,6 +442,47 @@ async def run_demo(
     chart = _write_chart(events_path, out_dir / "timeline.png", budget, orch.config.time_scale)
     print(_format_summary(summary, out_dir, chart), file=stream)
     return summary
+
+
+class CardCounts:
+    """Per card, from the events' ``gpu``: the switches it ran and the models it loaded."""
+
+    def __init__(self) -> None:
+        self.switches: dict[int, int] = {}
+        self.loaded: dict[int, list[str]] = {}
+
+    def __call__(self, e: Event) -> None:
+        if e.gpu is None:
+            return
+        if e.kind == "transition" and e.trigger == "finish_switch" and e.model is not None:
+            self.switches[e.gpu] = self.switches.get(e.gpu, 0) + 1
+        elif e.kind == "load" and e.model is not None:
+            names = self.loaded.setdefault(e.gpu, [])
+            if e.model not in names:
+                names.append(e.model)
+
+
+def _names(orch: Orchestrator) -> str:
+    names = [d.name for d in orch.devices.values()]
+    return names[0] if len(set(names)) == 1 else ", ".join(names)
+
+
+def _card_summaries(orch: Orchestrator, counts: CardCounts) -> list[dict[str, Any]]:
+    out = []
+    for card in orch.config.cards:
+        d = orch.devices[card.index]
+        peak = d.peak_owned_bytes if isinstance(d, SimulatedDevice) else None
+        out.append(
+            {
+                "index": card.index,
+                "name": d.name,
+                "budget_bytes": card.budget_bytes,
+                "peak_vram_bytes": peak if peak is not None else 0,
+                "switches": counts.switches.get(card.index, 0),
+                "loaded": counts.loaded.get(card.index, []),
+            }
+        )
+    return out
 
 
 def _option(config: Config, name: str, key: str) -> Any:
@@ -421,6 +507,10 @@ def _write_chart(events_path: Path, out: Path, budget_bytes: int, time_scale: fl
         return None
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("ch") else "s")
+
+
 def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str:
     ok = "within" if s["peak_vram_bytes"] <= s["budget_bytes"] else "OVER"
     lines = [
@@ -437,6 +527,17 @@ def _format_summary(s: dict[str, Any], out_dir: Path, chart: Path | None) -> str
         f"  peak VRAM            {format_gib(s['peak_vram_bytes'])} of the {format_gib(s['budget_bytes'])} "
         f"budget ({ok})",
     ]
+    cards = s.get("cards")
+    if cards:
+        lines[-1] = "  peak VRAM per card   (each card's budget holds on its own)"
+        for c in cards:
+            within = "within" if c["peak_vram_bytes"] <= c["budget_bytes"] else "OVER"
+            loaded = ", ".join(c["loaded"]) or "nothing"
+            lines.append(
+                f"    cuda:{c['index']}             {format_gib(c['peak_vram_bytes'])} of its "
+                f"{format_gib(c['budget_bytes'])} budget ({within}); {_plural(c['switches'], 'switch')}; "
+                f"loaded {loaded}"
+            )
     tiny = s.get("tiny_models") or []
     real = [m for m in s.get("real_models") or [] if m not in tiny]
     where = "on the CPU" if s["device"] == "simulated" else "on the GPU"

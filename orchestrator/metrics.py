@@ -4,8 +4,10 @@ Two sources, chosen by what each metric is:
 
 - Levels (state, resident bytes per model and tier, budget, foreign and committed bytes,
   queue depth, active leases, device memory) are read from the orchestrator *at scrape
-  time* by a custom collector: ``orch.ledger()`` is a frozen snapshot, so a scrape is always
-  current and never sees a half-made change.
+  time* by a custom collector: ``orch.cards()`` is a frozen snapshot, so a scrape is always
+  current and never sees a half-made change. Every VRAM level is per card, with a ``gpu``
+  label (the card's index; ``gpu="0"`` on a machine with one card at index 0), so
+  ``sum without (gpu) (...)`` gives the machine's totals.
 - Happenings (switches and their durations, failed switches, lease waits, timeouts,
   cancellations, loads, evictions) are counted from the orchestrator's events by a listener.
   They count from the moment the metrics are attached.
@@ -70,58 +72,87 @@ class _LevelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         orch = self.orch
-        ledger = orch.ledger()
+        cards = orch.cards()
+        states = orch.states()
         models = list(orch.config.models)
 
-        state = StateSetMetricFamily(f"{PREFIX}_state", "The state machine's state (1 for the current one).")
-        state.add_metric([], {s.name: s is orch.state for s in State})
+        # Each card's state machine, budget and device, labelled with its index (gpu="0" on
+        # a machine with one card): sum(...) over gpu gives the machine's totals.
+        state = StateSetMetricFamily(
+            f"{PREFIX}_state", "Each card's state machine's state (1 for the current one).", labels=["gpu"]
+        )
+        for card, _led in cards:
+            state.add_metric([str(card.index)], {s.name: s is states[card.index] for s in State})
         yield state
 
-        device = InfoMetricFamily(f"{PREFIX}_device", "The device and where its numbers come from.")
-        device.add_metric([], {"name": str(orch.device.name), "source": str(orch.device.source)})
+        device = InfoMetricFamily(
+            f"{PREFIX}_device", "Each card's device and where its numbers come from.", labels=["gpu"]
+        )
+        for card, _led in cards:
+            dev = orch.devices[card.index]
+            device.add_metric([str(card.index)], {"name": str(dev.name), "source": str(dev.source)})
         yield device
 
-        for name, doc, value in [
-            ("budget_bytes", "The VRAM budget (hardware.safe_max_vram_gb).", ledger.budget_bytes),
-            ("host_budget_bytes", "Room for host-RAM copies of evicted models.", ledger.host_budget_bytes),
-            ("committed_bytes", "VRAM held by residents plus the load in progress.", ledger.committed_bytes),
-            ("foreign_bytes", "VRAM held by processes the orchestrator does not own.", ledger.foreign_bytes),
-            ("device_total_bytes", "The device's total memory.", orch.device.total_bytes),
-        ]:
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        per_card: list[tuple[str, str, list[int]]] = [
+            ("budget_bytes", "The card's VRAM budget (safe_max_vram_gb).",
+             [led.budget_bytes for _, led in cards]),
+            ("committed_bytes", "VRAM held by residents plus the load in progress.",
+             [led.committed_bytes for _, led in cards]),
+            ("foreign_bytes", "VRAM held by processes the orchestrator does not own.",
+             [led.foreign_bytes for _, led in cards]),
+            ("device_total_bytes", "The card's total memory.",
+             [orch.devices[g].total_bytes for g in cards.indexes]),
+        ]  # fmt: skip
+        for name, doc, values in per_card:
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["gpu"])
+            for gpu, v in zip(cards.indexes, values, strict=True):
+                family.add_metric([str(gpu)], v)
+            yield family
+        yield GaugeMetricFamily(
+            f"{PREFIX}_host_budget_bytes",
+            "Room for host-RAM copies of evicted models (shared by every card).",
+            value=cards.host_budget_bytes,
+        )
 
-        try:
-            used = orch.device.used_bytes()
-        except Exception:  # a device that cannot be read now leaves the gauge out of this scrape
-            used = None
-        if used is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_device_used_bytes", "Memory in use on the whole device, by anyone.", value=used
-            )
+        used = GaugeMetricFamily(
+            f"{PREFIX}_device_used_bytes", "Memory in use on the card, by anyone.", labels=["gpu"]
+        )
+        for card, _led in cards:
+            try:
+                used.add_metric([str(card.index)], orch.devices[card.index].used_bytes())
+            except Exception:  # a card that cannot be read now leaves its sample out of this scrape
+                continue
+        yield used
 
-        # One series per model and tier, zero where the model is not, so that a model's
-        # series do not come and go with its residency.
+        # One series per model, tier and card it may use, zero where the model is not, so
+        # that a model's series do not come and go with its residency. A host copy is shown
+        # on the card it left (a spanning model's: on its first card).
         resident = GaugeMetricFamily(
             f"{PREFIX}_resident_bytes",
-            "Bytes a model holds per tier: VRAM on the GPU, host RAM for its host copy.",
-            labels=["model", "kind", "tier"],
+            "Bytes a model holds per tier and card: VRAM on the card, host RAM for its host copy "
+            "(labelled with the card it left).",
+            labels=["model", "kind", "tier", "gpu"],
         )
         for name in models:
-            r = ledger.get(name)
-            kind = orch.config.models[name].kind
-            resident.add_metric(
-                [name, kind, Tier.GPU.value], r.vram_bytes if r is not None and r.tier is Tier.GPU else 0
-            )
-            resident.add_metric(
-                [name, kind, Tier.HOST.value], r.host_bytes if r is not None and r.tier is Tier.HOST else 0
-            )
+            spec = orch.config.models[name]
+            allowed = cards.indexes if spec.gpus is None else spec.gpus
+            host_gpu = cards.host_gpu(name)
+            for gpu in allowed:
+                r = cards.ledger(gpu).get(name)
+                on_gpu = r.vram_bytes if r is not None and r.tier is Tier.GPU else 0
+                on_host = r.host_bytes if r is not None and r.tier is Tier.HOST and host_gpu == gpu else 0
+                resident.add_metric([name, spec.kind, Tier.GPU.value, str(gpu)], on_gpu)
+                resident.add_metric([name, spec.kind, Tier.HOST.value, str(gpu)], on_host)
         yield resident
 
         loading = GaugeMetricFamily(
-            f"{PREFIX}_loading_bytes", "VRAM committed to the load in progress.", labels=["model"]
+            f"{PREFIX}_loading_bytes",
+            "VRAM committed to the load in progress on the card.",
+            labels=["model", "gpu"],
         )
-        if ledger.loading is not None:
-            loading.add_metric([ledger.loading.model], ledger.loading.vram_bytes)
+        for card, led in cards:
+            if led.loading is not None:
+                loading.add_metric([led.loading.model, str(card.index)], led.loading.vram_bytes)
         yield loading
 
         waiting = _read(orch.waiting)

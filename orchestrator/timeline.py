@@ -25,6 +25,13 @@ switch's committed bytes. From it, ``reconstruct()`` rebuilds each model's resid
   models (which replace one another) sit at the bottom and the light ones ride on top, so a
   light model that leaves moves no other band.
 
+On a machine with several cards every event names its card (``gpu``); ``by_card()`` splits
+the log into one log per card, each rebuilt on its own (the chart draws a panel per card). A
+model spanning several cards (tensor parallel) has one ``load`` and one ``evict`` event, on
+its first card: they are copied to every card whose switch loaded it (each of those cards
+has its own ``begin_switch`` for the model), and each card's switch says its share in its
+``bytes_after``. A log without ``gpu`` (one card) is one log, drawn as always.
+
 The chart itself (``chart_data()``, ``render_timeline()``) is in ``orchestrator.chart``.
 """
 
@@ -178,6 +185,51 @@ def _gpu_eviction(detail: str | None) -> bool:
     return not d.startswith("host ->")
 
 
+def by_card(events: Iterable[Event]) -> list[tuple[int | None, list[Event]]]:
+    """The log split per card, in card order: ``[(gpu, its events)]``; ``[(None, events)]``
+    for a log whose events name no card (a machine with one card).
+
+    An event without a card on a machine with several (none is emitted so, but a log may be
+    edited by hand) goes to every card. A spanning model's ``load`` and ``evict`` go to each
+    card it was loaded onto (see the module's docstring)."""
+    evs = list(events)
+    gpus = sorted({e.gpu for e in evs if e.gpu is not None})
+    if not gpus:
+        return [(None, evs)]
+    out: dict[int, list[Event]] = {g: [] for g in gpus}
+    loading_on: dict[str, set[int]] = {}  # model -> cards whose open switch loads it
+    held_on: dict[str, set[int]] = {}  # model -> cards it was loaded onto
+    budget: dict[int, int] = {}  # each card's budget, as its own events last said
+    for e in evs:
+        if e.gpu is None:
+            targets: set[int] = set(gpus)
+        elif e.kind == "transition" and e.trigger == "begin_switch":
+            if e.model is not None:
+                loading_on.setdefault(e.model, set()).add(e.gpu)
+            targets = {e.gpu}
+        elif e.kind == "transition" and e.trigger in ("finish_switch", "fail_switch"):
+            if e.model is not None:
+                loading_on.get(e.model, set()).discard(e.gpu)
+            targets = {e.gpu}
+        elif e.kind in ("load", "adopt") and e.model is not None:
+            targets = {e.gpu} | loading_on.get(e.model, set())
+            held_on[e.model] = set(targets)
+        elif e.kind == "evict" and e.model is not None and _gpu_eviction(e.detail):
+            targets = {e.gpu} | held_on.pop(e.model, set())
+        else:
+            targets = {e.gpu}
+        if e.gpu is not None and e.budget_bytes is not None:
+            budget[e.gpu] = e.budget_bytes
+        for g in sorted(targets):
+            # A copy on another card is that card's event: its card and budget, not the first's.
+            out[g].append(
+                e
+                if g == e.gpu
+                else dataclasses.replace(e, gpu=g, budget_bytes=budget.get(g), committed_bytes=None)
+            )
+    return [(g, out[g]) for g in gpus]
+
+
 def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None) -> Timeline:
     """Rebuild per-model residency and switch spans from an event log.
 
@@ -227,6 +279,10 @@ def reconstruct(events: Iterable[Event], sizes: Mapping[str, int] | None = None)
             if e.model in resident:  # a load of a model we think resident: restart its span
                 close(e.model, start)
             resident[e.model] = (e.time_s, given.get(e.model))
+        elif e.kind == "adopt" and e.model is not None:
+            # taken over in place, on the GPU already: resident from now, at what it holds
+            note(e.model)
+            resident[e.model] = (e.time_s, e.bytes_after)
         elif e.kind == "evict" and e.model is not None:
             if open_switch is not None and open_switch[1] is None and "(shutdown)" in (e.detail or ""):
                 open_switch = (open_switch[0], None, "shutdown")  # said by its evictions too

@@ -226,6 +226,10 @@ class Cards:
             raise ValueError(f"{model!r} is not in the ledger")
         return replace(self, ledgers=tuple(out))
 
+    def with_ledger(self, gpu: int, ledger: Ledger) -> Cards:
+        """Card ``gpu``'s ledger replaced (a pure rule's result for that card)."""
+        return self._with(gpu, ledger)
+
     def begin_load(self, gpu: int, resident: Resident) -> Cards:
         """Commit ``resident``'s bytes on card ``gpu``. The model leaves any lower tier it was
         in, on whichever card's ledger kept it (a host copy restored onto another card)."""

@@ -57,6 +57,7 @@ class PlaceContext:
     leases: Mapping[str, int] = field(default_factory=dict)
     cost_s: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)  # load, restore, unload
     loading: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # targets of running switches
+    used_s: Mapping[int, float] = field(default_factory=dict)  # when each card last granted a lease
 
 
 def allowed_gpus(cards: Cards, model: str, ctx: PlaceContext) -> tuple[int, ...]:
@@ -64,24 +65,25 @@ def allowed_gpus(cards: Cards, model: str, ctx: PlaceContext) -> tuple[int, ...]
     return tuple(g for g in cards.indexes if only is None or g in only)
 
 
-def score(request: PlanRequest, ledger: Ledger, gpu: int, ctx: PlaceContext) -> tuple[int, ...] | None:
+def score(request: PlanRequest, ledger: Ledger, gpu: int, ctx: PlaceContext) -> tuple[float, ...] | None:
     """What placing ``request`` on card ``gpu`` (its planning view ``ledger``) costs now,
     smaller is better; None: it can never fit there."""
     if request.vram_bytes > ledger.budget_bytes:
         return None
+    used_s = ctx.used_s.get(gpu, float("-inf"))  # ties: the card used least recently
     busy = 1 if gpu in ctx.busy or ledger.loading is not None else 0
     if busy:
         # No plan while the card switches: ranked after every card that can plan now, by room.
-        return (1, 0, 0, 0, ledger.committed_bytes, ledger.clock)
+        return (1, 0, 0, 0, ledger.committed_bytes, used_s)
     try:
         p = plan(request, ledger, ctx.policy)
     except (InsufficientVRAM, ValueError):
         return None
     if isinstance(p, Deferred):
-        return (0, 1, 0, 0, p.needed_bytes - p.available_bytes, ledger.clock)
+        return (0, 1, 0, 0, p.needed_bytes - p.available_bytes, used_s)
     in_use = sum(1 for e in p.gpu_evictions if ctx.leases.get(e.model, 0))
     evicted = sum(r.vram_bytes for e in p.gpu_evictions if (r := ledger.get(e.model)) is not None)
-    return (0, 0, in_use, round(_plan_cost_s(p, request.model, ctx) * 1000), evicted, ledger.clock)
+    return (0, 0, in_use, round(_plan_cost_s(p, request.model, ctx) * 1000), evicted, used_s)
 
 
 def _plan_cost_s(p: Plan, model: str, ctx: PlaceContext) -> float:
@@ -110,7 +112,7 @@ def place(
     host = cards.host_gpu(model)
     if host is not None and model not in ctx.portable and k == 1 and host in allowed:
         return Placement(model, (host,), "host copy")
-    scored: list[tuple[tuple[int, ...], int]] = []
+    scored: list[tuple[tuple[float, ...], int]] = []
     for gpu in allowed:
         led = views[gpu] if views is not None else cards.view(gpu)
         s = score(request, led, gpu, ctx)

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from states.cards import Cards
 from states.errors import InsufficientVRAM, LeaseDeadlock
 from states.ledger import Ledger, Resident, Tier
+from states.placement import PlaceContext, hide_in_flight, place
 from states.plan import Deferred, Plan, PlanRequest, Policy, plan, victim_order
 from states.scheduling import Mode, SchedulerView, WaiterView, admission, drain_due_at, rank_targets
 
@@ -118,6 +119,7 @@ class StepView:
     busy: frozenset[int] = frozenset()  # cards with an action in progress
     in_flight: frozenset[str] = frozenset()  # models a running action loads or evicts
     loading: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # running switches' targets
+    card_used_s: Mapping[int, float] = field(default_factory=dict)  # each card's last grant
     host_pending_bytes: int = 0  # host RAM that running actions will fill with host copies
     allowed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # models.<m>.gpus
     spans: Mapping[str, int] = field(default_factory=dict)  # models.<m>.tensor_parallel > 1
@@ -493,8 +495,6 @@ def _wake_at(view: StepView, s: _Step) -> float | None:
 def _decide_cards(view: StepView, cards: Cards) -> Decision:
     """Place every waited model, decide each idle card over its own waiters, and join a
     spanning model's switch across its cards (see the module docstring)."""
-    from states.placement import PlaceContext, hide_in_flight, place
-
     pctx = PlaceContext(
         policy=view.policy,
         allowed=view.allowed,
@@ -503,7 +503,9 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         busy=view.busy,
         leases=view.leases,
         cost_s={m: (c.load_s, c.restore_s, c.unload_s) for m, c in view.costs.items()},
-        loading=view.loading,
+        # A model a failed cleanup left on a card stays there until reaped: it is placed there.
+        loading={**{m: (view.home.get(m, cards.indexes[0]),) for m in view.leftovers}, **view.loading},
+        used_s=view.card_used_s,
     )
     views = {g: hide_in_flight(cards.view(g), view.in_flight, view.host_pending_bytes) for g in cards.indexes}
     settled = frozenset(m for m in view.to_unload if cards.get(m) is None)
@@ -528,18 +530,21 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         else:
             by_card[where[0]].append(w)
 
-    # A spanning model is decided for on its first card. For its other cards it is in use
-    # while a card of it switches (the switch may be evicting it) or while it has waiters
-    # (its first card grants them in this step); what they drain of it, its first card
-    # grants no more of. Cards are decided from the last to the first, so that those drains
-    # are known when its first card's turn comes.
-    in_use_elsewhere: dict[str, int] = {}
+    # A spanning model is decided for on its first card. For every card of it, it is in use
+    # while another of its cards switches (that switch may be evicting it); for its other
+    # cards, also while it has waiters (its first card grants them in this step). What they
+    # drain of it, its first card grants no more of. Cards are decided from the last to the
+    # first, so that those drains are known when its first card's turn comes.
+    in_use_elsewhere: dict[str, int] = {}  # for its other cards than the first
+    in_use_everywhere: dict[str, int] = {}  # for every card of it
     for m, k in view.spans.items():
         on = cards.gpus_of(m)
         if k > 1 and on:
-            n = sum(1 for w in view.waiters if w.model == m) + (1 if set(on) & view.busy else 0)
-            if n:
-                in_use_elsewhere[m] = n
+            waiting = sum(1 for w in view.waiters if w.model == m)
+            if waiting:
+                in_use_elsewhere[m] = waiting
+            if set(on) & view.busy:
+                in_use_everywhere[m] = 1
 
     grants: list[int] = []
     drain: set[str] = set()
@@ -553,6 +558,9 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         leases = dict(view.leases)
         for m, n in in_use_elsewhere.items():
             if gpu != cards.gpus_of(m)[0] and gpu in cards.gpus_of(m):
+                leases[m] = leases.get(m, 0) + n
+        for m, n in in_use_everywhere.items():
+            if gpu in cards.gpus_of(m):
                 leases[m] = leases.get(m, 0) + n
         outside = frozenset(m for m in drain if m in view.spans) | view.in_flight
         sub = replace(

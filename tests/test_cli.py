@@ -70,6 +70,123 @@ def test_plan_says_when_offload_has_no_host_tier(tmp_path: Path) -> None:
     assert "set switching.host_ram_budget_gb" in out.stderr
 
 
+TWO_CARDS = (
+    "hardware:\n  device: simulated\n  gpus:\n"
+    "    - {index: 0, gpu_name: Card A, total_vram_gb: 24, safe_max_vram_gb: 23}\n"
+    "    - {index: 1, gpu_name: Card B, total_vram_gb: 16, safe_max_vram_gb: 15}\n"
+)
+
+
+def card_tables(stdout: str) -> dict[str, dict[str, list[str]]]:
+    """``plan``'s tables per card: {"cuda:0": {model: its row's cells}}."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for line in stdout.splitlines():
+        if line.startswith("cuda:"):
+            current = tables.setdefault(line.split()[0], {})
+        elif current is not None and line.startswith("  ") and not line.split()[0] == "model":
+            current[line.split()[0]] = line.split()
+        elif not line.startswith("  "):
+            current = None
+    return tables
+
+
+def test_plan_prints_a_table_per_card(tmp_path: Path) -> None:
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(
+        TWO_CARDS + "models:\n"
+        "  qwen-14b: {kind: llm, vram_gb: 11.5}\n"
+        "  big-llm: {kind: llm, vram_gb: 26, tensor_parallel: 2}\n"
+        "  qwen-vl: {kind: llm, vram_gb: 20}\n"
+        "  sdxl-base: {kind: sdxl, vram_gb: 10.5, gpus: [1]}\n"
+        "  tts: {kind: tts, vram_gb: 3.5}\n"
+        "defaults: {llm: qwen-14b}\n"
+    )
+    out = run("plan", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{cfg}: 2 cards, simulated devices")
+    assert "budget 38.00 GiB of 40.00 GiB on 2 cards" in out.stdout
+    assert "cuda:0 Card A: budget 23.00 GiB of 24.00 GiB" in out.stdout
+    assert "cuda:1 Card B: budget 15.00 GiB of 16.00 GiB" in out.stdout
+    tables = card_tables(out.stdout)
+    # SDXL may use card 1 only; the others may use both.
+    assert set(tables["cuda:0"]) == {"qwen-14b", "big-llm", "qwen-vl", "tts"}
+    assert set(tables["cuda:1"]) == {"qwen-14b", "big-llm", "qwen-vl", "sdxl-base", "tts"}
+    assert tables["cuda:1"]["sdxl-base"][3:7] == ["10.50", "GiB", "4.50", "GiB"]
+    assert " ".join(tables["cuda:1"]["sdxl-base"]).endswith("only cuda:1")
+    # The spanning model reserves its half plus the per-process overhead on each card.
+    assert tables["cuda:0"]["big-llm"][3:7] == ["13.50", "GiB", "9.50", "GiB"]
+    assert "spans 2 cards (26.00 GiB in all)" in " ".join(tables["cuda:1"]["big-llm"])
+    # 20 GiB fits card 0 only: card 1's table says it never goes there.
+    assert tables["cuda:0"]["qwen-vl"][3:7] == ["20.00", "GiB", "3.00", "GiB"]
+    assert "short 5.00 GiB: never here" in " ".join(tables["cuda:1"]["qwen-vl"])
+    assert out.stdout.rstrip().endswith("groups are consistent")
+
+
+def test_the_several_gpus_example_of_the_config_page_passes_plan(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    block = page[page.index("### Several GPUs") :].split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "two-cards.yaml"
+    cfg.write_text(block)
+    out = run("plan", "--config", str(cfg))
+    assert out.returncode == 0, out.stdout + out.stderr
+    tables = card_tables(out.stdout)
+    assert "sdxl-base" in tables["cuda:1"] and "sdxl-base" not in tables["cuda:0"]
+    assert tables["cuda:0"]["qwen-32b"][3:5] == ["13.50", "GiB"]  # as the page says
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "message"),
+    [
+        (
+            "{kind: llm, vram_gb: 20, gpus: [1]}",
+            "models.big.vram_gb",
+            "20.00 GiB is larger than every card's budget it may use (15.00 GiB; short 5.00 GiB)",
+        ),
+        (
+            "{kind: llm, vram_gb: 36, tensor_parallel: 2}",
+            "models.big.tensor_parallel",
+            "its share of 18.50 GiB per card fits 1 of the 2 cards it may use, and it spans 2",
+        ),
+    ],
+)
+def test_plan_says_a_model_restricted_to_too_small_cards_can_never_be_placed(
+    tmp_path: Path, model: str, key: str, message: str
+) -> None:
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(TWO_CARDS + f"models:\n  big: {model}\n")
+    out = run("plan", "--config", str(cfg))
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert f"{cfg}: {key}" in line and message in line, line
+
+
+def test_never_placed_names_each_model_no_card_can_take() -> None:
+    """What ``plan`` checks beyond the parser: a config built in code is not parsed."""
+    import dataclasses
+
+    from orchestrator.cli_config import never_placed, plan_problems
+    from orchestrator.config import parse_config
+
+    config = parse_config(
+        TWO_CARDS + "models:\n  a: {kind: llm, vram_gb: 10, gpus: [1]}\n  b: {kind: llm, vram_gb: 20, "
+        "tensor_parallel: 2}\n  c: {kind: tts, vram_gb: 2}\n",
+        source="<two cards>",
+    )
+    assert never_placed(config) == []
+    grown = {
+        "a": dataclasses.replace(config.models["a"], vram_bytes=16 * 2**30),  # card 1 has 15 GiB
+        "b": dataclasses.replace(config.models["b"], vram_bytes=40 * 2**30),  # 20.5 GiB each: card 0 only
+        "c": config.models["c"],
+    }
+    config = dataclasses.replace(config, models=grown)
+    found = dict(never_placed(config))
+    assert set(found) == {"a", "b"}
+    assert found["a"] == "16.00 GiB is larger than the budget of every card it may use: cuda:1 (15.00 GiB)"
+    assert found["b"].startswith("it spans 2 cards at 20.50 GiB each, and 1 of the cards it may use")
+    assert "models.a: can never be placed: " + found["a"] in plan_problems(config)
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path: Path, where: str) -> None:
     args = ["plan", "--config", str(tmp_path / "missing.yaml")]
@@ -98,6 +215,7 @@ def test_plan_shows_its_config_as_optional_with_its_default() -> None:
         (["demo", "--agents", "-2"], "argument --agents: must be at least 1, got -2"),
         (["demo", "--agents", "two"], "argument --agents: expected a whole number, got 'two'"),
         (["demo", "--time-scale", "0"], "argument --time-scale: must be a number greater than 0, got 0"),
+        (["demo", "--gpus", "0"], "argument --gpus: must be at least 1, got 0"),
         (["check", "--examples", "0"], "argument --examples: must be at least 1, got 0"),
         (["check", "--steps", "-1"], "argument --steps: must be at least 1, got -1"),
         (
@@ -151,6 +269,46 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     chart = out_dir / "timeline.png"
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
     assert out.stdout.rstrip().splitlines()[-1].endswith(f"VRAM timeline chart: {chart}")
+
+
+def test_demo_on_two_simulated_cards(tmp_path: Path) -> None:
+    out_dir = tmp_path / "demo"
+    out = run(
+        "demo", "--gpus", "2", "--out", str(out_dir), "--time-scale", "0.005", "--agents", "3",
+        "--tiny-models", "off",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (
+        "agents on 2 cards (Simulated RTX 5080 (16 GiB)) (simulated device), budget 31.00 GiB in all"
+        in out.stdout
+    )
+    assert "cuda:1 switching: IDLE -> loading" in out.stdout  # progress lines name the card
+    summary = json.loads((out_dir / "summary.json").read_text())
+    cards = summary["cards"]
+    assert [(c["index"], c["budget_bytes"]) for c in cards] == [
+        (0, int(15.5 * 2**30)),
+        (1, int(15.5 * 2**30)),
+    ]
+    assert all(0 < c["peak_vram_bytes"] <= c["budget_bytes"] for c in cards)  # both cards served
+    assert sum(c["switches"] for c in cards) == summary["switches"]
+    assert {m for c in cards for m in c["loaded"]} == {"qwen-14b", "sdxl-base", "gpt-sovits-small"}
+    assert summary["within_budget"] is True and summary["leases"] == 12
+    lines = out.stdout.splitlines()
+    for c in cards:
+        (line,) = [x for x in lines if x.strip().startswith(f"cuda:{c['index']} ") and "budget (" in x]
+        assert "of its 15.50 GiB budget (within)" in line and f"loaded {', '.join(c['loaded'])}" in line
+    assert (out_dir / "timeline.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_demo_gpus_needs_the_simulated_device(tmp_path: Path) -> None:
+    cfg = tmp_path / "real.yaml"
+    cfg.write_text("hardware: {device: nvml, safe_max_vram_gb: 15.5}\nmodels: {m: {kind: llm, vram_gb: 4}}\n")
+    out = run(
+        "demo", "--gpus", "2", "--config", str(cfg), "--out", str(tmp_path / "o"), "--tiny-models", "off"
+    )
+    assert out.returncode == 1
+    assert "--gpus 2 runs on the simulated device" in out.stderr and "hardware.gpus" in out.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -173,3 +173,36 @@ models:
     assert "  plan [chat] echo: Write an image prompt for: Luca running on the beach at sunset" in transcript
     assert "review [chat] echo: Evaluate the quality of: " in transcript
     assert "random weights" not in out.getvalue()  # no tiny models here, no noise note
+
+
+# -- several simulated cards (--gpus N) ----------------------------------------------------------
+
+
+def test_with_cards_makes_n_cards_of_the_configs_size() -> None:
+    from orchestrator.demo import with_cards
+
+    config = orchestrator.config.load_config(None)
+    two = with_cards(config, 3)
+    assert [(c.index, c.total_bytes, c.budget_bytes) for c in two.cards] == [
+        (i, config.total_bytes, config.budget_bytes) for i in range(3)
+    ]
+    assert two.budget_bytes == 3 * config.budget_bytes and two.models.keys() == config.models.keys()
+    assert with_cards(config, 1) is config
+    from orchestrator.errors import OrchestratorError
+
+    with pytest.raises(OrchestratorError, match="already lists 3 cards"):
+        with_cards(two, 2)
+
+
+async def test_the_summary_has_a_line_per_card(tmp_path: Path) -> None:
+    from orchestrator.demo import with_cards
+
+    config = with_cards(dataclasses.replace(orchestrator.config.load_config(None), time_scale=0.001), 2)
+    out = io.StringIO()
+    summary = await run_demo(Orchestrator(config), agents=2, out_dir=tmp_path, stream=out)
+    assert [c["index"] for c in summary["cards"]] == [0, 1]
+    text = out.getvalue()
+    # Each card's budget holds on its own: no line sets a peak against the machine's sum.
+    assert "peak VRAM per card" in text and "of the 31.00 GiB budget" not in text
+    for c in summary["cards"]:
+        assert f"cuda:{c['index']}             {c['peak_vram_bytes'] / GIB:.2f} GiB of its 15.50 GiB" in text

@@ -316,3 +316,85 @@ def test_unreadable_logs_give_one_line_errors(tmp_path: Path) -> None:
     newer = tmp_path / "newer.jsonl"
     newer.write_text(json.dumps({**HAND_EVENTS[1].to_dict(), "future_field": 1}) + "\n")
     assert read_events(newer) == [HAND_EVENTS[1]]
+
+
+# -- several cards ---------------------------------------------------------------------------------
+
+B0, B1 = 23 * GIB, 15 * GIB  # the two cards' budgets
+SHARE = 13 * GIB + 512 * 2**20  # a 26 GiB model spanning both cards: its half plus the overhead
+
+
+def on(gpu: int, e: Event, committed: int) -> Event:
+    return dataclasses.replace(e, gpu=gpu, committed_bytes=committed, budget_bytes=(B0, B1)[gpu])
+
+
+# The LLM on card 0 and SDXL on card 1 at once; then a model spanning both replaces them (one
+# load and one evict event, on its first card; a begin and finish switch on each card).
+TWO_CARD_EVENTS = [
+    on(0, transition(1.0, "begin_switch", "qwen-14b", 0, LLM), LLM),
+    on(1, transition(2.0, "begin_switch", "sdxl-base", 0, SDXL), SDXL),
+    on(1, Event(8.0, "load", "sdxl-base", duration_s=6.0, detail="from disk"), SDXL),
+    on(1, transition(8.0, "finish_switch", "sdxl-base", SDXL, SDXL, to="SDXL_ACTIVE"), SDXL),
+    on(0, Event(21.0, "load", "qwen-14b", duration_s=20.0, detail="from disk"), LLM),
+    on(0, transition(21.0, "finish_switch", "qwen-14b", LLM, LLM), LLM),
+    on(0, transition(30.0, "begin_switch", "big-llm", LLM, SHARE, frm="LLM_ACTIVE"), SHARE),
+    on(1, transition(30.0, "begin_switch", "big-llm", SDXL, SHARE, frm="SDXL_ACTIVE"), SHARE),
+    on(0, Event(31.0, "evict", "qwen-14b", detail="gpu -> disk for big-llm"), SHARE),
+    on(1, Event(31.0, "evict", "sdxl-base", detail="gpu -> disk for big-llm"), SHARE),
+    on(0, Event(51.0, "load", "big-llm", duration_s=20.0, detail="from disk"), SHARE),
+    on(0, transition(51.0, "finish_switch", "big-llm", SHARE, SHARE), SHARE),
+    on(1, transition(51.0, "finish_switch", "big-llm", SHARE, SHARE), SHARE),
+    on(0, transition(60.0, "begin_switch", None, SHARE, 0, frm="LLM_ACTIVE"), 0),
+    on(1, transition(60.0, "begin_switch", None, SHARE, 0, frm="LLM_ACTIVE"), 0),
+    on(0, Event(62.0, "evict", "big-llm", detail="gpu -> disk (shutdown)"), 0),
+    on(0, transition(62.0, "finish_switch", None, 0, 0, to="IDLE"), 0),
+    on(1, transition(62.0, "finish_switch", None, 0, 0, to="IDLE"), 0),
+]
+
+
+def test_a_log_of_several_cards_is_split_per_card() -> None:
+    from orchestrator.timeline import by_card
+
+    cards = by_card(TWO_CARD_EVENTS)
+    assert [g for g, _ in cards] == [0, 1]
+    card0, card1 = (reconstruct(evs) for _, evs in cards)
+    held0 = {(s.model, s.start_s, s.end_s, s.bytes) for s in card0.spans if not s.loading}
+    held1 = {(s.model, s.start_s, s.end_s, s.bytes) for s in card1.spans if not s.loading}
+    assert held0 == {("qwen-14b", 21.0, 31.0, LLM), ("big-llm", 51.0, 62.0, SHARE)}
+    # The spanning model's one load and evict (on card 0) hold on card 1 too, at its share.
+    assert held1 == {("sdxl-base", 8.0, 31.0, SDXL), ("big-llm", 51.0, 62.0, SHARE)}
+    # A copy on card 1 is card 1's event: its card and its budget.
+    copies = [e for e in cards[1][1] if e.kind in ("load", "evict") and e.model == "big-llm"]
+    assert [(e.kind, e.gpu, e.budget_bytes) for e in copies] == [("load", 1, B1), ("evict", 1, B1)]
+    # A log that names no card is one log, as it always was.
+    assert by_card(HAND_EVENTS) == [(None, HAND_EVENTS)]
+
+
+def test_the_chart_has_a_panel_per_card_with_its_budget(tmp_path: Path) -> None:
+    from orchestrator.chart import chart_panels
+
+    panels = chart_panels(TWO_CARD_EVENTS, budget_bytes=38 * GIB)
+    assert [(p.gpu, p.budget_bytes) for p in panels] == [(0, B0), (1, B1)]
+    assert panels[0].data.title.startswith("cuda:0: 2 switches")
+    assert panels[1].data.title.startswith("cuda:1: 2 switches")
+    assert f"of the {B1 / GIB:.2f} GiB budget" in panels[1].data.title
+    # A model has one colour on every card.
+    big0, big1 = (p.data.band("big-llm") for p in panels)
+    assert big0.color == big1.color
+    assert panels[0].data.band("qwen-14b").color != panels[1].data.band("sdxl-base").color
+    assert panels[1].data.peak_gib == pytest.approx(SHARE / GIB)
+    # One card: one panel, whose budget is the one given.
+    (one,) = chart_panels(HAND_EVENTS, budget_bytes=int(15.5 * GIB))
+    assert one.gpu is None and one.budget_bytes == int(15.5 * GIB)
+    assert one.data == chart_data(reconstruct(HAND_EVENTS), budget_bytes=int(15.5 * GIB))
+    pytest.importorskip("matplotlib")
+    png_ok(render_timeline(TWO_CARD_EVENTS, tmp_path / "two.png"))
+
+
+def test_a_model_adopted_in_place_is_drawn_resident_from_its_adoption() -> None:
+    events = [
+        Event(5.0, "adopt", "qwen-14b", bytes_after=LLM, detail="on the GPU already: taken over in place"),
+        Event(9.0, "evict", "qwen-14b", detail="gpu -> disk (shutdown)"),
+    ]
+    tl = reconstruct(events)
+    assert [s for s in tl.spans if not s.loading] == [Span("qwen-14b", 5.0, 9.0, LLM)]

@@ -22,7 +22,9 @@ daemon's gateway, ``status``, the module's ``ServiceController``) are capabiliti
 properties with safe defaults here: ``url``, ``served_model``, ``pid``, ``log_path``,
 ``attached``, ``can_sleep``, ``cached``, ``uptime_s`` and ``is_alive()``. A backend with a
 server process overrides them. ``watch_demand`` is the one background capability: a task the
-orchestrator runs for each backend while it runs (most return at once).
+orchestrator runs for each backend while it runs (most return at once). ``held_outside_bytes``
+and ``adopt`` let the executor take over, in place, a copy of the model that its own program
+holds although the orchestrator did not load it (the default: there is never one).
 
 A backend *type* (``backend: {type: NAME}`` in a config) is a ``BackendType``: the parser of
 its options and its factory, named by one line of ``orchestrator.backends.registry``.
@@ -155,6 +157,19 @@ class Backend(abc.ABC):
     def peak_bytes(self) -> int | None:
         """The most it held since loaded (loads and uses), if the backend can tell."""
         return None
+
+    async def held_outside_bytes(self) -> int | None:
+        """What the model's own program holds of it on the GPU now although the orchestrator
+        did not load it (loaded by hand in the program, or there already when the orchestrator
+        attached), read from the program; None when it holds none or the backend cannot tell.
+        The executor adopts such a copy in place when it fits (``adopt``), or unloads it."""
+        return None
+
+    def adopt(self) -> Any:
+        """Take the copy ``held_outside_bytes`` reported as loaded, in place, without loading
+        anything, and return the handle leases hand out. Only the executor calls it, at once
+        after ``held_outside_bytes`` gave bytes and the ledger took them."""
+        raise TypeError(f"{type(self).__name__} has no copy held outside the orchestrator to adopt")
 
     # -- async actions ---------------------------------------------------------------------
 

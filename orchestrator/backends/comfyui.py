@@ -13,6 +13,26 @@ queued or running there (sent to ComfyUI directly, not through the orchestrator)
 orchestrator holds ComfyUI's slot on its behalf (evicting what must go, an LLM through its own
 API), and lets go when the queue is empty.
 
+What cannot be closed through ComfyUI's API: a prompt sent to ComfyUI directly can start
+before the lease on its behalf is granted. ComfyUI's queue worker takes a prompt the moment it
+is queued when it is idle, and its API (``server.py``) has no way to hold the queue: ``POST
+/queue`` with ``delete`` removes only pending prompts, ``POST /interrupt`` (``{"prompt_id"}``
+since 2025) stops a running one and loses its progress, and a pause of the queue was asked for
+(ComfyUI issue 1032) but not added. The window lasts from the prompt's start until the
+orchestrator has seen it (``poll_s``) and evicted what must go (an LLM's verified release);
+ComfyUI moves its models to the GPU only when a node needs them there (its checkpoint is read
+from disk first), and it sizes that move by the free memory it reads from the device
+(``comfy/model_management.py`` ``load_models_gpu``: in its default mode a model that does not
+fit is loaded in part), so a prompt that reaches the GPU within the window runs with part of
+its model on the card instead of failing. Meanwhile the orchestrator counts what ComfyUI holds
+as another program's memory, so nothing of its own is loaded into it, and gives idle models
+back as soon as it sees the card over its room (it looks at the device at least once a second
+while models are resident). To take the window away,
+queue prompts under a lease (``orch.acquire("comfyui")``, or the daemon's ``POST /v1/leases``
+``{"model": "comfyui"}`` and ``DELETE /v1/leases/{id}`` once the prompt is done); to keep the
+card's margin above the budget even within it, start ComfyUI with ``--reserve-vram`` (memory
+it leaves free for other software) at least the card's total less ``safe_max_vram_gb``.
+
 Config::
 
     backend:

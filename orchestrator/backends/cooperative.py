@@ -23,9 +23,11 @@ model's estimate (the config's ``vram_gb``, then what it measured), and
 
 - **takes over** what the program holds of the model outside the ledger (an attached program
   that had it loaded already, a model loaded by hand): such a copy counts as on the GPU
-  (``tier``), so the scheduler reaps it through the program's release call instead of
-  mistaking it for another program's memory, and loads it again within the budget when it is
-  wanted;
+  (``tier``), never as another program's memory; the orchestrator adopts it in place
+  (``held_outside_bytes``, ``adopt``: no load, the ledger counts it at what it holds, or at its
+  estimate when larger) when the ledger with it fits the budget and the exclusive kinds, and
+  otherwise gives it back through the program's release call (and loads it again within the
+  budget when it is wanted);
 - **serves the program's own demand** (``watch_demand``, attached programs only): the
   program's view is read every ``poll_s``, and while it shows work that never came through the
   orchestrator (ComfyUI's queue, an Ollama model a client loaded), a lease is held on the
@@ -322,11 +324,35 @@ class CooperativeBackend(Backend):
             # The program took more than the ledger reserved: give it back (the executor
             # unloads) and plan with what it really takes from now on.
             raise DeviceOutOfMemory(self.owner, held, limit_bytes, limit=True)
+        return self._new_handle()
+
+    def _new_handle(self) -> ServerHandle:
         assert self.url is not None
-        self._handle = ServerHandle(
+        handle = ServerHandle(
             self.url, httpx.AsyncClient(base_url=self.url, timeout=None), self._root, self.log_path
         )
-        return self._handle
+        self._handle = handle
+        return handle
+
+    async def held_outside_bytes(self) -> int | None:
+        """What the program holds of the model although the orchestrator has not loaded it,
+        read from the program now (its view, then its processes on the device)."""
+        if self._tier is not Tier.DISK or self.url is None or self._program_gone():
+            return None
+        await self._ensure_program()  # attached: as a load attaches (is_alive() follows it)
+        if self._root is None:
+            return None
+        async with self._client() as client:
+            self.view = await self.read_view(client)
+        return self.measured_bytes(live_only=True) if self.holds_outside() else None
+
+    def adopt(self) -> ServerHandle:
+        """The program's copy becomes the loaded model, as if ``load()`` had found it there:
+        unloading it is the program's release call, and it is watched like a loaded one."""
+        if self._tier is not Tier.DISK:
+            raise TypeError(f"{self.name} is loaded already: there is nothing to adopt")
+        self._tier = Tier.GPU
+        return self._new_handle()
 
     async def unload(self) -> None:
         handle, self._handle = self._handle, None

@@ -5,9 +5,13 @@ Ollama (``server/routes.go``, ``api/types.go``): ``GET /api/ps`` lists the loade
 (``keep_alive: -1`` keeps it loaded until told otherwise) or, with ``keep_alive: 0``, unloads
 it (the answer, ``done_reason: "unload"``, comes at once; the model's runner process exits
 afterwards, which is what the release wait waits for). Each loaded model runs in a runner
-process of its own, a child of ``ollama serve``, started with the model's blob
-(``.../blobs/sha256-<digest>``) on its command line: that is how its bytes on the device are
-told apart from the other models' (``/api/ps`` gives each model's digest).
+process of its own, a child of ``ollama serve``, started with the model's weights on its
+command line (``llm/server.go``: ``ollama runner --model <models>/blobs/sha256-<hex> --port N``
+up to v0.29; ``llm/llama_server.go``: ``llama-server --model <models>/blobs/sha256-<hex> ...``
+from v0.30): that is how its bytes on the device are told apart from the other models'. The
+``digest`` that ``/api/ps`` gives is the model's *manifest* digest (``server/images.go``
+``GetModel``), not that blob's, so the blob is read once per manifest from ``POST /api/show``:
+the first ``FROM`` of the Modelfile it returns is the weights' path (``Model.String()``).
 
 Config::
 
@@ -20,23 +24,29 @@ Config::
 
 An attached Ollama keeps its own settings: a model used directly (not through the
 orchestrator) with the default ``keep_alive`` is unloaded by Ollama 5 minutes later, which
-the orchestrator sees at once (the model leaves the ledger). A model a client of Ollama's own
-loaded (a finite ``expires_at`` in ``/api/ps``) is demand: the orchestrator takes it over (its
-unaccounted copy given back, then loaded within the budget and kept), so that the ledger
-counts it as resident, never as anonymous foreign memory.
+the orchestrator sees at once (the model leaves the ledger). A model Ollama holds that the
+orchestrator did not load (a client of Ollama's own loaded it, or it was loaded when the
+orchestrator attached) is adopted in place when the ledger with it fits the budget and the
+exclusive kinds: resident from then on, at what its runner holds (or its estimate, when
+larger), with no reload, and with Ollama's own ``expires_at`` left as it is (asking Ollama to
+keep it longer would be a request that reloads it when the client's options differ,
+``server/sched.go`` ``needsReload``). When it does not fit, it is given back through
+``keep_alive: 0``, and a client's load (a finite ``expires_at``) is then demand: a lease is
+held on its behalf and the model loaded within the budget, as any waiter's.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
 from orchestrator.backends.base import BackendType
-from orchestrator.backends.cooperative import CooperativeBackend, check_status
+from orchestrator.backends.cooperative import CooperativeBackend, check_status, error_text
 from orchestrator.backends.cooperative_options import CooperativeOptions, parse_cooperative
 from orchestrator.backends.options import options_of
 from orchestrator.backends.procs import cmdline
@@ -46,6 +56,8 @@ from states.ledger import Tier
 
 if TYPE_CHECKING:
     from orchestrator.device.base import Device
+
+logger = logging.getLogger("orchestrator.cooperative")
 
 # ``keep_alive: -1`` shows in /api/ps as an expiry centuries away (Go's maximum duration, about
 # 292 years, from now); any client's finite keep_alive is an expiry within years.
@@ -79,6 +91,31 @@ def full_name(model: str) -> str:
     return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
 
 
+def model_blob(modelfile: str) -> str | None:
+    """The weights' blob file (``sha256-<hex>``) in the Modelfile ``/api/show`` returns: its
+    first ``FROM`` (later ones are projectors); None when it names no blob (a model Ollama runs
+    from elsewhere)."""
+    for line in modelfile.splitlines():
+        if line.startswith("FROM "):
+            name = PurePath(line[5:].strip().strip('"')).name
+            return name if name.startswith("sha256-") else None
+    return None
+
+
+def runs_blob(argv: list[str], blob: str) -> bool:
+    """A runner's command line loads ``blob`` (``--model PATH``, ``--model=PATH`` or ``-m PATH``)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--model", "-m") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--model="):
+            path = arg.removeprefix("--model=")
+        else:
+            continue
+        if PurePath(path).name == blob:
+            return True
+    return False
+
+
 class OllamaBackend(CooperativeBackend):
     VIEW: ClassVar[str] = "/api/ps"
     RELEASE: ClassVar[str] = 'POST /api/generate {"keep_alive": 0}'
@@ -86,7 +123,9 @@ class OllamaBackend(CooperativeBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tagged = full_name(self.model)
-        self.digest: str | None = None  # the model's blob, once /api/ps has shown it
+        self.digest: str | None = None  # its manifest's digest, once /api/ps has shown it
+        self.blob: str | None = None  # its weights' blob file (sha256-<hex>), from /api/show
+        self._shown: str | None = None  # the manifest digest ``blob`` was read for
 
     def _mine(self, m: Mapping[str, Any]) -> bool:
         return self.tagged in (full_name(str(m.get("name", ""))), full_name(str(m.get("model", ""))))
@@ -98,7 +137,28 @@ class OllamaBackend(CooperativeBackend):
         for m in models:
             if self._mine(m) and m.get("digest"):
                 self.digest = str(m["digest"])
+        if self.digest is not None and self._shown != self.digest:
+            await self._read_blob(client)
         return models
+
+    async def _read_blob(self, client: httpx.AsyncClient) -> None:
+        """Which blob the model runs from: the first ``FROM`` of ``POST /api/show``'s
+        Modelfile (read again only when the manifest changes: a new ``ollama pull``)."""
+        r = await client.post("/api/show", json={"model": self.model})
+        self._shown = self.digest
+        try:
+            shown = r.json() if r.status_code == 200 else {}
+        except ValueError:
+            shown = {}
+        self.blob = model_blob(str(shown.get("modelfile") or "")) if isinstance(shown, dict) else None
+        if self.blob is None:
+            logger.warning(
+                "%s: ollama's POST /api/show does not say which blob %s runs from (%s): its runner's "
+                "memory cannot be told apart and counts as another program's",
+                self.name,
+                self.model,
+                error_text(r) if r.status_code != 200 else "no FROM <blob path>",
+            )
 
     def view_holds(self, view: Any) -> bool | None:
         if view is None:
@@ -106,10 +166,9 @@ class OllamaBackend(CooperativeBackend):
         return any(self._mine(m) for m in view)
 
     def model_pids(self, pids: set[int]) -> set[int] | None:
-        if self.digest is None:
-            return set()  # not seen in /api/ps yet: none of its runners is known to be this model's
-        blob = f"sha256-{self.digest}"
-        return {p for p in pids if any(blob in arg for arg in cmdline(p))}
+        if self.blob is None:
+            return set()  # not known yet: none of the runners is known to be this model's
+        return {p for p in pids if runs_blob(cmdline(p), self.blob)}
 
     def others_bytes(self) -> int:
         return sum(int(m.get("size_vram") or 0) for m in self.view or () if not self._mine(m))

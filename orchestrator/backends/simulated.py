@@ -78,6 +78,7 @@ class SimulatedBackend(Backend):
         self.limit_bytes: int | None = None
         self._peak = 0  # the most it held, or wanted to, since loaded
         self._span: tuple[SimulatedDevice, ...] = ()  # the other cards a spanning model is on
+        self._before: list[SimulatedDevice] = []  # cards it left memory on before a bind
 
     @property
     def supports_host_tier(self) -> bool:
@@ -88,6 +89,8 @@ class SimulatedBackend(Backend):
         return True
 
     def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
+        # What a failed cleanup left on the cards it used before stays theirs until freed.
+        self._before += [d for d in (self.device, *self._span) if d.held_by(self.owner, live_only=False)]
         super().bind(gpus, devices)
         others = [d for d in devices[1:] if isinstance(d, SimulatedDevice)]
         self._span = tuple(others)  # a spanning model holds its share on each of these too
@@ -186,9 +189,9 @@ class SimulatedBackend(Backend):
         self._handle = None
         self._peak = 0
         self.limit_bytes = None
-        self.device.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)
-        for d in self._span:
+        for d in {id(d): d for d in (self.device, *self._span, *self._before)}.values():
             d.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)
+        self._before.clear()
 
 
 def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> SimulatedBackend:

@@ -66,6 +66,7 @@ class Context:
         self.machines: dict[int, ModelMachine] = {c.index: ModelMachine() for c in config.cards}
         self.home: dict[str, int] = {}  # the card(s) each backend was last bound to, first card first
         self.spans: dict[str, tuple[int, ...]] = {}
+        self.card_used_s: dict[int, float] = {}  # when each card last granted a lease
         self.lost_gpu_s: dict[str, float] = {}  # when each model last left the GPU
         self.failures: dict[str, int] = {}  # failures in a row
         self.backoff_until: dict[str, float] = {}

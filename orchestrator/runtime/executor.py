@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 
@@ -32,7 +32,8 @@ from orchestrator.runtime.accounting import Accounting, NoRoom
 from orchestrator.runtime.context import Context
 from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.watch import CrashWatch
-from states.ledger import Resident, Tier
+from states.adopt import adoption
+from states.ledger import Ledger, Resident, Tier
 from states.plan import Eviction, Plan
 from states.step import DEFERRED_POLL_S
 from states.units import format_gib
@@ -181,6 +182,7 @@ class Executor:
         gpu = ctx.gpus_of(step.model)[0]  # before it leaves: the card it leaves
         if ctx.cards.get(step.model) is not None:
             ctx.cards = ctx.cards.move(step.model, landed)
+            ctx.settle_cards()  # a spanning model left its other cards too: they land at once
         if step.from_tier is Tier.GPU:
             ctx.note_lost(step.model)
         if counted:
@@ -216,7 +218,16 @@ class Executor:
     ) -> SwitchOutcome:
         """Evict, then load, between ``begin_switch`` and ``finish_switch`` / ``fail_switch``,
         on card ``gpu`` (the first by default); a spanning model's switch also runs ``more``
-        (its plans on its other cards): one joint switch."""
+        (its plans on its other cards): one joint switch. However it ends, a card whose ledger
+        changed under it (a spanning model it evicted) lands where its ledger says."""
+        try:
+            return await self._switch(p, gpu, more)
+        finally:
+            self.ctx.settle_cards()
+
+    async def _switch(
+        self, p: Plan, gpu: int | None = None, more: Sequence[tuple[int, Plan]] = ()
+    ) -> SwitchOutcome:
         ctx = self.ctx
         target = p.load
         plans = [(ctx.first_gpu() if gpu is None else gpu, p), *more]
@@ -262,7 +273,6 @@ class Executor:
             ctx.succeeded(target)
             for g in gpus:
                 ctx.fire("finish_switch", model=target, gpu=g, t0=t0)
-        ctx.settle_cards()
         return SwitchOutcome(target, loaded=True)
 
     async def evict(self, models: Sequence[str], why: str, gpu: int | None = None) -> None:
@@ -286,7 +296,7 @@ class Executor:
                 self.rebalance_after_s = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
             finally:
                 ctx.fire("finish_switch", model=None, gpu=gpu, t0=t0)
-        ctx.settle_cards()
+                ctx.settle_cards()
 
     async def reap(self, models: Sequence[str]) -> None:
         """Unload what a backend still holds but the ledger does not (a failed cleanup).
@@ -298,6 +308,11 @@ class Executor:
         for name in models:
             backend = ctx.backends.get(name)
             if backend is None or backend.tier is Tier.DISK:
+                self.reap_after.pop(name, None)
+                continue
+            with self.switching([ctx.home.get(name, ctx.first_gpu())]):
+                adopted = await self.adopt(name)
+            if adopted:
                 self.reap_after.pop(name, None)
                 continue
             try:
@@ -313,6 +328,48 @@ class Executor:
             except Exception as exc:
                 self.reap_after[name] = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
                 logger.warning("%s still holds memory after a failed cleanup; retrying: %s", name, exc)
+
+    async def adopt(self, name: str) -> bool:
+        """Record a model its own program holds outside the ledger (loaded by hand there, or
+        there already when the orchestrator attached) as resident in place, without a load,
+        when the ledger with it fits (``states.adopt.adoption``): an ``adopt`` event, the
+        machine settled where the ledger lands, the model watched like a loaded one. False
+        when the backend has no such copy or it does not fit: the caller gives it back."""
+        ctx = self.ctx
+        backend = ctx.backends[name]
+        gpu = ctx.home.get(name, ctx.first_gpu())  # the card its program's memory is on
+        if name not in ctx.config.models or ctx.cards.get(name) is not None or ctx.switching_on((gpu,)):
+            return False
+        try:
+            held = await backend.held_outside_bytes()
+        except Exception as exc:
+            logger.warning("cannot tell what %s's program holds of it: %s", name, exc)
+            return False
+        if not held:
+            return False
+        after = adoption(self.accounting.request(name), ctx.cards.view(gpu), held, ctx.policy)
+        if after is None:
+            logger.warning(
+                "%s is on the GPU outside the orchestrator (%s) and does not fit beside %s (the "
+                "budget, or another heavy model): it is given back",
+                name,
+                format_gib(held),
+                ctx.cards.ledger(gpu).describe(),
+            )
+            return False
+        backend.adopt()
+        ctx.cards = ctx.cards.with_ledger(gpu, _own(after, ctx.cards.ledger(gpu)))
+        ctx.emit(
+            "adopt",
+            gpu=gpu,
+            model=name,
+            bytes_after=held,
+            detail=f"on the GPU already ({format_gib(held)}): taken over in place, not loaded",
+        )
+        ctx.fire("settle", model=name, gpu=gpu, detail="adopted")
+        self.accounting.learn(name, held, "load")
+        self.watch.start(name)
+        return True
 
     async def shutdown(self) -> ShutdownReport:
         """Unload everything and close every backend; say what really happened."""
@@ -347,6 +404,7 @@ class Executor:
             for gpu in held:
                 trigger = "fail_switch" if ctx.cards.ledger(gpu).residents else "finish_switch"
                 ctx.fire(trigger, model=None, gpu=gpu, t0=t0)
+            ctx.settle_cards()
             for b in list(ctx.backends.values()):
                 try:
                     with anyio.fail_after(ctx.config.unload_timeout_s):
@@ -374,15 +432,16 @@ class Executor:
         backend = ctx.backends[p.load]
         resident = p.after.loading
         assert resident is not None
-        gpus = gpus or (ctx.first_gpu(),)
+        gpus = gpus or (ctx.cards.indexes[0],)
         shares = list(shares) or [resident]
         for g, share in zip(gpus, shares, strict=True):
             self.accounting.check_room(p.load, share.vram_bytes, g)
-        if ctx.several:
-            backend.bind(gpus, tuple(self.accounting.devices[g] for g in gpus))
-            ctx.home[p.load] = gpus[0]
-            if len(gpus) > 1:
-                ctx.spans[p.load] = gpus
+        # The backend serves from these cards: in-process models load on cuda:N, servers
+        # start with CUDA_VISIBLE_DEVICES naming them.
+        backend.bind(gpus, tuple(self.accounting.devices[g] for g in gpus))
+        ctx.home[p.load] = gpus[0]
+        if len(gpus) > 1:
+            ctx.spans[p.load] = gpus
         for g, share in zip(gpus, shares, strict=True):
             ctx.cards = ctx.cards.begin_load(g, share)
         # A cold load comes from the packed disk cache or from the source: a cost of its own.
@@ -457,3 +516,11 @@ class Executor:
         if isinstance(exc, Exception) and not isinstance(exc, BackendError):
             return LoadFailed(p.load, f"{type(exc).__name__}: {exc}")
         return exc
+
+
+def _own(view: Ledger, own: Ledger) -> Ledger:
+    """A card's planning view (its ledger with every card's host copies) changed by a pure
+    rule, brought back to the card's own ledger: its GPU residents and load from the view,
+    its own host copies as they were."""
+    others = {r.model for r in view.host_residents} - {r.model for r in own.host_residents}
+    return replace(view, residents=tuple(r for r in view.residents if r.model not in others))

@@ -184,9 +184,10 @@ class Orchestrator:
         """What the orchestrator plans with for a model: configured, or learned when larger."""
         return self._accounting.estimate(self.resolve(name_or_kind).name)
 
-    def accounted_bytes(self) -> int:
-        """What our GPU residents hold (measured where the backend can tell, else planned)."""
-        return self._accounting.accounted_bytes()
+    def accounted_bytes(self, gpu: int | None = None) -> int:
+        """What our GPU residents hold on card ``gpu`` (the first by default): measured where
+        the backend can tell, else planned (a model spanning cards: its planned share)."""
+        return self._accounting.accounted_bytes(gpu)
 
     def external_reservations(self) -> list[ExternalReservation]:
         """The reservations for external programs, held or waited for (a copy)."""

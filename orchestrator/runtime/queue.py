@@ -89,6 +89,9 @@ class LeaseBook:
         holders = self.holders.setdefault(w.model, {})
         holders[w.holder] = holders.get(w.holder, 0) + 1
         ctx.cards = ctx.cards.touch(w.model)
+        if ctx.several:
+            for g in ctx.cards.gpus_of(w.model):
+                ctx.card_used_s[g] = ctx.now_s()
         ctx.stats.grants += 1
         ctx.emit("grant", model=w.model, duration_s=ctx.now_s() - w.arrived_s)  # the wait
         w.event.set()

@@ -179,6 +179,7 @@ class Scheduler:
             "busy": frozenset(self._running),
             "in_flight": frozenset(in_flight),
             "loading": loading,
+            "card_used_s": dict(ctx.card_used_s),
             "host_pending_bytes": host_pending,
             "allowed": {m: s.gpus for m, s in models.items() if s.gpus is not None},
             "spans": {m: s.tensor_parallel for m, s in models.items() if s.tensor_parallel > 1},

@@ -264,3 +264,51 @@ async def test_stopping_answers_the_requests_in_flight_in_the_json_shape(config:
         assert (await c.get("/health")).json() == {"status": "stopping"}
         assert "shutting down" in (await c.post("/v1/leases", json={"bytes": 1})).json()["error"]["message"]
         assert (await c.delete(f"/v1/leases/{held['id']}")).status_code == 200
+
+
+async def test_status_on_two_cards_lists_each_card() -> None:
+    """/v1/status on a machine with two cards: each card's budget, committed bytes, residents
+    and state, and the card each model is on."""
+    from orchestrator import Orchestrator
+    from orchestrator.config import parse_config
+    from orchestrator.daemon import Daemon, LeaseManager, create_app
+
+    config = parse_config(
+        json.dumps(
+            {
+                "hardware": {
+                    "device": "simulated",
+                    "gpus": [
+                        {"index": 0, "total_vram_gb": 24, "safe_max_vram_gb": 23},
+                        {"index": 1, "total_vram_gb": 16, "safe_max_vram_gb": 15},
+                    ],
+                },
+                "simulation": {"time_scale": 0.001},
+                "monitor": {"sample_hz": 0, "footprints_path": None},
+                "models": {
+                    "qwen-14b": {"kind": "llm", "vram_gb": 11.5, "gpus": [0]},
+                    "sdxl-base": {"kind": "sdxl", "vram_gb": 10.5, "gpus": [1]},
+                },
+            }
+        ),
+        source="<two cards>",
+    )
+    async with Orchestrator(config) as orch, LeaseManager(orch, config.daemon) as leases:
+        d = Daemon(orch, leases, config.daemon, None)
+        transport = httpx.ASGITransport(app=create_app(d))
+        async with httpx.AsyncClient(transport=transport, base_url="http://daemon") as c:
+            lease = (await c.post("/v1/leases", json={"model": "sdxl-base"})).json()
+            status = (await c.get("/v1/status")).json()
+            assert [(x["index"], x["budget_bytes"]) for x in status["cards"]] == [
+                (0, 23 * GIB),
+                (1, 15 * GIB),
+            ]
+            card0, card1 = status["cards"]
+            assert card0["residents"] == [] and card0["state"] == "IDLE" and card0["committed_bytes"] == 0
+            assert card1["residents"] == ["sdxl-base"] and card1["state"] == "SDXL_ACTIVE"
+            assert card1["committed_bytes"] == int(10.5 * GIB) == status["committed_bytes"]
+            assert {m["name"]: m["gpus"] for m in status["models"]} == {"qwen-14b": [], "sdxl-base": [1]}
+            assert status["budget_bytes"] == 38 * GIB and status["running"] is True
+            assert (await c.delete(f"/v1/leases/{lease['id']}")).status_code == 200
+        d.stopping.set()
+        await d.upstreams.aclose()

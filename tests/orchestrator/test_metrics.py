@@ -62,13 +62,13 @@ async def test_metrics_follow_a_short_run() -> None:
     orch = fast_orch()
     metrics = OrchestratorMetrics(orch)
     assert current_state(metrics) == "IDLE"
-    assert value(metrics, "vram_orchestrator_budget_bytes") == gib_to_bytes(15.5)
-    assert value(metrics, "vram_orchestrator_committed_bytes") == 0
+    assert value(metrics, "vram_orchestrator_budget_bytes", gpu="0") == gib_to_bytes(15.5)
+    assert value(metrics, "vram_orchestrator_committed_bytes", gpu="0") == 0
     async with orch:
         async with orch.acquire("llm"):
             assert current_state(metrics) == "LLM_ACTIVE"
             assert value(
-                metrics, "vram_orchestrator_resident_bytes", model="qwen-14b", kind="llm", tier="gpu"
+                metrics, "vram_orchestrator_resident_bytes", model="qwen-14b", kind="llm", tier="gpu", gpu="0"
             ) == gib_to_bytes(11.5)
             assert value(metrics, "vram_orchestrator_active_leases", model="qwen-14b") == 1
         async with orch.acquire("sdxl"), orch.acquire("tts"):  # TTS rides along with SDXL
@@ -79,17 +79,29 @@ async def test_metrics_follow_a_short_run() -> None:
                 if n == "vram_orchestrator_resident_bytes" and dict(labels)["tier"] == "gpu" and v
             }
             assert gpu == {"sdxl-base": gib_to_bytes(10.5), "gpt-sovits-small": gib_to_bytes(3.5)}
-            assert value(metrics, "vram_orchestrator_committed_bytes") == gib_to_bytes(14.0)
+            assert value(metrics, "vram_orchestrator_committed_bytes", gpu="0") == gib_to_bytes(14.0)
             assert value(metrics, "vram_orchestrator_active_leases", model="gpt-sovits-small") == 1
             assert value(metrics, "vram_orchestrator_active_leases", model="qwen-14b") == 0
             assert total(metrics, "vram_orchestrator_queue_depth") == 0
         # The LLM comes back: SDXL (offload: true) keeps a host copy.
         async with orch.acquire("llm"):
             assert value(
-                metrics, "vram_orchestrator_resident_bytes", model="sdxl-base", kind="sdxl", tier="host"
+                metrics,
+                "vram_orchestrator_resident_bytes",
+                model="sdxl-base",
+                kind="sdxl",
+                tier="host",
+                gpu="0",
             ) == gib_to_bytes(6.5)
             assert (
-                value(metrics, "vram_orchestrator_resident_bytes", model="sdxl-base", kind="sdxl", tier="gpu")
+                value(
+                    metrics,
+                    "vram_orchestrator_resident_bytes",
+                    model="sdxl-base",
+                    kind="sdxl",
+                    tier="gpu",
+                    gpu="0",
+                )
                 == 0
             )
         stats = orch.statistics()
@@ -123,8 +135,8 @@ async def test_metrics_follow_a_short_run() -> None:
     )
     # After the shutdown nothing is resident and the machine is IDLE again.
     assert current_state(metrics) == "IDLE"
-    assert value(metrics, "vram_orchestrator_committed_bytes") == 0
-    assert value(metrics, "vram_orchestrator_device_used_bytes") == 0
+    assert value(metrics, "vram_orchestrator_committed_bytes", gpu="0") == 0
+    assert value(metrics, "vram_orchestrator_device_used_bytes", gpu="0") == 0
 
 
 async def test_timeouts_cancellations_and_failures_are_counted() -> None:
@@ -194,7 +206,86 @@ async def test_each_orchestrator_has_its_own_registry() -> None:
             pass
     assert total(ma, "vram_orchestrator_switches_total") == 1  # detached: no longer counting
     info = samples(ma)[
-        ("vram_orchestrator_device_info", frozenset({("name", a.device.name), ("source", "simulated")}))
+        (
+            "vram_orchestrator_device_info",
+            frozenset({("name", a.device.name), ("source", "simulated"), ("gpu", "0")}),
+        )
     ]
     assert info == 1
     assert ma.content_type.startswith("text/plain")
+
+
+TWO_CARDS = """\
+hardware:
+  device: simulated
+  gpus:
+    - {index: 0, total_vram_gb: 24, safe_max_vram_gb: 23}
+    - {index: 1, total_vram_gb: 16, safe_max_vram_gb: 15}
+simulation: {time_scale: 0.001}
+switching: {host_ram_budget_gb: 16}
+models:
+  qwen-14b: {kind: llm, vram_gb: 11.5, gpus: [0]}
+  big-llm: {kind: llm, vram_gb: 26, tensor_parallel: 2}
+  sdxl-base: {kind: sdxl, vram_gb: 10.5, gpus: [1], offload: true, host_gb: 6.5}
+defaults: {llm: qwen-14b}
+"""
+
+
+def series(metrics: OrchestratorMetrics, name: str, **labels: str) -> dict[str, float]:
+    """{gpu label: value} of the samples of ``name`` that carry ``labels``."""
+    want = set(labels.items())
+    return {dict(lab)["gpu"]: v for (n, lab), v in samples(metrics).items() if n == name and want <= set(lab)}
+
+
+async def test_every_vram_gauge_is_per_card() -> None:
+    orch = Orchestrator(orchestrator.config.parse_config(TWO_CARDS, source="<two cards>"))
+    metrics = OrchestratorMetrics(orch)
+    assert series(metrics, "vram_orchestrator_budget_bytes") == {"0": gib_to_bytes(23), "1": gib_to_bytes(15)}
+    assert series(metrics, "vram_orchestrator_device_total_bytes") == {
+        "0": gib_to_bytes(24),
+        "1": gib_to_bytes(16),
+    }
+    assert value(metrics, "vram_orchestrator_host_budget_bytes") == gib_to_bytes(16)
+    # A model restricted to one card has series for that card only; a spanning one on both.
+    sdxl = series(metrics, "vram_orchestrator_resident_bytes", model="sdxl-base", tier="gpu")
+    assert sdxl == {"1": 0}
+    assert set(series(metrics, "vram_orchestrator_resident_bytes", model="big-llm", tier="gpu")) == {"0", "1"}
+    async with orch:
+        async with orch.acquire("qwen-14b"), orch.acquire("sdxl-base"):
+            assert series(metrics, "vram_orchestrator_committed_bytes") == {
+                "0": gib_to_bytes(11.5),
+                "1": gib_to_bytes(10.5),
+            }
+            states = {
+                dict(lab)["gpu"]: dict(lab)["vram_orchestrator_state"]
+                for (n, lab), v in samples(metrics).items()
+                if n == "vram_orchestrator_state" and v == 1
+            }
+            assert states == {"0": "LLM_ACTIVE", "1": "SDXL_ACTIVE"}
+            assert series(metrics, "vram_orchestrator_resident_bytes", model="qwen-14b", tier="gpu") == {
+                "0": gib_to_bytes(11.5)
+            }
+            assert series(metrics, "vram_orchestrator_device_used_bytes") == {
+                "0": gib_to_bytes(11.5),
+                "1": gib_to_bytes(10.5),
+            }
+        # The spanning model takes both cards: its share on each; SDXL's host copy is
+        # labelled with the card it left.
+        async with orch.acquire("big-llm"):
+            share = orch.config.models["big-llm"].card_bytes
+            big = series(metrics, "vram_orchestrator_resident_bytes", model="big-llm", tier="gpu")
+            assert big == {"0": share, "1": share}
+            host = series(metrics, "vram_orchestrator_resident_bytes", model="sdxl-base", tier="host")
+            assert host == {"1": gib_to_bytes(6.5)}
+            assert series(metrics, "vram_orchestrator_committed_bytes") == {"0": share, "1": share}
+
+
+def test_one_card_is_labelled_with_its_configured_index() -> None:
+    text = (
+        "hardware: {device: simulated, index: 2, safe_max_vram_gb: 15.5}\n"
+        "models: {m: {kind: llm, vram_gb: 4}}"
+    )
+    orch = Orchestrator(orchestrator.config.parse_config(text, source="<index 2>"))
+    metrics = OrchestratorMetrics(orch)
+    assert series(metrics, "vram_orchestrator_budget_bytes") == {"2": gib_to_bytes(15.5)}
+    assert series(metrics, "vram_orchestrator_resident_bytes", model="m", tier="gpu") == {"2": 0}

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import initialize
 
 from orchestrator.config import Config, parse_config
+from orchestrator.testing import machine_for
 from orchestrator.testing_cards import CardsMachine
 
 SETTINGS = settings(
@@ -73,3 +74,23 @@ class RandomMachines(CardsMachine):
 
 TestSeveralCards = RandomMachines.TestCase
 TestSeveralCards.settings = SETTINGS
+
+
+# A workstation's two cards with a model spanning both and a light model kept to the smaller
+# one (how `vram-orchestrator check` tests such a config).
+WORKSTATION = parse_config(
+    """
+hardware: {device: simulated, gpus: [{index: 0, total_vram_gb: 24, safe_max_vram_gb: 23},
+                                     {index: 1, total_vram_gb: 16, safe_max_vram_gb: 15}]}
+switching: {host_ram_budget_gb: 12}
+monitor: {footprints_path: null}
+models:
+  qwen-14b: {kind: llm, vram_gb: 11.5}
+  sdxl-base: {kind: sdxl, vram_gb: 10.5, offload: true, host_gb: 6.5}
+  big: {kind: llm, vram_gb: 26, tensor_parallel: 2}
+  tts: {kind: tts, vram_gb: 3.5, gpus: [1]}
+""",
+    source="<property test: a workstation>",
+)
+TestWorkstation = machine_for(WORKSTATION).TestCase
+TestWorkstation.settings = SETTINGS

@@ -182,3 +182,10 @@ def test_one_card_decides_as_before() -> None:
     d = decide(v)
     assert isinstance(d.action, Switch) and not d.actions
     assert Policy().is_exclusive("llm")
+
+
+def test_ties_go_to_the_card_used_least_recently() -> None:
+    cards = Cards.of([(Card(0), 16 * GIB), (Card(1), 16 * GIB)])
+    assert place(req("sdxl", "sdxl", 10), cards, PlaceContext()).gpus == (0,)
+    recent = PlaceContext(used_s={0: 50.0, 1: 10.0})
+    assert place(req("sdxl", "sdxl", 10), cards, recent).gpus == (1,)
