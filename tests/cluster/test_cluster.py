@@ -285,6 +285,43 @@ async def test_a_machine_that_dies_ends_its_leases_and_comes_back(c: ClusterOrch
     assert after.instance != before.instance  # a fresh orchestrator there
 
 
+async def test_a_request_waiting_on_a_machine_that_dies_is_served_elsewhere(c: ClusterOrchestrator) -> None:
+    release = anyio.Event()
+    ended: dict[str, str] = {}
+    served: list[str] = []
+
+    async def artist(node: str) -> None:  # holds that machine's one SDXL slot until released
+        try:
+            async with c.acquire("sdxl", node=node, owner=f"artist on {node}"):
+                await release.wait()
+            ended[node] = "released"
+        except LeaseLost:
+            ended[node] = "lost"
+
+    async def latecomer() -> None:
+        async with c.acquire("sdxl", owner="latecomer", timeout=WITHIN_S) as lease:
+            served.append(lease.node)
+
+    def waited_on() -> list[str]:
+        return [v.node for v in c.views() if v.alive and v.waiting.get("sdxl-base")]
+
+    with anyio.fail_after(WITHIN_S):
+        async with anyio.create_task_group() as tg:
+            for node in NODES:
+                tg.start_soon(artist, node)
+            await until(c, lambda: sum(v.leases.get("sdxl-base", 0) for v in c.views()) == 3, "3 artists")
+            tg.start_soon(latecomer)
+            await until(c, lambda: len(waited_on()) == 1, "the latecomer waits on a machine")
+            (victim,) = waited_on()
+            ray.kill(c.actor(victim), no_restart=False)
+            await until(c, lambda: not c.alive()[victim], f"{victim} is down")
+            release.set()
+    # nothing was granted on the dead machine: the request went to another one, and was served
+    assert len(served) == 1 and served[0] != victim
+    assert ended[victim] == "lost" and all(ended[n] == "released" for n in NODES if n != victim)
+    await until(c, lambda: c.alive()[victim], f"{victim} restarted")
+
+
 async def test_a_machine_whose_config_is_wrong_says_so(ray_cluster: Cluster) -> None:
     # (no GPU asked for: the module's own actor on m0 holds that machine's one GPU)
     bad = Machine("m0", config_text="models: {x: {kind: llm, vram_gb: 1}}", num_gpus=0)
