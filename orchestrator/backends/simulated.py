@@ -90,13 +90,20 @@ class SimulatedBackend(Backend):
 
     def bind(self, gpus: tuple[int, ...], devices: tuple[Device, ...]) -> None:
         # What a failed cleanup left on the cards it used before stays theirs until freed.
-        self._before += [d for d in (self.device, *self._span) if d.held_by(self.owner, live_only=False)]
+        for d in (self.device, *self._span):
+            if d.held_by(self.owner, live_only=False) and all(d is not b for b in self._before):
+                self._before.append(d)
         super().bind(gpus, devices)
         others = [d for d in devices[1:] if isinstance(d, SimulatedDevice)]
         self._span = tuple(others)  # a spanning model holds its share on each of these too
 
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
-        return self.device.held_by(self.owner, live_only=live_only)
+        held = self.device.held_by(self.owner, live_only=live_only)
+        if not live_only and self._before:
+            # what it left on cards it used before, still on its way back (a slow release)
+            self._before = [d for d in self._before if d.held_by(self.owner)]
+            held += sum(d.held_by(self.owner) for d in self._before if d is not self.device)
+        return held
 
     def peak_bytes(self) -> int | None:
         return self._peak or None
@@ -191,7 +198,6 @@ class SimulatedBackend(Backend):
         self.limit_bytes = None
         for d in {id(d): d for d in (self.device, *self._span, *self._before)}.values():
             d.free(self.owner, after_s=self.faults.slow_release_s * self.time_scale)
-        self._before.clear()
 
 
 def create(spec: ModelSpec, *, config: Config, device: Device, log_dir: Path) -> SimulatedBackend:
