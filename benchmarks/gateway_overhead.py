@@ -123,11 +123,12 @@ def start_daemon(config_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, line.split(" on ")[1].split()[0]
 
 
-def start_fake_server() -> tuple[subprocess.Popen[bytes], str]:
+def start_fake_server(kind: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    server = [FAKE_SERVER] if kind == "threaded" else ["-m", "benchmarks.fast_openai_server"]
     proc = subprocess.Popen(
-        [sys.executable, FAKE_SERVER, "--port", str(port), "--model", SERVED_MODEL],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, *server, "--port", str(port), "--model", SERVED_MODEL],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, "the fake OpenAI server")
@@ -286,18 +287,25 @@ class Run:
 
 
 async def load(target: tuple[str, int, bytes], clients: int, n: int) -> Run:
-    """``n`` requests from ``clients`` concurrent keep-alive connections."""
+    """``n`` requests from ``clients`` concurrent keep-alive connections, timed from when
+    every connection is open (a connection's setup is not a request's latency)."""
     host, port, raw = target
     run = Run()
     left = n
+    connected = 0
+    all_connected = asyncio.Event()
 
     async def client() -> None:
-        nonlocal left
+        nonlocal left, connected
         reader, writer = await asyncio.open_connection(host, port)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connected += 1
+        if connected == clients:
+            all_connected.set()
         try:
+            await all_connected.wait()
             while left > 0:
                 left -= 1
                 t0 = time.perf_counter()
@@ -309,9 +317,13 @@ async def load(target: tuple[str, int, bytes], clients: int, n: int) -> Run:
         finally:
             writer.close()
 
-    t0 = time.perf_counter()
+    async def clock() -> float:
+        await all_connected.wait()
+        return time.perf_counter()
+
+    started = asyncio.ensure_future(clock())
     await asyncio.gather(*(client() for _ in range(clients)))
-    run.wall_s = time.perf_counter() - t0
+    run.wall_s = time.perf_counter() - await started
     return run
 
 
@@ -436,7 +448,7 @@ def versions() -> str:
 
     return (
         f"python {platform.python_version()}, starlette {v('starlette')}, uvicorn {v('uvicorn')}, "
-        f"httpx {v('httpx')}, httpcore {v('httpcore')}, uvloop {v('uvloop')}, "
+        f"httpx {v('httpx')}, h11 {v('h11')}, uvloop {v('uvloop')}, "
         f"httptools {v('httptools')}; {os.cpu_count()} CPUs"
     )
 
@@ -450,6 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per measurement (default 4)")
     p.add_argument("--vllm", metavar="MODEL_DIR", help="serve this model with the real vLLM CPU server")
+    p.add_argument(
+        "--upstream",
+        choices=("fast", "threaded"),
+        default="fast",
+        help="the fake server: benchmarks/fast_openai_server.py (asyncio, default) or the tests' "
+        "threaded one (tests/fixtures/fake_openai_server.py)",
+    )
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--max-concurrent", type=int, default=64, help="the model's max_concurrent (default 64)")
     p.add_argument("--peer", action="append", default=[], metavar="CMD", help="another proxy (see above)")
@@ -471,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             upstream = None
             if args.vllm is None:
-                server, upstream = start_fake_server()
+                server, upstream = start_fake_server(args.upstream)
                 procs.append(server)
             path = Path(tmp) / "config.yaml"
             path.write_text(json.dumps(config(upstream, args.vllm, args.max_concurrent)))
@@ -496,7 +515,11 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(proc)
                 label = args.peer_label[i] if i < len(args.peer_label) else f"peer {i + 1}"
                 sides.append(Side(label, url, GATEWAY_MODEL, proc.pid))
-            server_name = "vLLM CPU (" + Path(args.vllm).name + ")" if args.vllm else "fake OpenAI server"
+            server_name = (
+                "vLLM CPU (" + Path(args.vllm).name + ")"
+                if args.vllm
+                else f"fake OpenAI server ({args.upstream})"
+            )
             print(f"gateway overhead, {server_name}; {versions()}; load generator on {loader}")
             print(
                 f"milliseconds per request; sequential: {args.requests} requests per side and kind, "
