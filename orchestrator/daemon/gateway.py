@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
-import httpcore
 from starlette.requests import Request
 
 from orchestrator.daemon.asgi import HeldResponse, read_body
@@ -36,7 +35,7 @@ from orchestrator.daemon.requests import (
     parse_speech,
 )
 from orchestrator.daemon.state import Daemon
-from orchestrator.daemon.upstream import UPSTREAM_ERRORS, Upstream
+from orchestrator.daemon.upstream import UPSTREAM_ERRORS, Connection, Upstream
 from orchestrator.spec import ModelSpec
 
 
@@ -124,43 +123,39 @@ def _upstream_failed(what: str, exc: Exception, hint: str = "retry") -> ApiError
 
 def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
     for k, v in headers:
-        if k.lower() == b"content-type":
+        if k == b"content-type":
             return v
     return b"application/json"
 
 
 async def forward(up: Upstream, path: str, body: bytes, send: Send, *, streaming: bool) -> None:
     """Proxy one request to the model's server and its answer (streamed as it comes) back."""
-    headers = [
-        (b"host", up.host_header),
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    request = httpcore.Request(b"POST", up.url(path), headers=headers, content=body)
     try:
-        async with up.request(request) as upstream:
-            await _answer(upstream, send, streaming=streaming)
+        async with up.request(path, body) as answer:
+            await _answer(answer, send, streaming=streaming)
     except UPSTREAM_ERRORS as exc:  # raised while the request was sent, before any answer
         raise _upstream_failed(
             "failed the request", exc, "retry: the next request restarts it if it crashed"
         ) from None
 
 
-async def _answer(upstream: httpcore.Response, send: Send, *, streaming: bool) -> None:
-    content_type = _content_type(upstream.headers)
-    if not streaming or upstream.status != 200:
+async def _answer(answer: Connection, send: Send, *, streaming: bool) -> None:
+    content_type = _content_type(answer.headers)
+    if not streaming or answer.status != 200:
         try:
-            data = await upstream.aread()
+            data = await answer.read()
         except UPSTREAM_ERRORS as exc:
             raise _upstream_failed("broke off its answer", exc) from None
-        out = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
-        await send({"type": "http.response.start", "status": upstream.status, "headers": out})
-        await send({"type": "http.response.body", "body": data})
+        out = [(b"content-type", content_type), (b"content-length", b"%d" % len(data))]
+        await send({"type": "http.response.start", "status": answer.status, "headers": out})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
         return
     out = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
     await send({"type": "http.response.start", "status": 200, "headers": out})
     try:
-        async for chunk in upstream.aiter_stream():
+        # What one read from the server brought goes on as one piece (chunks that came
+        # together are written together).
+        while chunk := await answer.next_chunk():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except UPSTREAM_ERRORS as exc:
         err = {
@@ -172,7 +167,7 @@ async def _answer(upstream: httpcore.Response, send: Send, *, streaming: bool) -
         }
         chunk = f"data: {json.dumps(err)}\n\n".encode()
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # -- images and speech -------------------------------------------------------------------------
