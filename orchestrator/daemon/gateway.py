@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from orchestrator.daemon.asgi import HeldResponse, read_body
+from orchestrator.daemon.asgi import HeldResponse, read_asgi_body, read_body
 from orchestrator.daemon.errors import ApiError, ASGIApp, Receive, Scope, Send, api_error, dumps, send_json
 from orchestrator.daemon.requests import (
     check_image_limits,
@@ -68,8 +69,18 @@ def _served_name(d: Daemon, s: ModelSpec) -> str | None:
 
 
 def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
-    async def handler(request: Request) -> HeldResponse:
-        raw = await read_body(request, d.spec.max_body_bytes, d.body_timeout_s)
+    """The completions route's handler (``path``), for Starlette's router."""
+    handler = _proxy(d, path)
+
+    async def routed(request: Request) -> HeldResponse:
+        return await handler(request.scope, request.receive)
+
+    return routed
+
+
+def _proxy(d: Daemon, path: str) -> Callable[[Scope, Receive], Awaitable[HeldResponse]]:
+    async def handler(scope: Scope, receive: Receive) -> HeldResponse:
+        raw = await read_asgi_body(scope, receive, d.spec.max_body_bytes, d.body_timeout_s)
         body = parse_json(raw)
         s = d.orch.resolve(model_of(body))
         served = _served_name(d, s)
@@ -86,7 +97,7 @@ def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
             upstream_body = raw  # as it came: nothing to change
         else:
             upstream_body = dumps({**body, "model": served, **changes})
-        opts = lease_options(request.headers, d.spec.request_timeout_s)
+        opts = lease_options(Headers(scope=scope), d.spec.request_timeout_s)
         streaming = bool(body.get("stream"))
 
         async def work(send: Send) -> None:
@@ -103,13 +114,13 @@ def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
 
 def proxy_app(d: Daemon, path: str) -> ASGIApp:
     """``proxy(d, path)`` as a bare ASGI app, for the hot path: ``POST`` to a completions
-    route reaches it without the router and the middlewares (``app.FastRoutes``); its errors
-    get the JSON shape as through ``app.endpoint``."""
-    handler = proxy(d, path)
+    route reaches it without the router and the middlewares (``app.FastRoutes``), and without
+    a ``Request``; its errors get the JSON shape as through ``app.endpoint``."""
+    handler = _proxy(d, path)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            response: ASGIApp = await handler(Request(scope, receive))
+            response: ASGIApp = await handler(scope, receive)
         except Exception as exc:
             response = api_error(exc).response()
         await response(scope, receive, send)
