@@ -285,9 +285,13 @@ class Connection(asyncio.Protocol):
 
     async def read(self) -> bytes:
         """The whole body."""
-        while not self.complete:
+        parts: list[bytes] = []
+        while True:
+            if self._chunks:
+                parts.append(self._take())  # (taken as they come: reading never pauses here)
+            if self.complete:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             await self._wait()
-        return self._take()
 
     def finish(self) -> bool:
         """End the exchange; whether the connection can carry another."""

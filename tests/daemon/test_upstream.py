@@ -297,3 +297,23 @@ async def test_a_refused_connection_raises_os_error() -> None:
     up = Upstream(f"http://127.0.0.1:{port}", size=1)
     with pytest.raises(OSError):
         await get(up)
+
+
+async def test_answers_larger_than_the_read_pause_are_read_whole_plain_and_streamed() -> None:
+    big = bytes(range(256)) * (4 * upstream.READ_PAUSE_BYTES // 256)  # 1 MiB
+    plain = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+    pieces = [big[i : i + 65536] for i in range(0, len(big), 65536)]
+    streamed = STREAM_HEAD + b"".join(chunk(p) for p in pieces) + b"0\r\n\r\n"
+    server = Scripted([plain], [streamed])
+    async with anyio.create_task_group() as tg:
+        up = Upstream(await serving(server, tg), size=1)
+        async with up.request("/v1/completions", b"{}") as answer:
+            assert await answer.read() == big
+        got = []
+        async with up.request("/v1/completions", b"{}") as answer:
+            await wait_until(lambda: answer._paused, what="reading paused: the answer's bytes wait unread")
+            while piece := await answer.next_chunk():
+                got.append(piece)
+        assert b"".join(got) == big and server.connections == 1
+        await up.aclose()
+        tg.cancel_scope.cancel()
