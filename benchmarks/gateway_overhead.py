@@ -12,17 +12,22 @@ drift (other programs, CPU clocks) hits every side alike:
 
 - **sequential**: one request at a time, a plain completion and a streamed one (time to the
   last chunk); the median and p90 per side, after a warm-up. These are latencies.
-- **concurrent** (``--clients N``, default 16): N clients on keep-alive connections, each sending
-  its next request when its last one is answered; throughput (req/s), p50 and p99 latency, and
+- **concurrent** (``--clients N``, default 16): N clients on keep-alive connections (opened
+  before the clock starts), each sending its next request when its last one is answered;
+  throughput (req/s), p50 and p99 latency, and
   the proxy's CPU time per request, read from ``/proc/<pid>/stat`` (utime + stime, the proxy's
   whole process group) before and after.
 
 The load generator is a few lines of asyncio over raw sockets (uvloop when installed), light
 enough that on a small machine the proxies, not the load, take the CPU.
 
-By default the server is tests/fixtures/fake_openai_server.py (it answers at once, so the
-overhead is not hidden under model time); ``--vllm MODEL_DIR`` serves a model with the real
-vLLM CPU server instead (the flags of tests/integration/test_vllm.py; sequential only).
+By default the server is benchmarks/fast_openai_server.py (the answers of the tests' fake
+OpenAI server from one asyncio protocol: it answers at once, so the overhead is not hidden under
+model time, and it is no tail of its own under load); ``--upstream threaded`` uses the tests'
+threaded tests/fixtures/fake_openai_server.py instead, whose GIL turns and listen backlog of 5
+put a tail of their own on every side (p99 11x p50 straight to it). ``--vllm MODEL_DIR`` serves
+a model with the real vLLM CPU server (the flags of tests/integration/test_vllm.py; sequential
+only).
 
 ``--peer CMD`` (repeatable): a shell command that starts a proxy listening on ``{port}`` in
 front of ``{upstream}`` (the server's base URL, no ``/v1``), serving the model as
