@@ -405,6 +405,10 @@ def summary(sides: list[Side], clients: int) -> dict[str, Any]:
                 "p99_ms": pct(lat, 0.99),
             }
             conc["p99_over_p50"] = conc["p99_ms"] / conc["p50_ms"]
+            # Per round too: a burst of other programs on the cores lands in one round.
+            conc["p99_over_p50_rounds"] = [
+                pct(r.latencies_ms, 0.99) / statistics.median(r.latencies_ms) for r in s.conc
+            ]
             if s.pgid:
                 cpu = sum(r.cpu_s or 0.0 for r in s.conc)
                 conc["cpu_per_request_ms"] = cpu / n * 1e3
@@ -416,28 +420,33 @@ def summary(sides: list[Side], clients: int) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     sides = result["sides"]
-    print(f"  {'':<18} {'completion':>22}   {'streamed':>22}")
-    print(f"  {'':<18} {'p50':>7} {'p90':>7} {'+p50':>7}   {'p50':>7} {'p90':>7} {'+p50':>7}   cpu/req")
+    w = max(18, *(len(label) + 1 for label in sides))  # the labels' column
+    print(f"  {'':<{w}} {'completion':>22}   {'streamed':>22}")
+    print(f"  {'':<{w}} {'p50':>7} {'p90':>7} {'+p50':>7}   {'p50':>7} {'p90':>7} {'+p50':>7}   cpu/req")
     for label, e in sides.items():
         c, st = e["completion"], e["streamed"]
         cpu = e.get("sequential_cpu_per_request_ms")
         print(
-            f"  {label:<18} {c['p50_ms']:>7.2f} {c['p90_ms']:>7.2f} {c['overhead_p50_ms']:>+7.2f}   "
+            f"  {label:<{w}} {c['p50_ms']:>7.2f} {c['p90_ms']:>7.2f} {c['overhead_p50_ms']:>+7.2f}   "
             f"{st['p50_ms']:>7.2f} {st['p90_ms']:>7.2f} {st['overhead_p50_ms']:>+7.2f}   "
             + (f"{cpu:.2f} ms" if cpu is not None else "-")
         )
     if not any("concurrent" in e for e in sides.values()):
         return
     print(f"\n{result['clients']} concurrent clients, plain completions:\n")
-    print(f"  {'':<18} {'req/s':>8} {'p50':>7} {'p99':>7} {'p99/p50':>8} {'cpu/req':>9}   req/s per round")
+    print(
+        f"  {'':<{w}} {'req/s':>8} {'p50':>7} {'p99':>7} {'p99/p50':>8} {'cpu/req':>9}"
+        "   req/s per round   p99/p50 per round"
+    )
     for label, e in sides.items():
         c = e.get("concurrent")
         if c is None:
             continue
         cpu = c.get("cpu_per_request_ms")
         rounds = " ".join(f"{r:.0f}" for r in c["req_per_s_rounds"])
+        rounds += "   " + " ".join(f"{r:.1f}" for r in c["p99_over_p50_rounds"])
         print(
-            f"  {label:<18} {c['req_per_s']:>8.1f} {c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} "
+            f"  {label:<{w}} {c['req_per_s']:>8.1f} {c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} "
             f"{c['p99_over_p50']:>8.2f} "
             + (f"{cpu:>6.2f} ms" if cpu is not None else f"{'-':>9}")
             + f"   {rounds}"
