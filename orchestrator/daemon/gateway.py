@@ -165,9 +165,12 @@ async def _answer(answer: Connection, send: Send, *, streaming: bool) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": out})
     try:
         # What one read from the server brought goes on as one piece (chunks that came
-        # together are written together).
+        # together are written together); the last piece ends the body (no write of its own).
         while chunk := await answer.next_chunk():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            last = answer.ended
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            if last:
+                return
     except UPSTREAM_ERRORS as exc:
         err = {
             "error": {

@@ -283,6 +283,11 @@ class Connection(asyncio.Protocol):
                 return b""
             await self._wait()
 
+    @property
+    def ended(self) -> bool:
+        """The body has come to its end and every byte of it has been taken."""
+        return self.complete and not self._chunks
+
     async def read(self) -> bytes:
         """The whole body."""
         parts: list[bytes] = []

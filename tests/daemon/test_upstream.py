@@ -204,6 +204,7 @@ async def test_chunks_that_come_together_are_read_as_one_piece_and_the_connectio
             assert answer.status == 200
             assert (b"content-type", b"text/event-stream") in answer.headers  # names lower-case
             assert await answer.next_chunk() == b"".join(EVENTS)
+            assert answer.ended  # (the end came in the same read: the gateway ends the body with it)
             assert await answer.next_chunk() == b""
         assert await get(up) == b"{}"
         assert server.connections == 1
@@ -218,6 +219,7 @@ async def test_chunks_that_come_apart_are_read_as_they_come() -> None:
         up = Upstream(await serving(server, tg), size=1)
         async with up.request("/v1/completions", b"{}") as answer:
             assert await answer.next_chunk() == EVENTS[0]  # before the server sent the rest
+            assert not answer.ended
             later.set()
             assert await answer.next_chunk() == EVENTS[1]
             assert await answer.next_chunk() == b""
