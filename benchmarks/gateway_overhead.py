@@ -12,17 +12,22 @@ drift (other programs, CPU clocks) hits every side alike:
 
 - **sequential**: one request at a time, a plain completion and a streamed one (time to the
   last chunk); the median and p90 per side, after a warm-up. These are latencies.
-- **concurrent** (``--clients N``, default 16): N clients on keep-alive connections, each sending
-  its next request when its last one is answered; throughput (req/s), p50 and p99 latency, and
-  the proxy's CPU time per request, read from ``/proc/<pid>/stat`` (utime + stime, the proxy's
-  whole process group) before and after.
+- **concurrent** (``--clients N``, default 16): N clients on keep-alive connections (opened
+  before the clock starts), each sending its next request when its last one is answered;
+  throughput (req/s), p50 and p99 latency, and the proxy's CPU time per request, read before
+  and after from ``/proc`` for the proxy's whole process group (its threads' run time from
+  ``schedstat``, else utime + stime from ``stat``).
 
 The load generator is a few lines of asyncio over raw sockets (uvloop when installed), light
 enough that on a small machine the proxies, not the load, take the CPU.
 
-By default the server is tests/fixtures/fake_openai_server.py (it answers at once, so the
-overhead is not hidden under model time); ``--vllm MODEL_DIR`` serves a model with the real
-vLLM CPU server instead (the flags of tests/integration/test_vllm.py; sequential only).
+By default the server is benchmarks/fast_openai_server.py (the answers of the tests' fake
+OpenAI server from one asyncio protocol: it answers at once, so the overhead is not hidden under
+model time, and it is no tail of its own under load); ``--upstream threaded`` uses the tests'
+threaded tests/fixtures/fake_openai_server.py instead, whose GIL turns and listen backlog of 5
+put a tail of their own on every side (p99 11x p50 straight to it). ``--vllm MODEL_DIR`` serves
+a model with the real vLLM CPU server (the flags of tests/integration/test_vllm.py; sequential
+only).
 
 ``--peer CMD`` (repeatable): a shell command that starts a proxy listening on ``{port}`` in
 front of ``{upstream}`` (the server's base URL, no ``/v1``), serving the model as
@@ -123,11 +128,12 @@ def start_daemon(config_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, line.split(" on ")[1].split()[0]
 
 
-def start_fake_server() -> tuple[subprocess.Popen[bytes], str]:
+def start_fake_server(kind: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    server = [FAKE_SERVER] if kind == "threaded" else ["-m", "benchmarks.fast_openai_server"]
     proc = subprocess.Popen(
-        [sys.executable, FAKE_SERVER, "--port", str(port), "--model", SERVED_MODEL],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, *server, "--port", str(port), "--model", SERVED_MODEL],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, "the fake OpenAI server")
@@ -215,9 +221,30 @@ def shorten_cmd(cmd: str) -> str:
     return cmd if len(cmd) <= 60 else cmd[:57] + "..."
 
 
+SCHEDSTAT = Path("/proc/self/schedstat").exists()  # threads' run time in ns (most Linux kernels)
+
+
+def _run_time_s(pid: str) -> float:
+    """The CPU time so far of every live thread of process ``pid``
+    (``/proc/<pid>/task/<tid>/schedstat``, its first field: nanoseconds)."""
+    total_ns = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0  # (the process is gone)
+    for tid in tids:
+        try:
+            total_ns += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # (the thread is gone)
+    return total_ns / 1e9
+
+
 def group_cpu_s(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid``."""
-    total = 0
+    """CPU seconds of every live process in process group ``pgid``: its threads' run time
+    (``schedstat``, exact) where the kernel keeps it, else utime + stime from
+    ``/proc/<pid>/stat`` (clock ticks of 10 ms, coarse for a few fast requests)."""
+    total_s = 0.0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -227,8 +254,11 @@ def group_cpu_s(pgid: int) -> float:
             continue
         fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
         if int(fields[2]) == pgid:  # field 5: pgrp
-            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return total / CLOCK_TICKS
+            if SCHEDSTAT:
+                total_s += _run_time_s(entry)
+            else:
+                total_s += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14, 15: utime, stime
+    return total_s
 
 
 # -- the load generator -------------------------------------------------------------------------
@@ -286,18 +316,25 @@ class Run:
 
 
 async def load(target: tuple[str, int, bytes], clients: int, n: int) -> Run:
-    """``n`` requests from ``clients`` concurrent keep-alive connections."""
+    """``n`` requests from ``clients`` concurrent keep-alive connections, timed from when
+    every connection is open (a connection's setup is not a request's latency)."""
     host, port, raw = target
     run = Run()
     left = n
+    connected = 0
+    all_connected = asyncio.Event()
 
     async def client() -> None:
-        nonlocal left
+        nonlocal left, connected
         reader, writer = await asyncio.open_connection(host, port)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connected += 1
+        if connected == clients:
+            all_connected.set()
         try:
+            await all_connected.wait()
             while left > 0:
                 left -= 1
                 t0 = time.perf_counter()
@@ -309,9 +346,13 @@ async def load(target: tuple[str, int, bytes], clients: int, n: int) -> Run:
         finally:
             writer.close()
 
-    t0 = time.perf_counter()
+    async def clock() -> float:
+        await all_connected.wait()
+        return time.perf_counter()
+
+    started = asyncio.ensure_future(clock())
     await asyncio.gather(*(client() for _ in range(clients)))
-    run.wall_s = time.perf_counter() - t0
+    run.wall_s = time.perf_counter() - await started
     return run
 
 
@@ -388,6 +429,10 @@ def summary(sides: list[Side], clients: int) -> dict[str, Any]:
                 "p99_ms": pct(lat, 0.99),
             }
             conc["p99_over_p50"] = conc["p99_ms"] / conc["p50_ms"]
+            # Per round too: a burst of other programs on the cores lands in one round.
+            conc["p99_over_p50_rounds"] = [
+                pct(r.latencies_ms, 0.99) / statistics.median(r.latencies_ms) for r in s.conc
+            ]
             if s.pgid:
                 cpu = sum(r.cpu_s or 0.0 for r in s.conc)
                 conc["cpu_per_request_ms"] = cpu / n * 1e3
@@ -399,28 +444,33 @@ def summary(sides: list[Side], clients: int) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     sides = result["sides"]
-    print(f"  {'':<18} {'completion':>22}   {'streamed':>22}")
-    print(f"  {'':<18} {'p50':>7} {'p90':>7} {'+p50':>7}   {'p50':>7} {'p90':>7} {'+p50':>7}   cpu/req")
+    w = max(18, *(len(label) + 1 for label in sides))  # the labels' column
+    print(f"  {'':<{w}} {'completion':>22}   {'streamed':>22}")
+    print(f"  {'':<{w}} {'p50':>7} {'p90':>7} {'+p50':>7}   {'p50':>7} {'p90':>7} {'+p50':>7}   cpu/req")
     for label, e in sides.items():
         c, st = e["completion"], e["streamed"]
         cpu = e.get("sequential_cpu_per_request_ms")
         print(
-            f"  {label:<18} {c['p50_ms']:>7.2f} {c['p90_ms']:>7.2f} {c['overhead_p50_ms']:>+7.2f}   "
+            f"  {label:<{w}} {c['p50_ms']:>7.2f} {c['p90_ms']:>7.2f} {c['overhead_p50_ms']:>+7.2f}   "
             f"{st['p50_ms']:>7.2f} {st['p90_ms']:>7.2f} {st['overhead_p50_ms']:>+7.2f}   "
             + (f"{cpu:.2f} ms" if cpu is not None else "-")
         )
     if not any("concurrent" in e for e in sides.values()):
         return
     print(f"\n{result['clients']} concurrent clients, plain completions:\n")
-    print(f"  {'':<18} {'req/s':>8} {'p50':>7} {'p99':>7} {'p99/p50':>8} {'cpu/req':>9}   req/s per round")
+    print(
+        f"  {'':<{w}} {'req/s':>8} {'p50':>7} {'p99':>7} {'p99/p50':>8} {'cpu/req':>9}"
+        "   req/s per round   p99/p50 per round"
+    )
     for label, e in sides.items():
         c = e.get("concurrent")
         if c is None:
             continue
         cpu = c.get("cpu_per_request_ms")
         rounds = " ".join(f"{r:.0f}" for r in c["req_per_s_rounds"])
+        rounds += "   " + " ".join(f"{r:.1f}" for r in c["p99_over_p50_rounds"])
         print(
-            f"  {label:<18} {c['req_per_s']:>8.1f} {c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} "
+            f"  {label:<{w}} {c['req_per_s']:>8.1f} {c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} "
             f"{c['p99_over_p50']:>8.2f} "
             + (f"{cpu:>6.2f} ms" if cpu is not None else f"{'-':>9}")
             + f"   {rounds}"
@@ -436,7 +486,7 @@ def versions() -> str:
 
     return (
         f"python {platform.python_version()}, starlette {v('starlette')}, uvicorn {v('uvicorn')}, "
-        f"httpx {v('httpx')}, httpcore {v('httpcore')}, uvloop {v('uvloop')}, "
+        f"httpx {v('httpx')}, h11 {v('h11')}, uvloop {v('uvloop')}, "
         f"httptools {v('httptools')}; {os.cpu_count()} CPUs"
     )
 
@@ -450,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per measurement (default 4)")
     p.add_argument("--vllm", metavar="MODEL_DIR", help="serve this model with the real vLLM CPU server")
+    p.add_argument(
+        "--upstream",
+        choices=("fast", "threaded"),
+        default="fast",
+        help="the fake server: benchmarks/fast_openai_server.py (asyncio, default) or the tests' "
+        "threaded one (tests/fixtures/fake_openai_server.py)",
+    )
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--max-concurrent", type=int, default=64, help="the model's max_concurrent (default 64)")
     p.add_argument("--peer", action="append", default=[], metavar="CMD", help="another proxy (see above)")
@@ -471,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             upstream = None
             if args.vllm is None:
-                server, upstream = start_fake_server()
+                server, upstream = start_fake_server(args.upstream)
                 procs.append(server)
             path = Path(tmp) / "config.yaml"
             path.write_text(json.dumps(config(upstream, args.vllm, args.max_concurrent)))
@@ -496,7 +553,11 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(proc)
                 label = args.peer_label[i] if i < len(args.peer_label) else f"peer {i + 1}"
                 sides.append(Side(label, url, GATEWAY_MODEL, proc.pid))
-            server_name = "vLLM CPU (" + Path(args.vllm).name + ")" if args.vllm else "fake OpenAI server"
+            server_name = (
+                "vLLM CPU (" + Path(args.vllm).name + ")"
+                if args.vllm
+                else f"fake OpenAI server ({args.upstream})"
+            )
             print(f"gateway overhead, {server_name}; {versions()}; load generator on {loader}")
             print(
                 f"milliseconds per request; sequential: {args.requests} requests per side and kind, "

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
 
 import anyio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from orchestrator.daemon.errors import (
     ApiError,
@@ -102,33 +103,41 @@ class HeldResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         tracked = _Started(send)
+        held = anyio.CancelScope()
         disconnected = False
-        async with anyio.create_task_group() as tg:
 
-            async def watch_disconnect() -> None:
-                nonlocal disconnected
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        disconnected = True
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_disconnect)
-            if self.stop is not None:
-                self.stop.hold(tg.cancel_scope, self.grace_s)
+        async def watch_disconnect() -> None:
+            nonlocal disconnected
             try:
-                await self.work(tracked)
-            except Exception as exc:
-                err = api_error(exc)
-                if err.status >= 500 and not isinstance(exc, OrchestratorError | ApiError):
-                    logger.exception("request failed")
-                if not tracked.started:
-                    await send_error(send, err)
-            finally:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # the server's receive broke: the work goes on undisturbed
+                logger.exception("watching for the client's disconnect failed")
+                return
+            disconnected = True
+            held.cancel()
+
+        # The watcher is a bare asyncio task (the daemon runs on asyncio, as uvicorn does), not
+        # a task group's: a task group, its task and cancelling it at the end cost about 50 us
+        # per request, a good part of a proxied request's CPU.
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        try:
+            with held:
                 if self.stop is not None:
-                    self.stop.drop(tg.cancel_scope)
-                tg.cancel_scope.cancel()
+                    self.stop.hold(held, self.grace_s)
+                try:
+                    await self.work(tracked)
+                except Exception as exc:
+                    err = api_error(exc)
+                    if err.status >= 500 and not isinstance(exc, OrchestratorError | ApiError):
+                        logger.exception("request failed")
+                    if not tracked.started:
+                        await send_error(tracked, err)  # (tracked: answered, nothing more to send)
+                finally:
+                    if self.stop is not None:
+                        self.stop.drop(held)
+        finally:
+            watcher.cancel()
         if not disconnected and tracked.started and not tracked.finished:
             # Stopped mid-stream (the daemon is shutting down): end the body properly.
             await send({"type": "http.response.body", "body": b""})
@@ -138,37 +147,59 @@ class HeldResponse:
 
 async def read_body(request: Request, limit_bytes: int, timeout_s: float) -> bytes:
     """The raw body: at most ``limit_bytes`` (413), all of it within ``timeout_s`` (408)."""
-    declared = request.headers.get("content-length")
-    too_big = ApiError(
-        413,
-        f"the request body is larger than daemon.max_body_bytes ({limit_bytes} bytes); send less, "
-        "or raise daemon.max_body_bytes in the daemon's config",
-        "body_too_large",
-    )
+    return await read_asgi_body(request.scope, request.receive, limit_bytes, timeout_s)
+
+
+async def read_asgi_body(scope: Scope, receive: Receive, limit_bytes: int, timeout_s: float) -> bytes:
+    """``read_body`` straight from the ASGI messages (no ``Request`` needed)."""
+    declared = None
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            declared = v.decode("latin-1")
+
+    def too_big() -> ApiError:
+        return ApiError(
+            413,
+            f"the request body is larger than daemon.max_body_bytes ({limit_bytes} bytes); send less, "
+            "or raise daemon.max_body_bytes in the daemon's config",
+            "body_too_large",
+        )
+
     if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
-        raise too_big
+        raise too_big()
     chunks: list[bytes] = []
     n = 0
+    # The deadline is a timer that cancels the scope: a scope's own deadline costs about three
+    # times as much, and the body has nearly always come with the headers.
+    deadline = anyio.CancelScope()
+    timer = asyncio.get_running_loop().call_later(timeout_s, deadline.cancel)
     try:
-        with anyio.fail_after(timeout_s):
-            async for chunk in request.stream():
+        with deadline:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # http.disconnect
+                    raise ApiError(
+                        400, "the client went away before it sent the whole body", "client_disconnected"
+                    )
+                chunk = message.get("body", b"")
                 n += len(chunk)
                 if n > limit_bytes:
-                    raise too_big
-                chunks.append(chunk)
-    except TimeoutError:
+                    raise too_big()
+                if chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    finally:
+        timer.cancel()
+    if deadline.cancelled_caught:
         told = f" of the {declared} its Content-Length declared" if declared is not None else ""
         raise ApiError(
             408,
             f"the request body did not arrive within {timeout_s:g} s ({n} bytes came{told}); send the "
             "whole body at once",
             "body_timeout",
-        ) from None
-    except ClientDisconnect:
-        raise ApiError(
-            400, "the client went away before it sent the whole body", "client_disconnected"
-        ) from None
-    return b"".join(chunks)
+        )
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Auth:

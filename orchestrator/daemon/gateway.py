@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
-import httpcore
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from orchestrator.daemon.asgi import HeldResponse, read_body
+from orchestrator.daemon.asgi import HeldResponse, read_asgi_body, read_body
 from orchestrator.daemon.errors import ApiError, ASGIApp, Receive, Scope, Send, api_error, dumps, send_json
 from orchestrator.daemon.requests import (
     check_image_limits,
@@ -36,7 +36,7 @@ from orchestrator.daemon.requests import (
     parse_speech,
 )
 from orchestrator.daemon.state import Daemon
-from orchestrator.daemon.upstream import UPSTREAM_ERRORS, Upstream
+from orchestrator.daemon.upstream import UPSTREAM_ERRORS, Connection, Upstream
 from orchestrator.spec import ModelSpec
 
 
@@ -69,8 +69,18 @@ def _served_name(d: Daemon, s: ModelSpec) -> str | None:
 
 
 def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
-    async def handler(request: Request) -> HeldResponse:
-        raw = await read_body(request, d.spec.max_body_bytes, d.body_timeout_s)
+    """The completions route's handler (``path``), for Starlette's router."""
+    handler = _proxy(d, path)
+
+    async def routed(request: Request) -> HeldResponse:
+        return await handler(request.scope, request.receive)
+
+    return routed
+
+
+def _proxy(d: Daemon, path: str) -> Callable[[Scope, Receive], Awaitable[HeldResponse]]:
+    async def handler(scope: Scope, receive: Receive) -> HeldResponse:
+        raw = await read_asgi_body(scope, receive, d.spec.max_body_bytes, d.body_timeout_s)
         body = parse_json(raw)
         s = d.orch.resolve(model_of(body))
         served = _served_name(d, s)
@@ -87,7 +97,7 @@ def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
             upstream_body = raw  # as it came: nothing to change
         else:
             upstream_body = dumps({**body, "model": served, **changes})
-        opts = lease_options(request.headers, d.spec.request_timeout_s)
+        opts = lease_options(Headers(scope=scope), d.spec.request_timeout_s)
         streaming = bool(body.get("stream"))
 
         async def work(send: Send) -> None:
@@ -104,13 +114,13 @@ def proxy(d: Daemon, path: str) -> Callable[[Request], Awaitable[HeldResponse]]:
 
 def proxy_app(d: Daemon, path: str) -> ASGIApp:
     """``proxy(d, path)`` as a bare ASGI app, for the hot path: ``POST`` to a completions
-    route reaches it without the router and the middlewares (``app.FastRoutes``); its errors
-    get the JSON shape as through ``app.endpoint``."""
-    handler = proxy(d, path)
+    route reaches it without the router and the middlewares (``app.FastRoutes``), and without
+    a ``Request``; its errors get the JSON shape as through ``app.endpoint``."""
+    handler = _proxy(d, path)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            response: ASGIApp = await handler(Request(scope, receive))
+            response: ASGIApp = await handler(scope, receive)
         except Exception as exc:
             response = api_error(exc).response()
         await response(scope, receive, send)
@@ -124,44 +134,43 @@ def _upstream_failed(what: str, exc: Exception, hint: str = "retry") -> ApiError
 
 def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
     for k, v in headers:
-        if k.lower() == b"content-type":
+        if k == b"content-type":
             return v
     return b"application/json"
 
 
 async def forward(up: Upstream, path: str, body: bytes, send: Send, *, streaming: bool) -> None:
     """Proxy one request to the model's server and its answer (streamed as it comes) back."""
-    headers = [
-        (b"host", up.host_header),
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    request = httpcore.Request(b"POST", up.url(path), headers=headers, content=body)
     try:
-        async with up.request(request) as upstream:
-            await _answer(upstream, send, streaming=streaming)
+        async with up.request(path, body) as answer:
+            await _answer(answer, send, streaming=streaming)
     except UPSTREAM_ERRORS as exc:  # raised while the request was sent, before any answer
         raise _upstream_failed(
             "failed the request", exc, "retry: the next request restarts it if it crashed"
         ) from None
 
 
-async def _answer(upstream: httpcore.Response, send: Send, *, streaming: bool) -> None:
-    content_type = _content_type(upstream.headers)
-    if not streaming or upstream.status != 200:
+async def _answer(answer: Connection, send: Send, *, streaming: bool) -> None:
+    content_type = _content_type(answer.headers)
+    if not streaming or answer.status != 200:
         try:
-            data = await upstream.aread()
+            data = await answer.read()
         except UPSTREAM_ERRORS as exc:
             raise _upstream_failed("broke off its answer", exc) from None
-        out = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
-        await send({"type": "http.response.start", "status": upstream.status, "headers": out})
-        await send({"type": "http.response.body", "body": data})
+        out = [(b"content-type", content_type), (b"content-length", b"%d" % len(data))]
+        await send({"type": "http.response.start", "status": answer.status, "headers": out})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
         return
     out = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
     await send({"type": "http.response.start", "status": 200, "headers": out})
     try:
-        async for chunk in upstream.aiter_stream():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # What one read from the server brought goes on as one piece (chunks that came
+        # together are written together); the last piece ends the body (no write of its own).
+        while chunk := await answer.next_chunk():
+            last = answer.ended
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            if last:
+                return
     except UPSTREAM_ERRORS as exc:
         err = {
             "error": {
@@ -172,7 +181,7 @@ async def _answer(upstream: httpcore.Response, send: Send, *, streaming: bool) -
         }
         chunk = f"data: {json.dumps(err)}\n\n".encode()
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # -- images and speech -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import ipaddress
 import logging
 import math
@@ -207,6 +208,10 @@ async def serve(
                 async def announce() -> None:
                     while not server.server.started:  # noqa: ASYNC110 - uvicorn offers no event for it
                         await anyio.sleep(0.01)
+                    # What the start made (modules, the app, the orchestrator) lives as long as
+                    # the daemon: out of the collector's sight, a full collection under load
+                    # takes ~15 ms instead of ~100 ms (66 000 objects), a proxied request's tail.
+                    gc.freeze()
                     shown = f"[{host}]" if ":" in host else host
                     if on_ready is not None:
                         on_ready(f"http://{shown}:{server.bound_port()}")

@@ -52,6 +52,7 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "4 concurrent clients" in proc.stdout
+    assert "fake OpenAI server (fast)" in proc.stdout  # the asyncio upstream, by default
     result: dict[str, Any] = json.loads(out.read_text())
     assert result["clients"] == 4
     sides = result["sides"]
@@ -63,6 +64,7 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
         conc = side["concurrent"]
         assert conc["requests"] == 48, label
         assert conc["req_per_s"] > 0 and len(conc["req_per_s_rounds"]) == 2
+        assert len(conc["p99_over_p50_rounds"]) == 2 and min(conc["p99_over_p50_rounds"]) >= 1
         assert 0 < conc["p50_ms"] <= conc["p99_ms"]
         if label == "direct":
             assert "cpu_per_request_ms" not in conc
