@@ -12,7 +12,7 @@ from orchestrator.config import Config
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.events import Event
 from orchestrator.runtime import Orchestrator
-from orchestrator.testing import InvariantViolation, OrchestratorMachine, scaled
+from orchestrator.testing import InvariantViolation, OrchestratorMachine, left_on, scaled
 from states.machine import State, active_state
 from states.units import format_gib
 
@@ -45,10 +45,7 @@ class CardsMachine(OrchestratorMachine):
         if not hasattr(self, "portal"):
             return
         super().teardown()  # clients end, the orchestrator shuts down, the first card is checked
-        left = {
-            g: {o: n for o, n in d.holders().items() if not o.startswith("foreign:")}
-            for g, d in self.devices.items()
-        }
+        left = {g: left_on(d, 2 * self.cfg.unload_timeout_s) for g, d in self.devices.items()}
         left = {g: h for g, h in left.items() if h}
         if left:
             raise InvariantViolation(f"memory left on the cards after shutdown: {left}")
