@@ -108,6 +108,8 @@ def timed_load(backend: Any) -> dict[str, float]:
 
 
 def raw_read(path: Path, chunk: int) -> float:
+    """The file read into one new buffer, ``chunk`` bytes at a time by the cache's reader
+    threads: the bytes copied out of the page cache."""
     import torch
 
     from orchestrator.backends.diskread import READ_THREADS, read_into
@@ -117,6 +119,19 @@ def raw_read(path: Path, chunk: int) -> float:
     read_into(path, buf, chunk_bytes=chunk, threads=READ_THREADS)
     took = time.perf_counter() - t0
     del buf
+    gc.collect()
+    return took
+
+
+def raw_map(path: Path, chunk: int) -> float:
+    """The file mapped and every page brought in, ``chunk`` bytes at a time by the cache's
+    reader threads, nothing checked: the page cache's own pages, nothing copied."""
+    from orchestrator.backends.diskread import READ_THREADS, map_file
+
+    t0 = time.perf_counter()
+    pages = map_file(path, path.stat().st_size, chunk_bytes=chunk, threads=READ_THREADS)
+    took = time.perf_counter() - t0
+    del pages
     gc.collect()
     return took
 
@@ -159,7 +174,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         drop_page_cache(folder)
         drop_page_cache(cache_dir)
 
-    ways = ("source", "packed", "packed_read", "packed_noverify", "raw")
+    ways = ("source", "packed", "packed_read", "packed_noverify", "raw", "raw_map", "ceiling")
     rows: dict[str, dict[str, list[float]]] = {w: {"cold": [], "warm": []} for w in ways}
     # Each way cold (its files' pages dropped) and at once warm (read again), one after the other.
     for _ in range(repeats):
@@ -194,7 +209,15 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
                 drop()
             r = raw_read(data, chunk)
             rows["raw"][temp].append(r)
-            print(f"  raw {temp}: {r:.2f} s", flush=True)
+            print(f"  raw read {temp}: {r:.2f} s", flush=True)
+        for temp in ("cold", "warm"):
+            if temp == "cold":
+                drop()
+            r = raw_map(data, chunk)
+            rows["raw_map"][temp].append(r)
+            print(f"  raw map {temp}: {r:.2f} s", flush=True)
+        for temp in ("cold", "warm"):  # the storage's ceiling: the faster raw way, this round
+            rows["ceiling"][temp].append(min(rows["raw"][temp][-1], rows["raw_map"][temp][-1]))
 
     med = {w: {k: statistics.median(v) for k, v in temps.items()} for w, temps in rows.items()}
 
@@ -211,35 +234,40 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "seconds": rows,
         "median_s": med,
+        "ceiling": "per round, the faster of the raw read and the raw map",
         "ratios": {
             temp: {
-                "packed_over_raw_bandwidth": med["raw"][temp] / med["packed"][temp],
-                "packed_read_over_raw_bandwidth": med["raw"][temp] / med["packed_read"][temp],
-                "packed_noverify_over_raw_bandwidth": med["raw"][temp] / med["packed_noverify"][temp],
+                "packed_over_raw_bandwidth": med["ceiling"][temp] / med["packed"][temp],
+                "packed_read_over_raw_bandwidth": med["ceiling"][temp] / med["packed_read"][temp],
+                "packed_noverify_over_raw_bandwidth": med["ceiling"][temp] / med["packed_noverify"][temp],
                 "speedup_over_source": med["source"][temp] / med["packed"][temp],
+                "source_over_raw_bandwidth": med["ceiling"][temp] / med["source"][temp],
             }
             for temp in ("cold", "warm")
         },
     }
     print()
-    print(f"{'load':<10} {'cold s':>8} {'GB/s':>7} {'warm s':>8} {'GB/s':>7}")
+    print(f"{'load':<12} {'cold s':>8} {'GB/s':>7} {'warm s':>8} {'GB/s':>7}")
     labels = (
         ("source", "source"),
         ("packed", "packed"),
         ("packed_read", "  its read"),
         ("packed_noverify", "no check"),
         ("raw", "raw read"),
+        ("raw_map", "raw map"),
+        ("ceiling", "ceiling"),
     )
     for w, label in labels:
         c, h = med[w]["cold"], med[w]["warm"]
-        print(f"{label:<10} {c:8.3f} {gbps(c):7.2f} {h:8.3f} {gbps(h):7.2f}")
+        print(f"{label:<12} {c:8.3f} {gbps(c):7.2f} {h:8.3f} {gbps(h):7.2f}")
     for temp in ("cold", "warm"):
         r = report["ratios"][temp]
         print(
-            f"{temp}: packed load at {r['packed_over_raw_bandwidth']:.0%} of the raw read's bandwidth "
+            f"{temp}: packed load at {r['packed_over_raw_bandwidth']:.0%} of the ceiling's bandwidth "
             f"(its read alone {r['packed_read_over_raw_bandwidth']:.0%}; without the checksum "
             f"{r['packed_noverify_over_raw_bandwidth']:.0%}), "
-            f"{r['speedup_over_source']:.1f}x faster than the source"
+            f"{r['speedup_over_source']:.1f}x faster than the source "
+            f"(itself at {r['source_over_raw_bandwidth']:.0%} of the ceiling)"
         )
     cold = report["ratios"]["cold"]
     report["goals"] = {
@@ -247,10 +275,15 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         "packed_cold_3x_source": cold["speedup_over_source"] >= SPEEDUP_GOAL,
     }
     print(
-        f"goals (cold): packed >= {PACKED_OVER_RAW_GOAL:.0%} of raw: "
+        f"goals (cold): packed >= {PACKED_OVER_RAW_GOAL:.0%} of the ceiling: "
         f"{'met' if report['goals']['packed_cold_at_80pct_of_raw'] else 'NOT met'}; "
         f">= {SPEEDUP_GOAL:g}x the source: {'met' if report['goals']['packed_cold_3x_source'] else 'NOT met'}"
     )
+    if cold["source_over_raw_bandwidth"] * SPEEDUP_GOAL > 1:
+        print(
+            f"  (the source's cold load is at {cold['source_over_raw_bandwidth']:.0%} of the ceiling: "
+            f"no load of these bytes from this storage can be {SPEEDUP_GOAL:g}x faster than it)"
+        )
     return report
 
 
