@@ -107,6 +107,35 @@ def timed_load(backend: Any) -> dict[str, float]:
     return result
 
 
+def resident_bytes(folder: Path) -> int:
+    """How much of the folder's files is in the page cache (``mincore`` of a mapping of each;
+    0 where it cannot be asked): a cold load's check that the drop worked."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return 0
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    total = 0
+    for path in folder.rglob("*"):
+        size = path.stat().st_size if path.is_file() else 0
+        if size == 0:
+            continue
+        vec = np.zeros((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE, dtype=np.uint8)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+            pages = np.frombuffer(m, dtype=np.uint8)
+            rc = mincore(ctypes.c_void_p(pages.ctypes.data), size, ctypes.c_void_p(vec.ctypes.data))
+            del pages  # the mapping closes only without exports
+        if rc != 0:
+            return 0
+        total += int((vec & 1).sum()) * mmap.PAGESIZE
+    return total
+
+
 def raw_read(path: Path, chunk: int) -> float:
     """The file read into one new buffer, ``chunk`` bytes at a time by the cache's reader
     threads: the bytes copied out of the page cache."""
@@ -173,6 +202,12 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
     def drop() -> None:
         drop_page_cache(folder)
         drop_page_cache(cache_dir)
+        left = resident_bytes(folder) + resident_bytes(cache_dir)
+        still_resident.append(left)
+        if left > 0.05 * nbytes:  # a page still mapped somewhere cannot be dropped
+            print(f"  (cold? {left / GIB:.2f} GiB of the files are still in the page cache)", flush=True)
+
+    still_resident: list[int] = []
 
     ways = ("source", "packed", "packed_read", "packed_noverify", "raw", "raw_map", "ceiling")
     rows: dict[str, dict[str, list[float]]] = {w: {"cold": [], "warm": []} for w in ways}
@@ -231,6 +266,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         "verify": verify,
         "repeats": repeats,
         "page_cache": "fsync + posix_fadvise(POSIX_FADV_DONTNEED) on the folder's and the cache's files",
+        "resident_after_drop_bytes": still_resident,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "seconds": rows,
         "median_s": med,
@@ -247,7 +283,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         },
     }
     print()
-    print(f"{'load':<12} {'cold s':>8} {'GB/s':>7} {'warm s':>8} {'GB/s':>7}")
+    print(f"{'load':<12} {'cold s':>8} {'GB/s':>7} {'warm s':>8} {'GB/s':>7}   cold runs, s")
     labels = (
         ("source", "source"),
         ("packed", "packed"),
@@ -259,7 +295,8 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
     )
     for w, label in labels:
         c, h = med[w]["cold"], med[w]["warm"]
-        print(f"{label:<12} {c:8.3f} {gbps(c):7.2f} {h:8.3f} {gbps(h):7.2f}")
+        runs = " ".join(f"{x:.2f}" for x in rows[w]["cold"])
+        print(f"{label:<12} {c:8.3f} {gbps(c):7.2f} {h:8.3f} {gbps(h):7.2f}   {runs}")
     for temp in ("cold", "warm"):
         r = report["ratios"][temp]
         print(
