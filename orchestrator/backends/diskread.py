@@ -1,7 +1,9 @@
-"""Reading a packed cache entry's data file at the storage's speed: large chunks read by
-several threads straight into the (pinned) host buffer, each chunk's checksum checked, and on
-a GPU each chunk copied to the device as soon as it arrives (``orchestrator.backends.
-diskcache`` decides what to read where)."""
+"""Reading a packed cache entry's data file at the storage's speed, in large chunks by several
+threads, each chunk's checksum checked as soon as it is in: on a GPU straight into the
+(pinned) host buffer, each chunk copied to the device as soon as it arrives; on the CPU
+without a host tier as a private mapping of the file whose pages are brought in and kept as
+they are (``MappedRead``: nothing copied). ``orchestrator.backends.diskcache`` decides what
+to read where."""
 
 from __future__ import annotations
 
