@@ -233,48 +233,54 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         *("source_read_once", "packed_read_once", "packed_noverify_read_once"),
     )
     rows: dict[str, dict[str, list[float]]] = {w: {"cold": [], "warm": []} for w in ways}
-    # Each way cold (its files' pages dropped) and at once warm (read again), one after the other.
-    for _ in range(repeats):
-        for temp in ("cold", "warm"):
-            if temp == "cold":
-                drop()
-            t = timed_load(source)
-            assert source.last_load_from == "source"
-            rows["source"][temp].append(t["in_memory_s"])
-            rows["source_read_once"][temp].append(t["read_once_s"])
-            print(
-                f"  source {temp}: {t['in_memory_s']:.2f} s in memory "
-                f"(from_pretrained returned after {t['wall_s']:.2f} s)",
-                flush=True,
-            )
-        for way in ("packed", "packed_noverify"):
+
+    def one_source(temp: str) -> None:
+        t = timed_load(source)
+        assert source.last_load_from == "source"
+        rows["source"][temp].append(t["in_memory_s"])
+        rows["source_read_once"][temp].append(t["read_once_s"])
+        print(
+            f"  source {temp}: {t['in_memory_s']:.2f} s in memory "
+            f"(from_pretrained returned after {t['wall_s']:.2f} s)",
+            flush=True,
+        )
+
+    def one_packed(way: str, temp: str) -> None:
+        b = backend_for(texts[way], scratch)
+        t = timed_load(b)
+        assert b.last_load_from == "cache", b.last_load_from
+        rows[way][temp].append(t["in_memory_s"])
+        rows[f"{way}_read_once"][temp].append(t["read_once_s"])
+        if way == "packed":
+            rows["packed_read"][temp].append(t["read_s"])
+        print(
+            f"  {way} {temp}: {t['in_memory_s']:.2f} s in memory "
+            f"(skeleton {t['build_s']:.2f} s, read {t['read_s']:.2f} s)",
+            flush=True,
+        )
+
+    def one_raw(way: str, temp: str) -> None:
+        r = (raw_read if way == "raw" else raw_map)(data, chunk)
+        rows[way][temp].append(r)
+        print(f"  {'raw read' if way == 'raw' else 'raw map'} {temp}: {r:.2f} s", flush=True)
+
+    runs = {
+        "source": one_source,
+        "packed": lambda temp: one_packed("packed", temp),
+        "packed_noverify": lambda temp: one_packed("packed_noverify", temp),
+        "raw": lambda temp: one_raw("raw", temp),
+        "raw_map": lambda temp: one_raw("raw_map", temp),
+    }
+    order = list(runs)
+    # Each way cold (its files' pages dropped) and at once warm (read again), one after the
+    # other; each round starts one way later, so no way always follows the same one (on a VM
+    # a cold read after a large allocation was freed ran 2-3x slower than after a warm load).
+    for round_ in range(repeats):
+        for way in order[round_ % len(order) :] + order[: round_ % len(order)]:
             for temp in ("cold", "warm"):
                 if temp == "cold":
                     drop()
-                b = backend_for(texts[way], scratch)
-                t = timed_load(b)
-                assert b.last_load_from == "cache", b.last_load_from
-                rows[way][temp].append(t["in_memory_s"])
-                rows[f"{way}_read_once"][temp].append(t["read_once_s"])
-                if way == "packed":
-                    rows["packed_read"][temp].append(t["read_s"])
-                print(
-                    f"  {way} {temp}: {t['in_memory_s']:.2f} s in memory "
-                    f"(skeleton {t['build_s']:.2f} s, read {t['read_s']:.2f} s)",
-                    flush=True,
-                )
-        for temp in ("cold", "warm"):
-            if temp == "cold":
-                drop()
-            r = raw_read(data, chunk)
-            rows["raw"][temp].append(r)
-            print(f"  raw read {temp}: {r:.2f} s", flush=True)
-        for temp in ("cold", "warm"):
-            if temp == "cold":
-                drop()
-            r = raw_map(data, chunk)
-            rows["raw_map"][temp].append(r)
-            print(f"  raw map {temp}: {r:.2f} s", flush=True)
+                runs[way](temp)
         for temp in ("cold", "warm"):  # the storage's ceiling: the faster raw way, this round
             rows["ceiling"][temp].append(min(rows["raw"][temp][-1], rows["raw_map"][temp][-1]))
 
