@@ -273,8 +273,9 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
     }
     order = list(runs)
     # Each way cold (its files' pages dropped) and at once warm (read again), one after the
-    # other; each round starts one way later, so no way always follows the same one (on a VM
-    # a cold read after a large allocation was freed ran 2-3x slower than after a warm load).
+    # other; each round starts one way later, so no way always follows the same one (on a busy
+    # VM, cold cache loads right after a warm from_pretrained ran 3-5x slower than the same
+    # loads after another cache load).
     for round_ in range(repeats):
         for way in order[round_ % len(order) :] + order[: round_ % len(order)]:
             for temp in ("cold", "warm"):
