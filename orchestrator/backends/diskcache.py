@@ -5,11 +5,15 @@ original source. After a model's first load from its source (``from_pretrained``
 construction, many small reads, dtype conversions, a LoRA fused in), its weights are written
 once, in the layout ``PackedWeights`` keeps in host RAM, to a cache folder. A later cold load
 builds the modules without initialising their weights (accelerate's ``init_empty_weights``:
-parameters on the meta device), reads the one data file in large chunks with several threads
-straight into the buffer the weights will live in, and points every tensor at a view of it.
-On a GPU each chunk is copied to the device as soon as it has arrived, on a side stream, so
-the disk read and the host-to-device copy overlap (ServerlessLLM, OSDI 2024, showed this
-layout loads several times faster than safetensors and reaches the storage's bandwidth).
+parameters on the meta device) and brings the one data file in with several threads, in large
+chunks, while the skeleton is being built (``prefetch``). On a GPU the file is read straight
+into the pinned buffer the weights will live in (or a small pinned staging ring), each chunk
+copied to the device as soon as it has arrived, on a side stream, so the disk read and the
+host-to-device copy overlap (ServerlessLLM, OSDI 2024, showed this layout loads several times
+faster than safetensors and reaches the storage's bandwidth). On the CPU without a host tier
+the weights are the data file's own pages: a private mapping, populated chunk by chunk
+(``diskread.MappedRead``), nothing copied, as ``from_pretrained`` maps safetensors. Every
+tensor then becomes a view of that one buffer.
 
 One entry per model and recipe (``<cache>/<model>-<hash of the recipe>/``):
 
@@ -29,9 +33,10 @@ that finds the entry freshly written by another while it was loading leaves it).
 the index unreadable, the data file missing or of the wrong size, or a tensor layout that is
 not the model's, falls back to the source with one warning. Bit flips inside the data file
 are caught by the per-chunk checksum the index keeps (the chunk's 64-bit words summed modulo
-2**64: any single changed word changes it; torch sums SDXL's 6.46 GiB in 0.7 s with 4 threads
-on a busy 2-core machine, where zlib's CRC32 ran at 1.2-3.8 GB/s on one thread), when
-``cache.verify`` is on (the default).
+2**64: any single changed word changes it; numpy sums at 20 GB/s and more on one core, where
+zlib's CRC32 ran at 1.2-3.8 GB/s and BLAKE2b near 1 GB/s on the same machine), when
+``cache.verify`` is on (the default): each chunk is checked by the thread that read it, as soon
+as it is in, while the other threads wait on the disk.
 
 The cache has its own size budget (``cache.budget_gb``): after a write, the least recently
 used entries (by the last load from them) are removed until the cache fits.
@@ -49,20 +54,19 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.backends.diskread import (
+    CAN_MAP,
     CHUNK_BYTES,
-    MAP_POPULATE,
     CacheCorrupt,
+    MappedRead,
     _read_to_device,
     _stream_to_device,
     checksum,
-    map_file,
     read_into,
-    verify,
 )
 from orchestrator.backends.packed import ALIGN_BYTES, PackedWeights, SlotRecord
 
@@ -221,6 +225,8 @@ class CacheEntry:
     model: str
     recipe: dict[str, Any]
     sources: tuple[Path, ...]
+    #: the read ``prefetch`` started and the index it read (``load`` takes it over)
+    _pending: tuple[dict[str, Any], MappedRead] | None = field(default=None, repr=False, compare=False)
 
     @property
     def folder(self) -> Path:
@@ -272,6 +278,43 @@ class CacheEntry:
 
     # -- reading -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _maps(device: Any, keep_host: bool) -> bool:
+        """Whether a load to ``device`` maps the data file (the CPU, no host tier, POSIX)."""
+        import torch
+
+        return torch.device(device).type == "cpu" and not keep_host and CAN_MAP
+
+    def prefetch(self, device: Any, *, keep_host: bool) -> bool:
+        """Start bringing the data file in now, in the background, while the caller builds
+        the modules' skeleton (0.4-1 s for SDXL): the next ``load`` takes the read over.
+        Only where the load maps the file (the CPU without a host tier), which allocates
+        nothing but the page cache: elsewhere, and for an entry that cannot be read (``load``
+        then says why), nothing happens. True when a read was started."""
+        self.cancel_prefetch()
+        if not self._maps(device, keep_host):
+            return False
+        try:
+            index = self._index()
+            self._pending = (index, self._mapped_read(index))
+        except (CacheCorrupt, OSError):
+            return False
+        return True
+
+    def cancel_prefetch(self) -> None:
+        """Stop a read ``prefetch`` started that no ``load`` took over."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].cancel()
+
+    def _mapped_read(self, index: Mapping[str, Any]) -> MappedRead:
+        return MappedRead(
+            self.folder / str(index["data"]),
+            int(index["data_bytes"]),
+            chunk_bytes=int(index["chunk_bytes"]),
+            sums=[int(c) for c in index["sum64"]] if self.cache.verify else None,
+        )
+
     def load(
         self,
         modules: Mapping[str, Any],
@@ -291,39 +334,46 @@ class CacheEntry:
         import torch
 
         t0 = time.perf_counter()
-        index = self._index()
-        total = int(index["data_bytes"])
-        layout = self._layout(index)
         device = torch.device(device)
-        sums = [int(c) for c in index["sum64"]] if self.cache.verify else None
-        chunk = int(index["chunk_bytes"])
-        path = self.folder / str(index["data"])
-        timings: dict[str, float] = {}
-        if check is not None:
-            check(total)
-        if device.type == "cuda":
-            packed = PackedWeights.for_layout(modules, layout, total, pin=pin, host=keep_host)
-            buf = torch.empty(total, dtype=torch.uint8, device=device)
-            if keep_host:  # read into the pinned host copy, each chunk copied on as it arrives
-                _read_to_device(path, packed.host, buf, chunk, sums)
-            else:  # through a small pinned staging ring: no host copy to pin
-                _stream_to_device(path, buf, chunk, sums)
-            packed.adopt_device_buffer(buf, device)
-        elif not keep_host and MAP_POPULATE:
-            # On the CPU without a host tier: a private mapping of the file, populated by the
-            # kernel in one call (its readahead, no reader threads). Writable, so the kernel
-            # gives each page its own copy while populating (the weights stay writable, as
-            # any tensor); the checksums are then checked in threads.
-            packed = PackedWeights.for_layout(modules, layout, total, pin=False, host=False)
-            mapped = map_file(path)
-            if sums is not None:
-                verify(mapped, chunk, sums)
-            packed.adopt_device_buffer(mapped, device)
-        else:
-            # The host tier on the CPU stand-in: read into its own buffer, then copied once.
-            packed = PackedWeights.for_layout(modules, layout, total, pin=False, host=True)
-            read_into(path, packed.host, chunk_bytes=chunk, sums=sums)
-        timings["read_s"] = time.perf_counter() - t0
+        maps = self._maps(device, keep_host)
+        pending, self._pending = self._pending, None
+        try:
+            index = pending[0] if pending is not None and maps else self._index()
+            total = int(index["data_bytes"])
+            layout = self._layout(index)
+            sums = [int(c) for c in index["sum64"]] if self.cache.verify else None
+            chunk = int(index["chunk_bytes"])
+            path = self.folder / str(index["data"])
+            timings: dict[str, float] = {}
+            if check is not None:
+                check(total)
+            if maps:
+                # On the CPU without a host tier: the weights are the data file's own pages,
+                # in a private mapping (no copy into fresh memory, as from_pretrained's
+                # safetensors map), brought in and checked chunk by chunk in threads (since
+                # ``prefetch``, while the skeleton was built, or from now).
+                packed = PackedWeights.for_layout(modules, layout, total, pin=False, host=False)
+                read = pending[1] if pending is not None else self._mapped_read(index)
+                packed.adopt_device_buffer(read.result(), device)
+                timings["read_s"] = read.read_s
+                timings["read_wait_s"] = time.perf_counter() - t0
+            elif device.type == "cuda":
+                packed = PackedWeights.for_layout(modules, layout, total, pin=pin, host=keep_host)
+                buf = torch.empty(total, dtype=torch.uint8, device=device)
+                if keep_host:  # read into the pinned host copy, each chunk copied on as it arrives
+                    _read_to_device(path, packed.host, buf, chunk, sums)
+                else:  # through a small pinned staging ring: no host copy to pin
+                    _stream_to_device(path, buf, chunk, sums)
+                packed.adopt_device_buffer(buf, device)
+                timings["read_s"] = time.perf_counter() - t0
+            else:
+                # The host tier on the CPU stand-in: read into its own buffer, then copied once.
+                packed = PackedWeights.for_layout(modules, layout, total, pin=False, host=True)
+                read_into(path, packed.host, chunk_bytes=chunk, sums=sums)
+                timings["read_s"] = time.perf_counter() - t0
+        finally:
+            if pending is not None:  # stops a read no branch took over (after result(): a no-op)
+                pending[1].cancel()
         packed.point()
         if device.type != "cuda" and keep_host:
             timings["copy_s"] = packed.to_device(device)
@@ -352,6 +402,7 @@ class CacheEntry:
         """
         if packed.host is None:
             raise ValueError("only weights with a host copy can be written to the disk cache")
+        self.cancel_prefetch()  # a read of the data file this write replaces
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / LOCK_NAME, "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)

@@ -1,14 +1,20 @@
-"""Reading a packed cache entry's data file at the storage's speed: large chunks read by
-several threads straight into the (pinned) host buffer, each chunk's checksum checked, and on
-a GPU each chunk copied to the device as soon as it arrives (``orchestrator.backends.
-diskcache`` decides what to read where)."""
+"""Reading a packed cache entry's data file at the storage's speed, in large chunks by several
+threads, each chunk's checksum checked as soon as it is in: on a GPU straight into the
+(pinned) host buffer, each chunk copied to the device as soon as it arrives; on the CPU
+without a host tier as a private mapping of the file whose pages are brought in and kept as
+they are (``MappedRead``: nothing copied). ``orchestrator.backends.diskcache`` decides what
+to read where."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import mmap
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,12 +38,17 @@ def _pread_full(fd: int, out: memoryview, offset: int) -> None:
 
 
 def checksum(view: memoryview) -> int:
-    """The bytes' 64-bit little-endian words summed modulo 2**64 (its length a multiple of 8)."""
-    import torch
+    """The bytes' 64-bit little-endian words summed modulo 2**64 (its length a multiple of 8).
+
+    numpy's sum: one thread, no thread pool of its own (torch's OpenMP teams, one per calling
+    thread, oversubscribe the cores when several reader threads check at once), and the GIL
+    released while it runs.
+    """
+    import numpy as np
 
     if not len(view):
         return 0
-    return int(torch.frombuffer(view, dtype=torch.int64).sum(dtype=torch.int64)) % (1 << 64)
+    return int(np.frombuffer(view, dtype="<u8").sum(dtype=np.uint64))
 
 
 def _check(view: memoryview, sums: Sequence[int] | None, i: int) -> None:
@@ -86,32 +97,169 @@ def read_into(
         os.close(fd)
 
 
-MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
+CAN_MAP = hasattr(mmap, "MAP_PRIVATE")  # POSIX: the CPU's mapped load; elsewhere read_into
+# Linux 5.14+: fault the range's pages in for reading (no copy-on-write copy); the number is
+# the kernel's (uapi/asm-generic/mman-common.h), which Python 3.11's mmap does not export yet.
+MADV_POPULATE_READ: int | None = getattr(
+    mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None
+)
+_populate_read = MADV_POPULATE_READ  # None once the kernel said it has no such advice
+PAGE_BYTES = mmap.PAGESIZE
 
 
-def map_file(path: Path) -> Any:
-    """The file as a writable uint8 tensor over a private (copy-on-write) mapping of it, its
-    pages read in by the kernel before this returns (``MAP_POPULATE``)."""
-    import torch
-
-    fd = os.open(path, os.O_RDONLY)
+def _find_madvise() -> Any:
+    """libc's ``madvise`` through ctypes, which lets go of the GIL while it runs (the mmap
+    object's own ``madvise`` holds it: a populate of 1 GiB stopped every other thread of the
+    process for 0.5 s, the skeleton's construction and the other readers with it)."""
     try:
-        mapping = mmap.mmap(
-            fd, 0, flags=mmap.MAP_PRIVATE | MAP_POPULATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
-    finally:
-        os.close(fd)
-    return torch.frombuffer(mapping, dtype=torch.uint8)  # the tensor keeps the mapping alive
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - not a POSIX libc
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
 
 
-def verify(data: Any, chunk: int, sums: Sequence[int], threads: int = READ_THREADS) -> None:
-    """Check every chunk of the uint8 tensor ``data`` against its checksum, in threads."""
-    view = memoryview(data.numpy())
-    starts = range(0, len(view), chunk)
-    if len(starts) != len(sums):
-        raise CacheCorrupt(f"its data file has {len(starts)} chunks, the index {len(sums)} checksums")
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-verify") as pool:
-        list(pool.map(lambda i: _check(view[starts[i] : starts[i] + chunk], sums, i), range(len(starts))))
+_madvise = _find_madvise() if CAN_MAP else None
+
+
+def _touch(view: memoryview) -> None:
+    """Read one byte of every page of ``view``."""
+    import numpy as np
+
+    np.frombuffer(view, dtype=np.uint8)[::PAGE_BYTES].sum()
+
+
+def _populate(mapping: mmap.mmap, base: int, view: memoryview, off: int) -> None:
+    """Bring the pages of ``view`` (``mapping`` from ``off``; the mapping starts at address
+    ``base``) in and map them, read-only until written (the page cache's own pages: nothing
+    is copied). ``MADV_POPULATE_READ`` where the kernel has it; else ``MADV_WILLNEED`` (the
+    kernel's readahead) and a read of every page."""
+    global _populate_read
+    option = _populate_read
+    if option is not None:
+        if _madvise is not None:
+            failed = _madvise(base + off, len(view), option) != 0
+            err = ctypes.get_errno() if failed else 0
+        else:  # pragma: no cover - no ctypes libc: the mmap object's own (holds the GIL)
+            try:
+                mapping.madvise(option, off, len(view))
+                failed, err = False, 0
+            except OSError as exc:
+                failed, err = True, exc.errno or 0
+        if not failed:
+            return
+        if err != errno.EINVAL:  # EFAULT/EIO: the file ended early or cannot be read
+            raise CacheCorrupt(f"its data file cannot be read at {off} bytes ({os.strerror(err)})")
+        _populate_read = None  # a kernel before 5.14
+    with contextlib.suppress(OSError, AttributeError):
+        mapping.madvise(mmap.MADV_WILLNEED, off, len(view))
+    _touch(view)
+
+
+class MappedRead:
+    """The file (``total`` bytes) mapped privately and brought into memory in the background.
+
+    Its pages are the page cache's, mapped as they are (what safetensors' memory map gives
+    ``from_pretrained`` on the CPU): no copy into freshly allocated memory, which on a VM
+    costs as much as the read itself. Writable like any tensor: a page written to gets its
+    own copy (copy-on-write; the cache never writes into a data file that exists, a new
+    write of the entry goes to a new file). ``threads`` threads bring the file in
+    ``chunk_bytes`` at a time, and each checks its chunk's checksum (``sums``) as soon as the
+    chunk is in, while the others wait on the disk. ``result()`` waits for every chunk and
+    returns the file as a uint8 tensor (which keeps the mapping alive); ``cancel()`` stops.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        total: int,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        threads: int = READ_THREADS,
+        sums: Sequence[int] | None = None,
+    ) -> None:
+        self.started_s = time.perf_counter()
+        self.done_s = self.started_s
+        self.total = total
+        self._mapping: mmap.mmap | None = None
+        self._futures: list[Future[None]] = []
+        if total == 0:
+            return
+        starts = range(0, total, chunk_bytes)
+        if sums is not None and len(starts) != len(sums):
+            raise CacheCorrupt(f"its data file has {len(starts)} chunks, the index {len(sums)} checksums")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size != total:
+                raise CacheCorrupt(f"its data file is {size} bytes, the index says {total}")
+            mapping = mmap.mmap(fd, total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._mapping = mapping
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+        def one(i: int) -> None:
+            off = starts[i]
+            with memoryview(mapping) as whole, whole[off : off + chunk_bytes] as piece:
+                _populate(mapping, base, piece, off)
+                if sums is not None:
+                    _check(piece, sums, i)
+                else:
+                    # The first read of a page just read from the disk costs something of its
+                    # own (on a VM: 0.6-1.8 s for 6.46 GiB after the pages were mapped):
+                    # paid here, while the other threads wait on the disk.
+                    _touch(piece)
+            self.done_s = max(self.done_s, time.perf_counter())
+
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-map")
+        self._futures = [pool.submit(one, i) for i in range(len(starts))]
+        pool.shutdown(wait=False)  # its threads end with the last chunk
+
+    def result(self) -> Any:
+        """Wait for every chunk; the file as a uint8 tensor. ``CacheCorrupt`` when a chunk
+        could not be read or does not match its checksum (the rest is cancelled first)."""
+        import torch
+
+        try:
+            for fut in self._futures:
+                fut.result()
+        except BaseException:
+            self.cancel()
+            raise
+        if self._mapping is None:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self._mapping, dtype=torch.uint8)
+
+    @property
+    def read_s(self) -> float:
+        """From the start until the last chunk was in (and checked)."""
+        return self.done_s - self.started_s
+
+    def cancel(self) -> None:
+        """Stop: chunks not begun are not read; waits for those under way."""
+        for fut in self._futures:
+            fut.cancel()
+        for fut in self._futures:
+            if not fut.cancelled():
+                with contextlib.suppress(BaseException):
+                    fut.result()
+        self._futures = []
+        self._mapping = None
+
+
+def map_file(
+    path: Path,
+    total: int,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    threads: int = READ_THREADS,
+    sums: Sequence[int] | None = None,
+) -> Any:
+    """``MappedRead(...).result()``: the file as a writable uint8 tensor over a private
+    mapping of it, every page in memory (and checked against ``sums``)."""
+    return MappedRead(path, total, chunk_bytes=chunk_bytes, threads=threads, sums=sums).result()
 
 
 def _read_to_device(path: Path, host: Any, buf: Any, chunk: int, sums: Sequence[int] | None) -> None:

@@ -385,6 +385,7 @@ class InProcessBackend(Backend):
                     "a source file changed since it was written" if state == "stale" else "unreadable",
                 )
             return False
+        entry.prefetch(self.target, keep_host=self.spec.offload)  # read while the skeleton is built
         try:
             with quiet_imports():
                 model, modules = self._build_skeleton(torch, dtype)
@@ -417,6 +418,8 @@ class InProcessBackend(Backend):
             )
             self._drop_stand_in()
             return False
+        finally:
+            entry.cancel_prefetch()  # a read the load did not take over (the skeleton failed)
         self._model, self._modules = model, modules
         self._packed = packed if self.spec.offload else None  # without a host tier: no host copy
         self._weight_bytes = packed.total_bytes

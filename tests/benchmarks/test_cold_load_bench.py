@@ -41,11 +41,15 @@ def test_the_tiny_cold_load_benchmark_reports_the_three_loads(tmp_path: Path) ->
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     report = json.loads(out.read_text())
     assert report["bytes"] > 0 and report["bytes"] % 256 == 0
-    for load in ("source", "packed", "packed_read", "raw"):
+    for load in ("source", "packed", "packed_read", "packed_noverify", "raw", "raw_map", "ceiling"):
         for temp in ("cold", "warm"):
             (seconds,) = report["seconds"][load][temp]
             assert seconds > 0
     assert set(report["ratios"]) == {"cold", "warm"}
     assert set(report["goals"]) == {"packed_cold_at_80pct_of_raw", "packed_cold_3x_source"}
     assert "POSIX_FADV_DONTNEED" in report["page_cache"]
+    assert report["seconds"]["ceiling"]["cold"][0] == min(
+        report["seconds"]["raw"]["cold"][0], report["seconds"]["raw_map"]["cold"][0]
+    )
+    assert len(report["resident_after_drop_bytes"]) == 5  # checked after each cold load's drop
     assert "goals (cold)" in proc.stdout

@@ -341,6 +341,118 @@ def test_reading_in_chunks_with_threads_gives_the_bytes(tmp_path: Path) -> None:
     assert seen == [(0, 0, 4096), (1, 4096, 4096), (2, 8192, 4096), (3, 12288, 123)]  # in order
 
 
+def sums_of(data: bytes, chunk: int) -> list[int]:
+    from orchestrator.backends.diskread import checksum
+
+    return [checksum(memoryview(data)[o : o + chunk]) for o in range(0, len(data), chunk)]
+
+
+def test_the_checksum_is_the_words_sum_modulo_2_64() -> None:
+    from orchestrator.backends.diskread import checksum
+
+    words = [2**64 - 1, 5, 2**63]
+    data = b"".join(w.to_bytes(8, "little") for w in words)
+    assert checksum(memoryview(data)) == sum(words) % 2**64
+    assert checksum(memoryview(b"")) == 0
+
+
+@pytest.mark.parametrize("populate", ["MADV_POPULATE_READ", "a kernel without it"])
+def test_a_mapped_read_gives_the_bytes_writable_and_leaves_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, populate: str
+) -> None:
+    from orchestrator.backends import diskread
+
+    if populate != "MADV_POPULATE_READ":
+        monkeypatch.setattr(diskread, "_populate_read", None)  # MADV_WILLNEED and a read of each page
+    chunk = 4 * diskread.PAGE_BYTES
+    data = os.urandom(5 * chunk + 8 * 13)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    read = diskread.MappedRead(path, len(data), chunk_bytes=chunk, threads=3, sums=sums_of(data, chunk))
+    pages = read.result()
+    assert bytes(pages.numpy()) == data and 0 < read.read_s
+    pages[:4] = 0  # the weights are writable; the page gets its own copy, the file stays
+    assert bytes(pages[:4].numpy()) == b"\0" * 4 and path.read_bytes() == data
+    unchecked = diskread.map_file(path, len(data), chunk_bytes=chunk)
+    assert bytes(unchecked.numpy()) == data
+
+
+def test_a_mapped_read_refuses_a_damaged_file(tmp_path: Path) -> None:
+    from orchestrator.backends.diskread import CacheCorrupt, MappedRead
+
+    chunk = 16384
+    data = bytearray(os.urandom(4 * chunk))
+    sums = sums_of(bytes(data), chunk)
+    data[3 * chunk + 100] ^= 1
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheCorrupt, match="chunk 3 does not match its checksum"):
+        MappedRead(path, len(data), chunk_bytes=chunk, threads=2, sums=sums).result()
+    with pytest.raises(CacheCorrupt, match="the index says"):
+        MappedRead(path, len(data) + 8, chunk_bytes=chunk, sums=None)
+    with pytest.raises(CacheCorrupt, match="5 checksums"):
+        MappedRead(path, len(data), chunk_bytes=chunk, sums=[*sums, 0])
+
+
+def test_a_mapped_read_the_kernel_cannot_complete_is_corrupt_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+    import errno
+
+    from orchestrator.backends import diskread
+
+    if diskread._madvise is None:
+        pytest.skip("no libc madvise here")
+
+    def failing(addr: int, length: int, option: int) -> int:
+        ctypes.set_errno(errno.EFAULT if option == diskread.MADV_POPULATE_READ else 0)
+        return -1
+
+    monkeypatch.setattr(diskread, "_madvise", failing)
+    monkeypatch.setattr(diskread, "_populate_read", diskread.MADV_POPULATE_READ or 22)
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(8192))
+    with pytest.raises(diskread.CacheCorrupt, match="cannot be read at 0 bytes"):
+        diskread.map_file(path, 8192, chunk_bytes=4096)
+
+    def unsupported(addr: int, length: int, option: int) -> int:
+        ctypes.set_errno(errno.EINVAL)  # a kernel before 5.14
+        return -1
+
+    monkeypatch.setattr(diskread, "_madvise", unsupported)
+    assert bytes(diskread.map_file(path, 8192, chunk_bytes=4096).numpy()) == path.read_bytes()
+    assert diskread._populate_read is None  # asked once, then the fallback
+
+
+def test_a_prefetch_is_taken_over_by_the_load_or_cancelled(small: Small, tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 1 << 30)
+    entry = cache.entry("small", {"v": 1}, [])
+    packed = PackedWeights({"m": small}, pin=False)
+    assert entry.write(packed)
+    assert not entry.prefetch("cpu", keep_host=True)  # the host tier reads into its own buffer
+    assert entry.prefetch("cpu", keep_host=False)
+    assert entry._pending is not None
+    skeleton = empty_small()
+    _, timings = entry.load({"m": skeleton}, device="cpu", keep_host=False, pin=False)
+    assert entry._pending is None and timings["read_s"] > 0 and "read_wait_s" in timings
+    assert torch.equal(skeleton.mid.weight, small.mid.weight) and skeleton.out.weight is skeleton.emb.weight
+    # a load that fails (the layout is not the skeleton's) stops the read it was given
+    assert entry.prefetch("cpu", keep_host=False)
+    read = entry._pending[1] if entry._pending is not None else None
+    from orchestrator.backends.packed import LayoutMismatch
+
+    with pytest.raises(LayoutMismatch):
+        entry.load({"m": empty_small(width=8)}, device="cpu", keep_host=False, pin=False)
+    assert entry._pending is None and read is not None and read._mapping is None
+    # a write replaces the entry's data file: a read started before it is dropped
+    assert entry.prefetch("cpu", keep_host=False)
+    assert entry.write(packed) and entry._pending is None
+    entry.cancel_prefetch()  # nothing pending: nothing happens
+    missing = cache.entry("other", {"v": 1}, [])
+    assert not missing.prefetch("cpu", keep_host=False)  # no entry: load says why
+
+
 # -- config and command ---------------------------------------------------------------------------
 
 
