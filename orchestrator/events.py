@@ -23,7 +23,8 @@ logger = logging.getLogger("orchestrator.events")
 @dataclass(frozen=True)
 class Event:
     time_s: float  # seconds since the orchestrator started
-    # "transition", "evict", "load", "grant", "release", "fail", "timeout", "cancel", and for
+    # "transition", "evict", "load", "adopt" (a model its program holds, taken over in place),
+    # "grant", "release", "fail", "timeout", "cancel", "crash", "resize", "learn", and for
     # external reservations "external_end", "external_overuse" (the daemon adds its own:
     # "lease_expired")
     kind: str
