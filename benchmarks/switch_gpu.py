@@ -665,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--cycles and --repeats must be at least 1")
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic GEMMs (the check)
-    from orchestrator.backends.inprocess import quiet_imports
+    from orchestrator.backends.inprocess_options import quiet_imports
 
     with quiet_imports():
         try:

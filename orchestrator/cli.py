@@ -59,11 +59,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, time_scale=args.time_scale)
     out_dir = Path(args.out) if args.out else Path(f"vram-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.gpus is not None:
-        from orchestrator.demo import with_cards
+        from orchestrator.demo_setup import with_cards
 
         config = with_cards(config, args.gpus)  # on the simulated device: no real-GPU variant
     elif args.device == "auto" and not args.config and config.device == "simulated":
-        from orchestrator.demo import real_gpu_variant
+        from orchestrator.demo_setup import real_gpu_variant
 
         variant, why = real_gpu_variant(config)
         if variant is not None:
@@ -71,10 +71,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             config = variant
         else:
             print(f"no GPU to use ({why}): the demo runs on the simulated device")
-    from orchestrator.demo import tiny_targets
+    from orchestrator.demo_setup import tiny_targets
 
     if args.tiny_models != "off" and tiny_targets(config):
-        from orchestrator.demo import TINY_HINT, default_tiny_dir, tiny_models_missing, with_tiny_models
+        from orchestrator.demo_setup import TINY_HINT, default_tiny_dir, tiny_models_missing, with_tiny_models
 
         missing = tiny_models_missing()
         if missing is None:

@@ -153,7 +153,7 @@ def _imports_for_images() -> tuple[Any, Any, Any]:
         import torch
         import transformers
 
-        from orchestrator.backends.inprocess import quiet_imports
+        from orchestrator.backends.inprocess_options import quiet_imports
 
         with quiet_imports():
             import diffusers
@@ -247,7 +247,7 @@ def build_tiny_tts(out: Path, *, seed: int = 0) -> Path:
         import torch
         import transformers
 
-        from orchestrator.backends.inprocess import quiet_imports
+        from orchestrator.backends.inprocess_options import quiet_imports
 
         with quiet_imports():
             from transformers import VitsConfig, VitsModel, VitsTokenizer
@@ -309,7 +309,7 @@ def build(
     :param progress: called with a short text before each model that has to be built (the
         demo shows it on a terminal: a first build takes about 15 s).
     """
-    from orchestrator.backends.inprocess import quiet_imports
+    from orchestrator.backends.inprocess_options import quiet_imports
 
     root.mkdir(parents=True, exist_ok=True)
     need = set(which)

@@ -227,8 +227,18 @@ class Cards:
         return replace(self, ledgers=tuple(out))
 
     def with_ledger(self, gpu: int, ledger: Ledger) -> Cards:
-        """Card ``gpu``'s ledger replaced (a pure rule's result for that card)."""
+        """Card ``gpu``'s ledger replaced."""
         return self._with(gpu, ledger)
+
+    def with_view(self, gpu: int, view: Ledger) -> Cards:
+        """Card ``gpu``'s planning view (``view(gpu)``) as a pure rule changed it, brought back
+        to the card's own ledger: its GPU residents, load and foreign memory from the view, the
+        other cards' host copies left where they are."""
+        own = self.ledger(gpu)
+        others = {r.model for r in view.host_residents} - {r.model for r in own.host_residents}
+        return self._with(
+            gpu, replace(view, residents=tuple(r for r in view.residents if r.model not in others))
+        )
 
     def begin_load(self, gpu: int, resident: Resident) -> Cards:
         """Commit ``resident``'s bytes on card ``gpu``. The model leaves any lower tier it was

@@ -179,7 +179,7 @@ models:
 
 
 def test_with_cards_makes_n_cards_of_the_configs_size() -> None:
-    from orchestrator.demo import with_cards
+    from orchestrator.demo_setup import with_cards
 
     config = orchestrator.config.load_config(None)
     two = with_cards(config, 3)
@@ -195,7 +195,7 @@ def test_with_cards_makes_n_cards_of_the_configs_size() -> None:
 
 
 async def test_the_summary_has_a_line_per_card(tmp_path: Path) -> None:
-    from orchestrator.demo import with_cards
+    from orchestrator.demo_setup import with_cards
 
     config = with_cards(dataclasses.replace(orchestrator.config.load_config(None), time_scale=0.001), 2)
     out = io.StringIO()

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends.base import BackendType
-from orchestrator.backends.inprocess import InProcessBackend, InProcessOptions
+from orchestrator.backends.inprocess import InProcessBackend
+from orchestrator.backends.inprocess_options import InProcessOptions
 from orchestrator.backends.options import OptionError, path_option
 from orchestrator.spec import Config, ModelSpec, RequestLimits
 

@@ -32,11 +32,8 @@ rename is atomic), under an exclusive lock on the entry's ``.lock`` (writers tak
 that finds the entry freshly written by another while it was loading leaves it). A reader that finds
 the index unreadable, the data file missing or of the wrong size, or a tensor layout that is
 not the model's, falls back to the source with one warning. Bit flips inside the data file
-are caught by the per-chunk checksum the index keeps (the chunk's 64-bit words summed modulo
-2**64: any single changed word changes it; numpy sums at 20 GB/s and more on one core, where
-zlib's CRC32 ran at 1.2-3.8 GB/s and BLAKE2b near 1 GB/s on the same machine), when
-``cache.verify`` is on (the default): each chunk is checked by the thread that read it, as soon
-as it is in, while the other threads wait on the disk.
+are caught by the per-chunk checksum the index keeps (``diskread.checksum``) when
+``cache.verify`` is on (the default): each chunk is checked by its reader thread once it is in.
 
 The cache has its own size budget (``cache.budget_gb``): after a write, the least recently
 used entries (by the last load from them) are removed until the cache fits.
@@ -487,13 +484,10 @@ class CacheEntry:
         for p in self.folder.iterdir():
             if p.name in (named, INDEX_NAME, LOCK_NAME):
                 continue
-            if p.name.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    if now - p.stat().st_mtime > STALE_TMP_S:
-                        p.unlink()
-                continue
+            other = not p.name.endswith(".tmp")  # a writer's .tmp goes once untouched for long
             with contextlib.suppress(OSError):
-                p.unlink()
+                if other or now - p.stat().st_mtime > STALE_TMP_S:
+                    p.unlink()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends.base import BackendType
-from orchestrator.backends.inprocess import InProcessBackend, InProcessOptions
+from orchestrator.backends.inprocess import InProcessBackend
+from orchestrator.backends.inprocess_options import InProcessOptions
 from orchestrator.spec import Config, ModelSpec
 
 if TYPE_CHECKING:

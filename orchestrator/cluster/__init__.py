@@ -5,14 +5,16 @@ request by residency (``states.routing``) and holds its lease on the serving mac
 
 Install with ``pip install 'vram-orchestrator[ray]'``; see docs/cluster.md.
 
-- ``client.py``: ``ClusterOrchestrator``, ``Machine``, ``ClusterLease``;
+- ``client.py``: ``ClusterOrchestrator`` (the router);
+- ``machines.py``: ``Machine``, ``ClusterLease``, what the router keeps per machine;
 - ``actor.py``: ``OrchestratorActor`` (the machine's side: leases, snapshots, events);
 - ``snapshot.py``: ``MachineSnapshot``, what a machine sends the router;
 - ``wire.py``: errors rebuilt across machines.
 """
 
 from orchestrator.cluster.actor import OrchestratorActor, machine_resource
-from orchestrator.cluster.client import ClusterLease, ClusterOrchestrator, Machine, ServerAt
+from orchestrator.cluster.client import ClusterOrchestrator
+from orchestrator.cluster.machines import ClusterLease, Machine, ServerAt
 from orchestrator.cluster.snapshot import MachineSnapshot, snapshot_of
 from orchestrator.cluster.wire import ClusterError
 from orchestrator.daemon.client import LeaseLost

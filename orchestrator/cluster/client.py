@@ -32,161 +32,38 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from orchestrator.cluster.actor import OrchestratorActor, machine_resource
+from orchestrator.cluster.machines import (
+    ClusterLease,
+    Held,
+    Machine,
+    MachineLink,
+    count,
+    first_line,
+    node_gpus,
+    ray_module,
+    release_on,
+    why_ended_on,
+)
 from orchestrator.cluster.snapshot import MachineSnapshot
 from orchestrator.cluster.wire import ClusterError, from_wire
 from orchestrator.daemon.client import LeaseLost
 from orchestrator.errors import NotRunning
-from states.routing import Choice, MachineView, Route, RouteRequest, route
+from states.routing import Choice, MachineView, RouteRequest, route
 
 logger = logging.getLogger("orchestrator.cluster")
 
 RENEW_FRACTION = 1 / 3  # renew a lease when this much of its ttl has passed
 DEFAULT_TTL_S = 30.0  # a lease the router stops renewing (its process died) ends this late
-RELEASE_TIMEOUT_S = 5.0
 DOWN_RETRY_S = 0.5  # how often a machine whose actor is gone for good is looked at again
 HOLD_SMOOTHING = 0.2  # how far one lease moves the learned hold time of its model
 MAX_CONCURRENCY = 10_000  # calls an actor runs at once (each waiting lease is one)
 NAMESPACE = "vram-orchestrator"
-
-
-@dataclass(frozen=True)
-class Machine:
-    """One machine of the cluster: its name and its config, read on that machine.
-
-    ``num_gpus``: the GPUs its actor is scheduled with (``None``: every GPU of the Ray node
-    that has the machine's resource, ``vram-machine:<name>``).
-    """
-
-    name: str
-    config_path: str | None = None
-    config_text: str | None = None
-    num_gpus: float | None = None
-
-    def __post_init__(self) -> None:
-        if (self.config_path is None) == (self.config_text is None):
-            raise ValueError(
-                f"machine {self.name!r}: give its config_path or its config_text (one of the two)"
-            )
-
-
-@dataclass(frozen=True)
-class ServerAt:
-    """A cluster lease's handle for a server model: where its server is."""
-
-    base_url: str
-
-
-@dataclass(frozen=True)
-class ClusterLease:
-    """A granted lease on a machine of the cluster."""
-
-    id: str
-    node: str  # the machine that serves it
-    model: str  # its model there ("" for a reservation of raw bytes)
-    kind: str
-    vram_bytes: int
-    url: str | None  # the model's server, as other machines reach it (server models)
-    cards: tuple[int, ...]  # the device index(es) on that machine: one, or each card it spans
-    gpu_name: str
-    ttl_s: float
-    waited_s: float  # in the machine's queue
-    address: str = ""  # the machine's address
-    served_model: str | None = None  # the name the model's server knows it by (server models)
-    route: Route | None = None  # why it went there
-
-    @property
-    def card(self) -> int | None:
-        """The (first) card that serves it."""
-        return self.cards[0] if self.cards else None
-
-    @property
-    def handle(self) -> ServerAt:
-        """The server's address (``handle.base_url``), as a local lease's server handle has it.
-        An in-process model's handle stays on its machine: only server models have one here."""
-        if self.url is None:
-            raise ClusterError(
-                f"{self.model or 'a reservation'} on machine {self.node} runs in-process there: its "
-                "handle does not leave that machine; serve it from a server backend to use it remotely"
-            )
-        return ServerAt(self.url)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], route: Route | None) -> ClusterLease:
-        return cls(
-            id=str(d["id"]),
-            node=str(d["node"]),
-            model=str(d["model"]),
-            kind=str(d["kind"]),
-            vram_bytes=int(d["vram_bytes"]),
-            url=d.get("url"),
-            cards=tuple(int(g) for g in d.get("cards") or ()),
-            gpu_name=str(d.get("gpu_name") or ""),
-            ttl_s=float(d["ttl_s"]),
-            waited_s=float(d.get("waited_s") or 0.0),
-            address=str(d.get("address") or ""),
-            served_model=d.get("served_model"),
-            route=route,
-        )
-
-
-@dataclass(eq=False)
-class _Held:
-    lease: ClusterLease
-    version: int  # the machine's version at the grant: a later snapshot without it means it ended
-    scope: anyio.CancelScope | None = None
-    lost: str | None = None
-    ask_why: bool = False  # the machine ended it: ask it why
-
-
-@dataclass(eq=False)
-class _Machine:
-    name: str
-    handle: Any
-    snapshot: MachineSnapshot | None = None
-    alive: bool = False
-    down_reason: str = "not started yet"
-    start_failed: bool = False
-    instance: str | None = None
-    pending: dict[str, int] = field(default_factory=dict)  # routed here, not granted yet
-    # this router's grants (+1) and releases (-1) here, each at the machine's version after
-    # it: those past the last snapshot's version are not in it yet
-    changes: list[tuple[int, str, int]] = field(default_factory=list)
-    leases: dict[str, _Held] = field(default_factory=dict)
-
-    def view(self) -> MachineView | None:
-        if self.snapshot is None:
-            return None
-        since = self.snapshot.version
-        self.changes = [c for c in self.changes if c[0] > since]
-        leases: dict[str, int] = {}
-        for _, model, by in self.changes:
-            leases[model] = leases.get(model, 0) + by
-        return self.snapshot.view(alive=self.alive, pending=self.pending, leases=leases)
-
-
-def _count(d: dict[str, int], key: str, by: int) -> None:
-    n = d.get(key, 0) + by
-    if n:
-        d[key] = n
-    else:
-        d.pop(key, None)
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:
-        raise ImportError(
-            f"the cluster needs Ray ({exc}); install it with: pip install 'vram-orchestrator[ray]'"
-        ) from None
-    return ray
 
 
 class ClusterOrchestrator:
@@ -228,7 +105,7 @@ class ClusterOrchestrator:
         self.ttl_s = float(ttl_s)
         self.start_timeout_s = start_timeout_s
         self.stop_machines = stop_machines
-        self._machines: dict[str, _Machine] = {}
+        self._machines: dict[str, MachineLink] = {}
         self._tg: TaskGroup | None = None
         self._changed = anyio.Event()
         self._holders: dict[str, dict[str, dict[str, int]]] = {}  # holder -> node -> model -> leases
@@ -244,7 +121,7 @@ class ClusterOrchestrator:
             raise RuntimeError(
                 "ClusterOrchestrator runs on asyncio (Ray's awaitables are asyncio futures), not on trio"
             ) from None
-        ray = _ray()
+        ray = ray_module()
         if not ray.is_initialized():
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
         actor_cls = ray.remote(OrchestratorActor)
@@ -257,13 +134,13 @@ class ClusterOrchestrator:
                 "max_task_retries": 0,
                 "max_concurrency": MAX_CONCURRENCY,
                 "num_cpus": 0,
-                "num_gpus": spec.num_gpus if spec.num_gpus is not None else _node_gpus(ray, spec.name),
+                "num_gpus": spec.num_gpus if spec.num_gpus is not None else node_gpus(ray, spec.name),
                 "resources": {machine_resource(spec.name): 0.001},
             }
             handle = actor_cls.options(**opts).remote(
                 spec.name, config_path=spec.config_path, config_text=spec.config_text
             )
-            self._machines[spec.name] = _Machine(spec.name, handle)
+            self._machines[spec.name] = MachineLink(spec.name, handle)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -291,7 +168,7 @@ class ClusterOrchestrator:
         await tg.__aexit__(None, None, None)
         if not self.stop_machines:
             return
-        ray = _ray()
+        ray = ray_module()
         with anyio.CancelScope(shield=True):
             for m in self._machines.values():
                 try:
@@ -337,7 +214,7 @@ class ClusterOrchestrator:
 
     async def statistics(self) -> dict[str, dict[str, Any]]:
         """Each live machine's counters (switches, loads, grants, ...)."""
-        ray = _ray()
+        ray = ray_module()
         out = {}
         for name, m in self._machines.items():
             try:
@@ -346,7 +223,7 @@ class ClusterOrchestrator:
                 continue
         return out
 
-    def _machine(self, node: str) -> _Machine:
+    def _machine(self, node: str) -> MachineLink:
         m = self._machines.get(node)
         if m is None:
             raise ValueError(
@@ -360,8 +237,8 @@ class ClusterOrchestrator:
 
     # -- snapshots and faults ----------------------------------------------------------------
 
-    async def _poll(self, m: _Machine) -> None:
-        ray = _ray()
+    async def _poll(self, m: MachineLink) -> None:
+        ray = ray_module()
         version, instance = -1, None
         while True:
             try:
@@ -369,7 +246,7 @@ class ClusterOrchestrator:
             except ray.exceptions.RayActorError as exc:
                 if m.snapshot is None and isinstance(exc, ray.exceptions.ActorDiedError):
                     m.start_failed = True  # it never started: its config, or its constructor
-                    self._down(m, f"its orchestrator's actor could not start: {_first_line(exc)}")
+                    self._down(m, f"its orchestrator's actor could not start: {first_line(exc)}")
                 else:
                     self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
                 version, instance = -1, None
@@ -380,7 +257,7 @@ class ClusterOrchestrator:
                 cause = getattr(exc, "cause", None)
                 if m.snapshot is None:
                     m.start_failed = True
-                self._down(m, str(cause) if cause is not None else _first_line(exc))
+                self._down(m, str(cause) if cause is not None else first_line(exc))
                 await anyio.sleep(DOWN_RETRY_S)
                 continue
             if m.instance is not None and snap.instance != m.instance:
@@ -399,7 +276,7 @@ class ClusterOrchestrator:
             version, instance = snap.version, snap.instance
             self._notify()
 
-    def _down(self, m: _Machine, why: str) -> None:
+    def _down(self, m: MachineLink, why: str) -> None:
         if m.alive:
             logger.warning("machine %s is down: %s", m.name, why)
         m.alive, m.down_reason = False, why
@@ -407,11 +284,11 @@ class ClusterOrchestrator:
         self._lose_all(m, f"machine {m.name} went down: {why}")
         self._notify()
 
-    def _lose_all(self, m: _Machine, why: str) -> None:
+    def _lose_all(self, m: MachineLink, why: str) -> None:
         for held in list(m.leases.values()):
             self._lose(held, why)
 
-    def _lose(self, held: _Held, why: str) -> None:
+    def _lose(self, held: Held, why: str) -> None:
         if held.lost is None:
             held.lost = why
             if held.scope is not None:
@@ -486,7 +363,7 @@ class ClusterOrchestrator:
     def _note_held(self, holder: str, node: str, model: str, by: int) -> None:
         per_node = self._holders.setdefault(holder, {})
         models = per_node.setdefault(node, {})
-        _count(models, model, by)
+        count(models, model, by)
         if not models:
             del per_node[node]
         if not per_node:
@@ -509,7 +386,7 @@ class ClusterOrchestrator:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
         holder = self._holder(owner)
         lease, m, version = await self._open(name, n_bytes, timeout, priority, holder, node, pid)
-        held = _Held(lease, version)
+        held = Held(lease, version)
         m.leases[lease.id] = held
         key = lease.model
         m.changes.append((version, key, 1))
@@ -534,11 +411,11 @@ class ClusterOrchestrator:
             if key:
                 self._learn_hold(key, anyio.current_time() - granted_at)
             if held.lost is None:
-                released = await self._release(m, lease)
+                released = await release_on(m, lease)
                 if released is not None:
                     m.changes.append((released, key, -1))
             elif held.ask_why:
-                held.lost = await self._why_ended(m, lease, held.lost)
+                held.lost = await why_ended_on(m, lease, held.lost)
         if held.lost is not None:
             raise LeaseLost(410, "lease_lost", f"{held.lost}; the block was cancelled: acquire again")
 
@@ -546,30 +423,8 @@ class ClusterOrchestrator:
         old = self._hold_s.get(model)
         self._hold_s[model] = seconds if old is None else old + HOLD_SMOOTHING * (seconds - old)
 
-    async def _release(self, m: _Machine, lease: ClusterLease) -> int | None:
-        """Release the lease; the machine's version after it (``None``: it did not answer)."""
-        ray = _ray()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
-            try:
-                why, version = await m.handle.release.remote(lease.id)
-            except ray.exceptions.RayActorError:
-                return None  # the machine went down: its leases ended with it
-            return None if why is not None else int(version)
-        return None
-
-    async def _why_ended(self, m: _Machine, lease: ClusterLease, lost: str) -> str:
-        ray = _ray()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
-            try:
-                why = await m.handle.ended.remote(lease.id)
-            except ray.exceptions.RayActorError:
-                return lost
-            if why:
-                return f"{lost}: {why}"
-        return lost
-
-    async def _renew(self, m: _Machine, held: _Held, scope: anyio.CancelScope) -> None:
-        ray = _ray()
+    async def _renew(self, m: MachineLink, held: Held, scope: anyio.CancelScope) -> None:
+        ray = ray_module()
         with scope:
             while True:
                 await anyio.sleep(held.lease.ttl_s * RENEW_FRACTION)
@@ -593,10 +448,10 @@ class ClusterOrchestrator:
         holder: str,
         node: str | None,
         pid: int | None,
-    ) -> tuple[ClusterLease, _Machine, int]:
+    ) -> tuple[ClusterLease, MachineLink, int]:
         """Route the request and wait for its lease; a machine that dies before the grant is
         left out and the request routed again."""
-        ray = _ray()
+        ray = ray_module()
         if node is not None:
             self._machine(node)
         started = anyio.current_time()
@@ -616,7 +471,7 @@ class ClusterOrchestrator:
             m = self._machines[r.node]
             remaining = None if timeout is None else max(0.0, timeout - (anyio.current_time() - started))
             rid = uuid.uuid4().hex
-            _count(m.pending, r.model, 1)
+            count(m.pending, r.model, 1)
             try:
                 reply = await m.handle.open.remote(
                     rid, r.model or None, n_bytes, priority, remaining, self.ttl_s, holder, pid
@@ -629,7 +484,7 @@ class ClusterOrchestrator:
                 m.handle.cancel.remote(rid)  # cancelled here: end it there (not waited for)
                 raise
             finally:
-                _count(m.pending, r.model, -1)
+                count(m.pending, r.model, -1)
             if "lease" in reply:
                 d = reply["lease"]
                 return ClusterLease.from_dict(d, r), m, int(d["version"])
@@ -641,23 +496,3 @@ class ClusterOrchestrator:
                 skip.add(m.name)
                 continue
             raise error
-
-
-def _first_line(exc: BaseException) -> str:
-    """The gist of a Ray error (its message runs to a traceback): the last line that says what
-    was raised, else the first."""
-    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-    raised = [x for x in lines if "Error:" in x or "Exception:" in x]
-    return (raised[-1] if raised else lines[0] if lines else type(exc).__name__)[:500]
-
-
-def _node_gpus(ray: Any, name: str) -> float:
-    """The GPUs of the Ray node that has machine ``name``'s resource."""
-    resource = machine_resource(name)
-    for n in ray.nodes():
-        if n.get("Alive") and resource in n.get("Resources", {}):
-            return float(n["Resources"].get("GPU", 0.0))
-    raise ClusterError(
-        f"no node of the Ray cluster has the resource {resource!r}: start machine {name} with "
-        f"`ray start --address=HEAD:6379 --resources='{{\"{resource}\": 1}}'`"
-    )

@@ -31,7 +31,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestrator.cluster.client import ClusterOrchestrator, Machine
+from orchestrator.cluster.client import ClusterOrchestrator
+from orchestrator.cluster.machines import Machine
 from orchestrator.daemon.app import endpoint, http_error, internal_error
 from orchestrator.daemon.asgi import Auth, HeldResponse, Stopper, read_body
 from orchestrator.daemon.errors import JSON, ApiError, ASGIApp, Send, dumps
@@ -241,7 +242,7 @@ async def serve_cluster(
     """
     import uvicorn
 
-    from orchestrator.cluster.client import _ray
+    from orchestrator.cluster.machines import ray_module as _ray
 
     spec = config.daemon
     host = host or spec.host

@@ -9,9 +9,9 @@
 - ``context.py``: the shared books (the ledger, the machine, events); ``stats.py``: counters.
 """
 
-from orchestrator.runtime.executor import ShutdownReport
 from orchestrator.runtime.lease import EXTERNAL_KIND, ExternalReservation, Lease
 from orchestrator.runtime.orchestrator import Orchestrator
+from orchestrator.runtime.outcomes import ShutdownReport
 from orchestrator.runtime.stats import WAIT_SAMPLES, Statistics, WaitStats
 
 __all__ = [

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 
 import anyio
 
@@ -30,10 +29,11 @@ from orchestrator.errors import BackendError, BackendOutOfMemory, LoadFailed, Un
 from orchestrator.monitor import wait_released
 from orchestrator.runtime.accounting import Accounting, NoRoom
 from orchestrator.runtime.context import Context
+from orchestrator.runtime.outcomes import ShutdownReport, SwitchOutcome
 from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.watch import CrashWatch
 from states.adopt import adoption
-from states.ledger import Ledger, Resident, Tier
+from states.ledger import Resident, Tier
 from states.plan import Eviction, Plan
 from states.step import DEFERRED_POLL_S
 from states.units import format_gib
@@ -41,31 +41,6 @@ from states.units import format_gib
 logger = logging.getLogger("orchestrator")
 
 RELEASE_POLL_S = 0.002  # how often the release wait reads the device
-
-
-@dataclass(frozen=True)
-class SwitchOutcome:
-    """How a switch ended, for the next decision: the model it loaded, or the error its
-    target's waiters get (neither when it found no room and simply waits)."""
-
-    target: str
-    loaded: bool = False
-    error: Exception | None = None
-
-
-@dataclass
-class ShutdownReport:
-    """What the shutdown really did: what was unloaded, and what could not be, and why."""
-
-    unloaded: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        done = f"unloaded {', '.join(self.unloaded)}" if self.unloaded else "nothing was resident"
-        if not self.failed:
-            return done
-        why = "; ".join(f"{m}: {reason}" for m, reason in self.failed.items())
-        return f"{done}; could not unload {', '.join(self.failed)} ({why})"
 
 
 class Executor:
@@ -358,7 +333,7 @@ class Executor:
             )
             return False
         backend.adopt()
-        ctx.cards = ctx.cards.with_ledger(gpu, _own(after, ctx.cards.ledger(gpu)))
+        ctx.cards = ctx.cards.with_view(gpu, after)
         ctx.emit(
             "adopt",
             gpu=gpu,
@@ -517,10 +492,3 @@ class Executor:
             return LoadFailed(p.load, f"{type(exc).__name__}: {exc}")
         return exc
 
-
-def _own(view: Ledger, own: Ledger) -> Ledger:
-    """A card's planning view (its ledger with every card's host copies) changed by a pure
-    rule, brought back to the card's own ledger: its GPU residents and load from the view,
-    its own host copies as they were."""
-    others = {r.model for r in view.host_residents} - {r.model for r in own.host_residents}
-    return replace(view, residents=tuple(r for r in view.residents if r.model not in others))

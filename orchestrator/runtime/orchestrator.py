@@ -33,9 +33,10 @@ from orchestrator.footprints import FootprintStore, default_path
 from orchestrator.monitor import ModelEstimate, PeakSampler, VRAMMonitor, open_store
 from orchestrator.runtime.accounting import Accounting
 from orchestrator.runtime.context import Context
-from orchestrator.runtime.executor import RELEASE_POLL_S, Executor, ShutdownReport
+from orchestrator.runtime.executor import RELEASE_POLL_S, Executor
 from orchestrator.runtime.externals import Externals
 from orchestrator.runtime.lease import EXTERNAL_KIND, ExternalReservation, Lease
+from orchestrator.runtime.outcomes import ShutdownReport
 from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.scheduler import Scheduler
 from orchestrator.runtime.stats import Statistics

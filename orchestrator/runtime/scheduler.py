@@ -17,8 +17,9 @@ from anyio.abc import TaskGroup
 from orchestrator.config import Config
 from orchestrator.runtime.accounting import Accounting
 from orchestrator.runtime.context import Context
-from orchestrator.runtime.executor import Executor, SwitchOutcome
+from orchestrator.runtime.executor import Executor
 from orchestrator.runtime.externals import Externals
+from orchestrator.runtime.outcomes import SwitchOutcome
 from orchestrator.runtime.queue import LeaseBook
 from states.ledger import Tier
 from states.plan import Deferred, PlanRequest

@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import initialize
 
 from orchestrator.config import Config, parse_config
-from orchestrator.testing import machine_for
-from orchestrator.testing_cards import CardsMachine
+from orchestrator.testing import CardsMachine, machine_for
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "25")),

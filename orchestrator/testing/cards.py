@@ -1,6 +1,6 @@
-"""The property-test harness on several cards (``orchestrator.testing``'s machine, with a
-simulated device per card and every check per card): ``machine_for`` picks it for a config
-with several cards, so ``vram-orchestrator check`` tests such a config too."""
+"""The property-test machine on several cards (the one-card machine with a simulated device
+per card and every check per card): ``machine_for`` picks it for a config with several cards,
+so ``vram-orchestrator check`` tests such a config too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from orchestrator.config import Config
 from orchestrator.device.simulated import SimulatedDevice, SimulatedOOM
 from orchestrator.events import Event
 from orchestrator.runtime import Orchestrator
-from orchestrator.testing import InvariantViolation, OrchestratorMachine, left_on, scaled
+from orchestrator.testing.machine import InvariantViolation, OrchestratorMachine, left_on, scaled
 from states.machine import State, active_state
 from states.units import format_gib
 
