@@ -158,8 +158,5 @@ def snapshot_of(
 
 
 def learned_costs(orch: Orchestrator) -> dict[str, SwitchCosts]:
-    """The switch costs the orchestrator decides with (measured, or estimated until measured).
-
-    The orchestrator keeps them in its runtime context and has no public read of them yet;
-    this is the one place that reaches for them."""
-    return dict(orch._ctx.costs)
+    """The switch costs the orchestrator decides with (measured, or estimated until measured)."""
+    return orch.costs()

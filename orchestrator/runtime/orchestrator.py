@@ -46,6 +46,7 @@ from states.cards import Cards
 from states.ledger import Ledger
 from states.machine import State
 from states.plan import Policy
+from states.step import SwitchCosts
 
 
 class Orchestrator:
@@ -139,6 +140,11 @@ class Orchestrator:
     def cards(self) -> Cards:
         """A frozen snapshot of every card's ledger (one card: a ``Cards`` of one)."""
         return self._ctx.cards
+
+    def costs(self) -> dict[str, SwitchCosts]:
+        """What a switch of each model costs (load, restore, unload seconds): learned from its
+        last switches, estimated until then."""
+        return dict(self._ctx.costs)
 
     def states(self) -> dict[int, State]:
         """Each card's state, by card index."""
