@@ -148,6 +148,11 @@ class InProcessBackend(Backend):
         super().bind(gpus, devices)
         if self.stand_in is None:
             self.target = f"cuda:{gpus[0]}"  # a restore moves the host copy there too
+        elif isinstance(devices[0], SimulatedDevice) and devices[0] is not self.stand_in:
+            # On simulated cards the stand-in's bytes go to the card it now serves from (what
+            # it still holds on the card it left is freed there first: it is not loaded).
+            self._drop_stand_in()
+            self.stand_in = devices[0]
 
     def measured_bytes(self, *, live_only: bool = True) -> int | None:
         """The weights' bytes on the device while resident. With ``live_only=False`` (the
