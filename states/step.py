@@ -571,7 +571,11 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
             leases=leases,
             holders={m: h for m, h in view.holders.items() if gpu in cards.gpus_of(m)},
             leftovers=frozenset(m for m in view.leftovers if view.home.get(m, cards.indexes[0]) == gpu),
-            to_unload={m: why for m, why in view.to_unload.items() if own.get(m) is not None},
+            to_unload={
+            m: why
+            for m, why in view.to_unload.items()
+            if own.get(m) is not None and (cards.gpus_of(m) or (gpu,))[0] == gpu  # a span: its first card
+        },
             just_loaded=view.loaded_on.get(gpu),
             just_failed=view.failed_on.get(gpu),
             drained=outside,
@@ -588,6 +592,7 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
 
     spans = {m: where for m, where in placed.items() if not isinstance(where, InsufficientVRAM)}
     actions, waiting = _join_spans(view, views, actions, spans, drain)
+    actions = _apart(actions)
     if waiting:
         wakes.append(view.now_s + DEFERRED_POLL_S)
     return Decision(
@@ -648,3 +653,25 @@ def _join_spans(
             waiting = True
     kept = [(g, a) for g, a in out if g not in taken or (isinstance(a, Switch) and a.more)]
     return kept, waiting
+
+
+def _models_of(action: Action) -> set[str]:
+    if isinstance(action, Switch):
+        plans = (action.plan, *(p for _, p in action.more))
+        return {p.load for p in plans} | {e.model for p in plans for e in p.evictions}
+    return set(action.models)
+
+
+def _apart(actions: list[tuple[int, Action]]) -> list[tuple[int, Action]]:
+    """Actions of one step that touch no model in common: a model spanning two cards could
+    otherwise be evicted by both at once (both over their room, say). The later one waits for
+    the next step, which sees what the first did."""
+    out: list[tuple[int, Action]] = []
+    touched: set[str] = set()
+    for gpu, action in actions:
+        models = _models_of(action)
+        if models & touched:
+            continue
+        touched |= models
+        out.append((gpu, action))
+    return out

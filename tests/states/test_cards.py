@@ -189,3 +189,20 @@ def test_ties_go_to_the_card_used_least_recently() -> None:
     assert place(req("sdxl", "sdxl", 10), cards, PlaceContext()).gpus == (0,)
     recent = PlaceContext(used_s={0: 50.0, 1: 10.0})
     assert place(req("sdxl", "sdxl", 10), cards, recent).gpus == (1,)
+
+
+def test_a_spanning_model_is_evicted_by_one_card_at_a_time() -> None:
+    share = res("tp", "llm", 12.5)
+    cards = two_cards().begin_load(0, share).begin_load(1, share).finish_load(0).finish_load(1)
+    # foreign memory grew on both cards: each is over its room, and the span is idle
+    cards = cards.with_foreign(0, 12 * GIB).with_foreign(1, 6 * GIB)
+    d = decide(view(cards, [], [req("tp", "llm", 12.5)], spans={"tp": 2}))
+    evicting = [g for g, a in d.actions if "tp" in getattr(a, "models", ())]
+    assert len(evicting) == 1  # not both cards at once
+
+
+def test_a_requested_unload_of_a_spanning_model_is_one_action() -> None:
+    share = res("tp", "llm", 12.5)
+    cards = two_cards().begin_load(0, share).begin_load(1, share).finish_load(0).finish_load(1)
+    d = decide(view(cards, [], [req("tp", "llm", 12.5)], spans={"tp": 2}, to_unload={"tp": "asked"}))
+    assert [(g, type(a).__name__) for g, a in d.actions] == [(0, "Evict")]
