@@ -10,7 +10,7 @@
    fits the budget is scored by what placing it there costs now, and the best wins:
    a card that is in the middle of a switch last; then a plan over one that waits for
    foreign memory; then the fewest evictions of models in use (each would have to drain);
-   then the cheapest switch (``switch_cost_s``: the evictions' unloads, and the load or the
+   then the cheapest switch (``plan_cost_s``: the evictions' unloads, and the load or the
    restore: a host copy restores onto any card at its restore cost); then the fewest bytes
    evicted; then the card used least recently. A model spanning ``k`` cards takes the best
    ``k`` (its share on each).
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 
 from states.cards import Cards
 from states.errors import InsufficientVRAM
-from states.ledger import Ledger, Tier
-from states.plan import Deferred, Plan, PlanRequest, Policy, plan
+from states.ledger import Ledger
+from states.plan import Deferred, PlanRequest, Policy, SwitchCosts, plan, plan_cost_s
 
 _UNPLANNABLE = 1 << 62  # a score part for a card that cannot be planned on now
 
@@ -55,7 +55,7 @@ class PlaceContext:
     portable: frozenset[str] = frozenset()  # host copies that may restore onto another card
     busy: frozenset[int] = frozenset()  # cards with a switch in progress
     leases: Mapping[str, int] = field(default_factory=dict)
-    cost_s: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)  # load, restore, unload
+    costs: Mapping[str, SwitchCosts] = field(default_factory=dict)  # learned; absent: the defaults
     loading: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # targets of running switches
     used_s: Mapping[int, float] = field(default_factory=dict)  # when each card last granted a lease
 
@@ -83,14 +83,7 @@ def score(request: PlanRequest, ledger: Ledger, gpu: int, ctx: PlaceContext) -> 
         return (0, 1, 0, 0, p.needed_bytes - p.available_bytes, used_s)
     in_use = sum(1 for e in p.gpu_evictions if ctx.leases.get(e.model, 0))
     evicted = sum(r.vram_bytes for e in p.gpu_evictions if (r := ledger.get(e.model)) is not None)
-    return (0, 0, in_use, round(_plan_cost_s(p, request.model, ctx) * 1000), evicted, used_s)
-
-
-def _plan_cost_s(p: Plan, model: str, ctx: PlaceContext) -> float:
-    default = (10.0, 1.0, 1.0)
-    out = sum(ctx.cost_s.get(e.model, default)[2] for e in p.gpu_evictions)
-    load_s, restore_s, _ = ctx.cost_s.get(model, default)
-    return out + (restore_s if p.from_tier is Tier.HOST else load_s)
+    return (0, 0, in_use, round(plan_cost_s(p, ctx.costs) * 1000), evicted, used_s)
 
 
 def place(

@@ -21,12 +21,22 @@ The rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from states.errors import InsufficientVRAM
 from states.ledger import Ledger, Resident, Tier
 from states.units import format_gib
+
+
+@dataclass(frozen=True)
+class SwitchCosts:
+    """What bringing a model in and taking it out costs, in seconds (measured, or estimated
+    until measured)."""
+
+    load_s: float = 10.0  # a cold load from disk
+    restore_s: float = 1.0  # from its host copy
+    unload_s: float = 1.0  # unloading or offloading it
 
 
 @dataclass(frozen=True)
@@ -198,3 +208,12 @@ def _choose_tiers(victims: list[Resident], ledger: Ledger, request: PlanRequest)
     for v in victims:
         out.append(Eviction(v.model, Tier.GPU, Tier.HOST if v.model in kept else Tier.DISK))
     return tuple(out)
+
+
+def plan_cost_s(p: Plan, costs: Mapping[str, SwitchCosts]) -> float:
+    """What carrying out ``p`` costs: its GPU evictions' unloads, then its load or restore
+    (a model without a figure in ``costs``: the defaults of ``SwitchCosts``)."""
+    default = SwitchCosts()
+    out = sum(costs.get(e.model, default).unload_s for e in p.gpu_evictions)
+    target = costs.get(p.load, default)
+    return out + (target.restore_s if p.from_tier is Tier.HOST else target.load_s)

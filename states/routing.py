@@ -46,8 +46,7 @@ from states.cards import Cards
 from states.errors import InsufficientVRAM, OrchestratorError
 from states.ledger import Ledger, Tier
 from states.placement import PlaceContext, place, score
-from states.plan import Deferred, Plan, PlanRequest, Policy, plan
-from states.step import StepView, SwitchCosts, switch_cost_s
+from states.plan import Deferred, Plan, PlanRequest, Policy, SwitchCosts, plan, plan_cost_s
 from states.units import format_gib
 
 EXTERNAL_KIND = "external"  # the kind of a raw-bytes reservation (as the runtime names it)
@@ -308,7 +307,7 @@ def _route_on(
         choice = Choice.HOST
     else:
         choice = Choice.ROOM
-    cost_s = _cost_s(m, anchor, p)
+    cost_s = _cost_s(m, p)
     if choice is Choice.AFTER_DRAIN:
         busy_models = [e.model for e in gpu if _busy(m, e.model)]
         # the wait for the busy leases to end, and the reload of each busy model that is
@@ -365,9 +364,8 @@ def _bytes_of(ledger: Ledger, model: str) -> int:
     return r.vram_bytes if r is not None else 0
 
 
-def _cost_s(m: MachineView, ledger: Ledger, p: Plan) -> float:
-    view = StepView(now_s=0.0, ledger=ledger, waiters=(), requests={}, policy=m.policy, costs=m.costs)
-    return switch_cost_s(view, p)
+def _cost_s(m: MachineView, p: Plan) -> float:
+    return plan_cost_s(p, m.costs)
 
 
 def _place_context(m: MachineView) -> PlaceContext:
@@ -382,7 +380,7 @@ def _place_context(m: MachineView) -> PlaceContext:
         spans=m.spans,
         portable=m.portable,
         leases=in_use,
-        cost_s={model: (c.load_s, c.restore_s, c.unload_s) for model, c in m.costs.items()},
+        costs=m.costs,
     )
 
 

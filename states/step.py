@@ -56,22 +56,12 @@ from dataclasses import dataclass, field, replace
 
 from states.cards import Cards
 from states.errors import InsufficientVRAM, LeaseDeadlock
-from states.ledger import Ledger, Resident, Tier
+from states.ledger import Ledger, Resident
 from states.placement import PlaceContext, hide_in_flight, place
-from states.plan import Deferred, Plan, PlanRequest, Policy, plan, victim_order
+from states.plan import Deferred, Plan, PlanRequest, Policy, SwitchCosts, plan, plan_cost_s, victim_order
 from states.scheduling import Mode, SchedulerView, WaiterView, admission, drain_due_at, rank_targets
 
 DEFERRED_POLL_S = 0.05  # how often a request blocked by foreign memory looks again
-
-
-@dataclass(frozen=True)
-class SwitchCosts:
-    """What bringing a model in and taking it out costs, in seconds (measured, or estimated
-    until measured)."""
-
-    load_s: float = 10.0  # a cold load from disk
-    restore_s: float = 1.0  # from its host copy
-    unload_s: float = 1.0  # unloading or offloading it
 
 
 @dataclass(frozen=True)
@@ -381,11 +371,8 @@ def _decide_card(view: StepView) -> Decision:
 
 
 def switch_cost_s(view: StepView, p: Plan) -> float:
-    """What carrying out ``p`` costs: its GPU evictions' unloads, then its load or restore."""
-    default = SwitchCosts()
-    out = sum(view.costs.get(e.model, default).unload_s for e in p.gpu_evictions)
-    target = view.costs.get(p.load, default)
-    return out + (target.restore_s if p.from_tier is Tier.HOST else target.load_s)
+    """What carrying out ``p`` costs, by the view's costs (``states.plan.plan_cost_s``)."""
+    return plan_cost_s(p, view.costs)
 
 
 def _scheduler_view(
@@ -502,7 +489,7 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         portable=view.portable,
         busy=view.busy,
         leases=view.leases,
-        cost_s={m: (c.load_s, c.restore_s, c.unload_s) for m, c in view.costs.items()},
+        costs=view.costs,
         # A model a failed cleanup left on a card stays there until reaped: it is placed there.
         loading={**{m: (view.home.get(m, cards.indexes[0]),) for m in view.leftovers}, **view.loading},
         used_s=view.card_used_s,
@@ -572,10 +559,10 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
             holders={m: h for m, h in view.holders.items() if gpu in cards.gpus_of(m)},
             leftovers=frozenset(m for m in view.leftovers if view.home.get(m, cards.indexes[0]) == gpu),
             to_unload={
-            m: why
-            for m, why in view.to_unload.items()
-            if own.get(m) is not None and (cards.gpus_of(m) or (gpu,))[0] == gpu  # a span: its first card
-        },
+                m: why
+                for m, why in view.to_unload.items()
+                if own.get(m) is not None and (cards.gpus_of(m) or (gpu,))[0] == gpu  # a span: its first card
+            },
             just_loaded=view.loaded_on.get(gpu),
             just_failed=view.failed_on.get(gpu),
             drained=outside,

@@ -17,9 +17,8 @@ from orchestrator.runtime import Orchestrator
 from orchestrator.spec import card_share_bytes
 from states.cards import Cards
 from states.ledger import Ledger
-from states.plan import PlanRequest, Policy
+from states.plan import PlanRequest, Policy, SwitchCosts
 from states.routing import MachineView, names_of
-from states.step import SwitchCosts
 
 
 @dataclass(frozen=True)

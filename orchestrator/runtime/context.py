@@ -23,8 +23,8 @@ from orchestrator.runtime.stats import Counters
 from states.cards import Card, Cards
 from states.ledger import Ledger
 from states.machine import ModelMachine, State, active_state
-from states.plan import Policy
-from states.step import SwitchCosts, backoff_s
+from states.plan import Policy, SwitchCosts
+from states.step import backoff_s
 
 logger = logging.getLogger("orchestrator")
 

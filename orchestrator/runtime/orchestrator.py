@@ -45,8 +45,7 @@ from orchestrator.spec import CardSpec
 from states.cards import Cards
 from states.ledger import Ledger
 from states.machine import State
-from states.plan import Policy
-from states.step import SwitchCosts
+from states.plan import Policy, SwitchCosts
 
 
 class Orchestrator:

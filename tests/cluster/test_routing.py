@@ -11,6 +11,7 @@ import pytest
 
 from states import Ledger, PlanRequest, Policy, Resident, Tier, gib_to_bytes
 from states.cards import Card, Cards
+from states.plan import SwitchCosts
 from states.routing import (
     Choice,
     MachineView,
@@ -20,7 +21,6 @@ from states.routing import (
     rank,
     route,
 )
-from states.step import SwitchCosts
 
 BUDGET = gib_to_bytes(15.5)
 MODELS = {

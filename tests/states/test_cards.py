@@ -8,7 +8,7 @@ from states.cards import Card, Cards
 from states.errors import InsufficientVRAM
 from states.ledger import Resident, Tier
 from states.placement import PlaceContext, place
-from states.plan import Plan, PlanRequest, Policy
+from states.plan import Plan, PlanRequest, Policy, SwitchCosts
 from states.scheduling import WaiterView
 from states.step import StepView, Switch, decide
 from states.units import GIB
@@ -87,7 +87,7 @@ def test_placement_prefers_the_resident_card_then_the_free_one() -> None:
 
 def test_placement_prefers_the_card_with_the_cheapest_evictions() -> None:
     cards = loaded(loaded(two_cards(), 0, res("llm", "llm", 14)), 1, res("tts", "tts", 14))
-    ctx = PlaceContext(cost_s={"llm": (20.0, 0.5, 6.0), "tts": (3.0, 0.05, 1.0)})
+    ctx = PlaceContext(costs={"llm": SwitchCosts(20.0, 0.5, 6.0), "tts": SwitchCosts(3.0, 0.05, 1.0)})
     assert place(req("sdxl", "sdxl", 10), cards, ctx).gpus == (1,)  # evicting the tts costs less
 
 

@@ -33,7 +33,8 @@ from states import (
     WaiterView,
     decide,
 )
-from states.step import DEFERRED_POLL_S, SwitchCosts, backoff_s, grants_at_once
+from states.plan import SwitchCosts
+from states.step import DEFERRED_POLL_S, backoff_s, grants_at_once
 from states.units import gib_to_bytes
 
 NOW = 100.0
