@@ -116,24 +116,24 @@ class Scheduler:
 
     def snapshot(self) -> StepView:
         ctx, book, ex = self.ctx, self.book, self.executor
-        ledger = ctx.ledger
+        cards = ctx.cards
         wanted = {w.model for w in book.waiters} | {m for m, n in book.leases.items() if n}
         known = frozenset(m for m in wanted if m in ctx.config.models or m in ctx.externals)
         requests = _Requests(known, self.accounting.request)
         leftovers = frozenset(
-            n for n, b in ctx.backends.items() if b.tier is not Tier.DISK and ledger.get(n) is None
+            n for n, b in ctx.backends.items() if b.tier is not Tier.DISK and cards.get(n) is None
         )
         outcome = self._outcome
         failed = (
             (outcome.target, outcome.error) if outcome is not None and outcome.error is not None else None
         )
         foreign = ""
-        if self.settings.foreign_memory_fails and ledger.foreign_bytes:
+        if self.settings.foreign_memory_fails and cards.foreign_bytes:
             foreign = self.accounting.foreign_text()
         several = self._several(known) if ctx.several else {}
         return StepView(
             now_s=ctx.now_s(),
-            ledger=ledger,
+            ledger=cards.ledgers[0],  # the one card's (with several, decide reads ``cards``)
             waiters=tuple(w.view for w in book.waiters),
             requests=requests,
             policy=ctx.policy,
