@@ -64,8 +64,6 @@ class Context:
             [(Card(c.index, c.name), c.budget_bytes) for c in config.cards], config.host_budget_bytes
         )
         self.machines: dict[int, ModelMachine] = {c.index: ModelMachine() for c in config.cards}
-        self.home: dict[str, int] = {}  # the card(s) each backend was last bound to, first card first
-        self.spans: dict[str, tuple[int, ...]] = {}
         self.card_used_s: dict[int, float] = {}  # when each card last granted a lease
         self.lost_gpu_s: dict[str, float] = {}  # when each model last left the GPU
         self.failures: dict[str, int] = {}  # failures in a row
@@ -101,9 +99,18 @@ class Context:
     def first_gpu(self) -> int:
         return self.cards.indexes[0]
 
+    def home(self, model: str) -> tuple[int, ...]:
+        """The cards ``model``'s backend was last bound to (what it may still hold is there);
+        never loaded: the first card its config allows."""
+        backend = self.backends.get(model)
+        if backend is not None and backend.gpus:
+            return backend.gpus
+        spec = self.config.models.get(model)
+        return (spec.gpus[0],) if spec is not None and spec.gpus else (self.first_gpu(),)
+
     def gpus_of(self, model: str) -> tuple[int, ...]:
         """The cards that hold ``model`` now, else the cards its backend last used."""
-        return self.cards.gpus_of(model) or self.spans.get(model) or (self.home.get(model, self.first_gpu()),)
+        return self.cards.gpus_of(model) or self.home(model)
 
     def switching_on(self, gpus: tuple[int, ...]) -> bool:
         return any(self.machines[g].state is State.SWITCHING for g in gpus)

@@ -285,13 +285,13 @@ class Executor:
             if backend is None or backend.tier is Tier.DISK:
                 self.reap_after.pop(name, None)
                 continue
-            with self.switching([ctx.home.get(name, ctx.first_gpu())]):
+            with self.switching(ctx.home(name)[:1]):
                 adopted = await self.adopt(name)
             if adopted:
                 self.reap_after.pop(name, None)
                 continue
             try:
-                with self.switching([ctx.home.get(name, ctx.first_gpu())]):
+                with self.switching(ctx.home(name)[:1]):
                     step = Eviction(name, backend.tier, Tier.DISK)
                     await self.unload(
                         [step],
@@ -312,7 +312,7 @@ class Executor:
         when the backend has no such copy or it does not fit: the caller gives it back."""
         ctx = self.ctx
         backend = ctx.backends[name]
-        gpu = ctx.home.get(name, ctx.first_gpu())  # the card its program's memory is on
+        gpu = ctx.home(name)[0]  # the card its program's memory is on
         if name not in ctx.config.models or ctx.cards.get(name) is not None or ctx.switching_on((gpu,)):
             return False
         try:
@@ -414,9 +414,6 @@ class Executor:
         # The backend serves from these cards: in-process models load on cuda:N, servers
         # start with CUDA_VISIBLE_DEVICES naming them.
         backend.bind(gpus, tuple(self.accounting.devices[g] for g in gpus))
-        ctx.home[p.load] = gpus[0]
-        if len(gpus) > 1:
-            ctx.spans[p.load] = gpus
         for g, share in zip(gpus, shares, strict=True):
             ctx.cards = ctx.cards.begin_load(g, share)
         # A cold load comes from the packed disk cache or from the source: a cost of its own.

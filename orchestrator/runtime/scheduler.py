@@ -130,7 +130,7 @@ class Scheduler:
         foreign = ""
         if self.settings.foreign_memory_fails and cards.foreign_bytes:
             foreign = self.accounting.foreign_text()
-        several = self._several(known) if ctx.several else {}
+        several = self._several(known, leftovers) if ctx.several else {}
         return StepView(
             now_s=ctx.now_s(),
             ledger=cards.ledgers[0],  # the one card's (with several, decide reads ``cards``)
@@ -154,7 +154,7 @@ class Scheduler:
             **several,
         )
 
-    def _several(self, known: frozenset[str]) -> dict[str, Any]:
+    def _several(self, known: frozenset[str], leftovers: frozenset[str]) -> dict[str, Any]:
         """The snapshot's fields for a machine with several cards."""
         ctx = self.ctx
         models = ctx.config.models
@@ -185,7 +185,7 @@ class Scheduler:
             "allowed": {m: s.gpus for m, s in models.items() if s.gpus is not None},
             "spans": {m: s.tensor_parallel for m, s in models.items() if s.tensor_parallel > 1},
             "portable": frozenset(m for m in known if m in models and ctx.backends[m].host_copy_portable),
-            "home": dict(ctx.home),
+            "home": {m: ctx.home(m)[0] for m in leftovers},
             "loaded_on": {g: o.target for g, o in outcomes.items() if o.loaded},
             "failed_on": {g: (o.target, o.error) for g, o in outcomes.items() if o.error is not None},
         }
