@@ -38,6 +38,7 @@ class Placement:
     model: str
     gpus: tuple[int, ...]
     why: str  # "resident", "host copy", "room"
+    score: tuple[float, ...] = ()  # the winning card's score (rule 3); () when rule 1 or 2 decided
 
     @property
     def anchor(self) -> int:
@@ -115,7 +116,7 @@ def place(
         raise _too_large(request, cards, allowed, k)
     scored.sort()
     chosen = tuple(sorted(g for _, g in scored[:k]))
-    return Placement(model, chosen, "host copy" if host is not None else "room")
+    return Placement(model, chosen, "host copy" if host is not None else "room", scored[k - 1][0])
 
 
 def _too_large(request: PlanRequest, cards: Cards, allowed: tuple[int, ...], k: int) -> InsufficientVRAM:

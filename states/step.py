@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from states.cards import Cards
 from states.errors import InsufficientVRAM, LeaseDeadlock
 from states.ledger import Ledger, Resident
-from states.placement import PlaceContext, hide_in_flight, place
+from states.placement import PlaceContext, Placement, hide_in_flight, place
 from states.plan import Deferred, Plan, PlanRequest, Policy, SwitchCosts, plan, plan_cost_s, victim_order
 from states.scheduling import Mode, SchedulerView, WaiterView, admission, drain_due_at, rank_targets
 
@@ -500,18 +500,36 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
     failures: list[tuple[int, Exception]] = []
     placed: dict[str, tuple[int, ...] | InsufficientVRAM] = {}
     by_card: dict[int, list[WaiterView]] = {g: [] for g in cards.indexes}
-    claimed: set[int] = set()  # cards given a model to switch in, in this step
+    # Models are placed in the order they are waited for, except that those that need no
+    # eviction (resident, or fitting in free room on their best card as if no other model
+    # were placed in this step) go first: a card given a model to switch in counts as busy
+    # for the models placed after it, and a light model that fits beside a resident one
+    # must not be sent to evict elsewhere because a model waited for earlier claimed the
+    # card it fits on.
+    first: dict[str, Placement | InsufficientVRAM] = {}
     for w in view.waiters:
-        where = placed.get(w.model)
-        if where is None:
+        if w.model not in first:
             try:
-                p = place(view.requests[w.model], cards, replace(pctx, busy=view.busy | claimed), views)
-                where = p.gpus
-                if p.why != "resident":
-                    claimed.update(where)
+                first[w.model] = place(view.requests[w.model], cards, pctx, views)
             except InsufficientVRAM as exc:
-                where = exc
-            placed[w.model] = where
+                first[w.model] = exc
+    claimed: set[int] = set()  # cards given a model to switch in, in this step
+    for m in sorted(first, key=lambda m: _evicts(first[m])):
+        p0 = first[m]
+        if isinstance(p0, InsufficientVRAM):
+            placed[m] = p0
+            continue
+        try:
+            p = p0
+            if claimed:
+                p = place(view.requests[m], cards, replace(pctx, busy=view.busy | claimed), views)
+            placed[m] = p.gpus
+            if p.why != "resident":
+                claimed.update(p.gpus)
+        except InsufficientVRAM as exc:
+            placed[m] = exc
+    for w in view.waiters:
+        where = placed[w.model]
         if isinstance(where, InsufficientVRAM):
             failures.append((w.seq, where))
         else:
@@ -592,6 +610,13 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
         settled_unloads=settled,
         actions=tuple(actions),
     )
+
+
+def _evicts(p: Placement | InsufficientVRAM) -> bool:
+    """Whether placing ``p`` needs an eviction or a wait (rule 3's score says so)."""
+    if isinstance(p, InsufficientVRAM) or p.why == "resident":
+        return False
+    return not p.score or p.score[:3] != (0, 0, 0) or p.score[4] != 0
 
 
 def _join_spans(

@@ -206,3 +206,16 @@ def test_a_requested_unload_of_a_spanning_model_is_one_action() -> None:
     cards = two_cards().begin_load(0, share).begin_load(1, share).finish_load(0).finish_load(1)
     d = decide(view(cards, [], [req("tp", "llm", 12.5)], spans={"tp": 2}, to_unload={"tp": "asked"}))
     assert [(g, type(a).__name__) for g, a in d.actions] == [(0, "Evict")]
+
+
+def test_a_model_that_fits_beside_a_resident_is_placed_before_one_that_must_evict() -> None:
+    # Card 0 (23 GiB) holds B (12 GiB, idle), card 1 (15 GiB) holds A (13 GiB, idle). The heavy
+    # C, waited for first, would evict B on card 0 (fewer bytes than A); the TTS fits beside
+    # B there and nowhere else. Placed in arrival order, C would claim card 0 and send the TTS
+    # to evict A on card 1: two evictions where one is enough.
+    cards = loaded(loaded(two_cards(), 0, res("B", "llm", 12)), 1, res("A", "llm", 13))
+    requests = [req("C", "sdxl", 12), req("tts", "tts", 4)]
+    d = decide(view(cards, [(1, "C"), (2, "tts")], requests))
+    switches = {gpu: a.plan for gpu, a in d.actions if isinstance(a, Switch)}
+    assert switches[0].load == "tts" and not switches[0].evictions
+    assert switches[1].load == "C" and [e.model for e in switches[1].evictions] == ["A"]
