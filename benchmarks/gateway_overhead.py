@@ -119,10 +119,39 @@ def wait_for_line(proc: subprocess.Popen[bytes], marker: str, what: str, timeout
     raise SystemExit(f"{what} did not start:\n{''.join(seen[-20:])}")
 
 
+# ``--pin``: the CPUs the proxies run on, and the CPUs of everything else (the load
+# generator, the server). None: no pinning.
+PINS: tuple[set[int], set[int]] | None = None
+
+
+def pin_cpus() -> tuple[set[int], set[int]]:
+    """The last CPU this process may run on for the proxies, the others for the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs at least 2 CPUs; this process may use {len(cpus)}")
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def _on(cpus: set[int] | None) -> Any:
+    """A ``preexec_fn`` that pins the child to ``cpus`` (None: leaves it as it is)."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _proxy_cpus() -> set[int] | None:
+    return PINS[0] if PINS is not None else None
+
+
+def _other_cpus() -> set[int] | None:
+    return PINS[1] if PINS is not None else None
+
+
 def start_daemon(config_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "serve", "--config", str(config_path), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        preexec_fn=_on(_proxy_cpus()),
     )  # fmt: skip
     line = wait_for_line(proc, " on http", "the daemon")
     return proc, line.split(" on ")[1].split()[0]
@@ -134,6 +163,7 @@ def start_fake_server(kind: str) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
         [sys.executable, *server, "--port", str(port), "--model", SERVED_MODEL],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+        preexec_fn=_on(_other_cpus()),
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, "the fake OpenAI server")
@@ -192,7 +222,12 @@ def start_peer(cmd: str, upstream: str, config_dir: Path) -> tuple[subprocess.Po
         written.write_text(written.read_text().format(**fields))
     line = cmd.format(**fields)
     proc = subprocess.Popen(
-        line, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        line,
+        shell=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_on(_proxy_cpus()),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -512,7 +547,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", action="append", default=[], metavar="CMD", help="another proxy (see above)")
     p.add_argument("--peer-label", action="append", default=[], metavar="LABEL", help="a name per --peer")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the proxies on this process's last CPU and the load generator and the server on "
+        "the others (as a load generator is run apart from the system under test)",
+    )
     args = p.parse_args(argv)
+    global PINS
+    PINS = pin_cpus() if args.pin else None
+    if PINS is not None:
+        os.sched_setaffinity(0, PINS[1])
     if args.vllm:
         args.requests = min(args.requests, 30)
     try:
@@ -558,7 +603,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.vllm
                 else f"fake OpenAI server ({args.upstream})"
             )
-            print(f"gateway overhead, {server_name}; {versions()}; load generator on {loader}")
+            pinned = (
+                f"; the proxies on CPU {sorted(PINS[0])}, the load generator and the server on CPUs "
+                f"{sorted(PINS[1])}"
+                if PINS is not None
+                else ""
+            )
+            print(f"gateway overhead, {server_name}; {versions()}; load generator on {loader}{pinned}")
             print(
                 f"milliseconds per request; sequential: {args.requests} requests per side and kind, "
                 f"interleaved in {args.rounds} rounds (after a warm-up)\n"
@@ -568,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run(measure(sides, args))
             result = summary(sides, args.clients)
             result["versions"] = versions()
+            # Where each process may run (``--pin``): read back from the processes themselves.
+            result["cpus"] = {
+                "load generator": sorted(os.sched_getaffinity(0)),
+                **{s.label: sorted(os.sched_getaffinity(s.pgid)) for s in sides if s.pgid is not None},
+            }
             print_table(result)
             with httpx.Client(timeout=60) as client:
                 st = client.get(f"{gateway}/v1/status").json()["statistics"]

@@ -42,6 +42,8 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
         "--requests", "12", "--clients", "4", "--load-requests", "48", "--rounds", "2",
         "--peer", cmd, "--peer-label", "second daemon", "--json", str(out),
     ]  # fmt: skip
+    pin = len(os.sched_getaffinity(0)) >= 2
+    args += ["--pin"] if pin else []
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gateway_overhead", *args],
         cwd=ROOT,
@@ -77,3 +79,9 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
     proxied = sum(sides["gateway"][k]["n"] for k in ("completion", "streamed"))
     assert result["gateway_grants"] >= proxied + sides["gateway"]["concurrent"]["requests"]
     assert result["gateway_switches"] == 1
+    # --pin: the proxies on the last CPU, the load generator apart from them
+    last = max(os.sched_getaffinity(0))
+    if not pin:
+        return
+    assert result["cpus"]["gateway"] == result["cpus"]["second daemon"] == [last]
+    assert last not in result["cpus"]["load generator"]
