@@ -215,16 +215,20 @@ class Cards:
 
     def _each(self, model: str, change: str, *args: object) -> Cards:
         """Apply a ledger change to every card that lists ``model``."""
-        found = False
+        found = changed = False
         out: list[Ledger] = []
         for led in self.ledgers:
             if led.get(model) is not None:
                 found = True
-                led = getattr(led, change)(model, *args)
+                new = getattr(led, change)(model, *args)
+                changed = changed or new is not led
+                led = new
             out.append(led)
         if not found:
             raise ValueError(f"{model!r} is not in the ledger")
-        return replace(self, ledgers=tuple(out))
+        # A change that changed nothing (a touch of the most recently used model: every grant
+        # and release of a busy one) keeps these cards, as the ledger keeps itself.
+        return replace(self, ledgers=tuple(out)) if changed else self
 
     def with_ledger(self, gpu: int, ledger: Ledger) -> Cards:
         """Card ``gpu``'s ledger replaced."""

@@ -219,3 +219,11 @@ def test_a_model_that_fits_beside_a_resident_is_placed_before_one_that_must_evic
     switches = {gpu: a.plan for gpu, a in d.actions if isinstance(a, Switch)}
     assert switches[0].load == "tts" and not switches[0].evictions
     assert switches[1].load == "C" and [e.model for e in switches[1].evictions] == ["A"]
+
+
+def test_touching_the_most_recently_used_model_keeps_the_cards() -> None:
+    cards = loaded(loaded(two_cards(), 0, res("llm", "llm", 14)), 0, res("tts", "tts", 3))
+    touched = cards.touch("llm")  # the TTS model was used after it
+    before, after = cards.ledger(0).get("llm"), touched.ledger(0).get("llm")
+    assert before is not None and after is not None and after.last_used > before.last_used
+    assert touched.touch("llm") is touched  # a grant or release of a busy model builds nothing
