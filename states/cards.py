@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from states.ledger import Ledger, Resident, Tier
 
@@ -153,7 +154,7 @@ class Cards:
     def residents(self) -> tuple[Resident, ...]:
         return self.gpu_residents + self.host_residents
 
-    @property
+    @cached_property  # the cards never change (see Ledger)
     def committed_bytes(self) -> int:
         return sum(led.committed_bytes for led in self.ledgers)
 

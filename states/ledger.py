@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from states.units import format_gib
 
@@ -77,16 +78,18 @@ class Ledger:
             raise ValueError(f"{self.loading.model!r} is both loading and resident")
 
     # -- reading ---------------------------------------------------------------------------
+    # A ledger never changes (every change is a new one), so what is read most (at every
+    # grant, release and event) is computed once per ledger.
 
-    @property
+    @cached_property
     def gpu_residents(self) -> tuple[Resident, ...]:
         return tuple(r for r in self.residents if r.tier is Tier.GPU)
 
-    @property
+    @cached_property
     def host_residents(self) -> tuple[Resident, ...]:
         return tuple(r for r in self.residents if r.tier is Tier.HOST)
 
-    @property
+    @cached_property
     def resident_bytes(self) -> int:
         """VRAM held by models on the GPU."""
         return sum(r.vram_bytes for r in self.gpu_residents)
@@ -96,7 +99,7 @@ class Ledger:
         """VRAM reserved for external programs (part of ``resident_bytes``)."""
         return sum(r.vram_bytes for r in self.gpu_residents if r.external)
 
-    @property
+    @cached_property
     def committed_bytes(self) -> int:
         """VRAM held by residents plus the bytes promised to the load in progress."""
         loading = self.loading.vram_bytes if self.loading is not None else 0
