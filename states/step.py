@@ -34,9 +34,8 @@ The rules, in the order ``decide`` applies them:
 8. If the plan evicts a busy model, the switch waits (until the target's waiters have waited
    long enough: ``scheduling.drain_due_at``, by the measured cost of this switch once the
    busy model's older requests are served, or by ``fairness_s``; or until the leases end);
-   meanwhile, in fair mode, a model that fits
-   without evicting anything is loaded beside it (a side load). Otherwise the switch is the
-   action: ``Switch``.
+   meanwhile, in fair mode, a model that fits without evicting anything is loaded beside it
+   (a side load). Otherwise the switch is the action: ``Switch``.
 9. The wake time is the earliest of: a back-off ending, a reap or rebalance retry, the
    fairness bound, a deferred request's next look, a waiter becoming overdue, and (while
    models are resident) the next look at the device for foreign memory.
