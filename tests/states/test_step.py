@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from states import (
+    Decision,
     Evict,
     InsufficientVRAM,
     LeaseDeadlock,
@@ -379,6 +380,31 @@ def test_under_the_cost_rule_a_busy_model_serves_its_older_queue_first() -> None
     assert decide(queued_sdxl_view(200, [150, 10])).drain == {"sdxl"}
     # One older request among younger ones holds the drain back all the same.
     assert decide(queued_sdxl_view(200, [10, 201])).drain == frozenset()
+
+
+def test_the_worked_example_of_the_cost_rule_the_other_way_round() -> None:
+    # docs/scheduling.md: host copies of both; SDXL draws one image, four more are queued, two
+    # asked before a chat request that has waited the floor (0.6 x 120 s). The switch costs
+    # SDXL's offload and the LLM's restore, 0.55 s: a price of 16 x 0.55 x 6 = 52.8 waiter-s.
+    led = Ledger(BUDGET, (resident("sdxl"), resident("qwen", tier=Tier.HOST)), host_budget_bytes=GB(24))
+    costs = {"sdxl": SwitchCosts(unload_s=0.05), "qwen": SwitchCosts(restore_s=0.5)}
+
+    def step(queue_ago: list[float]) -> Decision:
+        queue = [w(2 + i, "sdxl", ago=a) for i, a in enumerate(queue_ago)]
+        v = view(
+            [w(1, "qwen", ago=72), *queue],
+            led,
+            leases={"sdxl": 1},
+            capacity={"sdxl": 1},
+            costs=costs,
+            max_wait_s=120,
+        )
+        return decide(replace(v, settings=replace(v.settings, fairness_by_cost=True)))
+
+    assert step([80, 75, 30, 10]).drain == frozenset()  # two images asked before it: SDXL goes on
+    d = step([30, 10])  # those two have started (one drew, one draws now)
+    assert d.drain == {"sdxl"} and d.grants == ()  # the two asked after it wait for the switch back
+    assert step([30, 10]).drain == step([]).drain  # younger requests do not hold it back
 
 
 def test_an_overdue_waiter_drains_past_the_evictees_older_queue() -> None:
