@@ -32,10 +32,10 @@ The rules, in the order ``decide`` applies them:
    waiting in the queue (higher priority first), where the scheduler sees them, and a drain
    waits only for the leases in progress.
 8. If the plan evicts a busy model, the switch waits (until the target's waiters have waited
-   long enough: ``scheduling.drain_due_at``, by the measured cost of this switch or by
-   ``fairness_s``; or until the leases end); meanwhile, in fair mode, a model that fits
-   without evicting anything is loaded beside it (a side load). Otherwise the switch is the
-   action: ``Switch``.
+   long enough: ``scheduling.drain_due_at``, by the measured cost of this switch once the
+   busy model's older requests are served, or by ``fairness_s``; or until the leases end);
+   meanwhile, in fair mode, a model that fits without evicting anything is loaded beside it
+   (a side load). Otherwise the switch is the action: ``Switch``.
 9. The wake time is the earliest of: a back-off ending, a reap or rebalance retry, the
    fairness bound, a deferred request's next look, a waiter becoming overdue, and (while
    models are resident) the next look at the device for foreign memory.
@@ -51,6 +51,7 @@ meanwhile); it is one joint switch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -353,8 +354,11 @@ def _decide_card(view: StepView) -> Decision:
     # 8. A busy evictee holds the switch back; a side load may go meanwhile.
     side = False
     if any(s.leases.get(m, 0) for m in evictees):
-        if not adm.drain:  # wake when the waiters have waited long enough
-            s.wake_at.append(drain_due_at(sv, target, evictees, cost_s))
+        # Wake when the waiters have waited long enough; an infinite time is "once the
+        # evictees' older waiters are granted", and the release before it wakes the step.
+        due = drain_due_at(sv, target, evictees, cost_s)
+        if not adm.drain and math.isfinite(due):
+            s.wake_at.append(due)
         beside = _side_load(view, sv, target) if view.settings.mode is Mode.FAIR else None
         if beside is None:
             return s.decision(

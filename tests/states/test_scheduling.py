@@ -3,6 +3,7 @@ modes (fair, fcfs, resident_first)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -324,3 +325,23 @@ def test_view_defaults() -> None:
     assert v.max_wait_s == 300.0
     assert v.blocked == frozenset()
     assert dict(v.leases) == {} and dict(v.lost_gpu_s) == {}
+
+
+# -- drain_due_at: the cost rule ------------------------------------------------------------
+
+
+def test_cost_rule_waits_for_the_evictees_older_waiters() -> None:
+    from states.scheduling import FLOOR_SHARE, drain_due_at
+
+    # qwen-14b is resident with two more requests queued past its capacity; sdxl-base waits.
+    target = [w(1, "sdxl-base", ago=100)]
+    evict = frozenset({"qwen-14b"})
+    younger = view([*target, w(2, "qwen-14b", ago=50), w(3, "qwen-14b", ago=5)], ["qwen-14b"])
+    due = drain_due_at(younger, "sdxl-base", evict, switch_cost_s=0.1)
+    assert due == pytest.approx(NOW - 100 + FLOOR_SHARE * 300)  # the floor: younger queues do not count
+    older = view([*target, w(2, "qwen-14b", ago=101)], ["qwen-14b"])
+    assert drain_due_at(older, "sdxl-base", evict, switch_cost_s=0.1) == math.inf
+    # The time rule, and waiters of models that are not evicted, are left alone.
+    assert drain_due_at(older, "sdxl-base", evict) == pytest.approx(NOW - 100 + 5.0)
+    other = view([*target, w(2, "gpt-sovits", ago=500)], ["qwen-14b", "gpt-sovits"])
+    assert drain_due_at(other, "sdxl-base", evict, switch_cost_s=0.1) < math.inf

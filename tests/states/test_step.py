@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from states import (
+    Decision,
     Evict,
     InsufficientVRAM,
     LeaseDeadlock,
@@ -350,6 +351,69 @@ def test_under_the_cost_rule_a_busier_evictee_holds_out_longer_but_never_past_ma
     busy = decide(cost_view([w(1, "sdxl", ago=200)], leases=4))  # 16 x 7 x 5 = 560 ...
     assert busy.drain == frozenset() and busy.wake_at_s == pytest.approx(NOW + 100)  # ... or max_wait_s
     assert decide(cost_view([w(1, "sdxl", ago=300)], leases=4)).drain == {"qwen"}
+
+
+CHEAP = {"qwen": SwitchCosts(load_s=0.1, restore_s=0.1), "sdxl": SwitchCosts(unload_s=0.05)}
+
+
+def queued_sdxl_view(qwen_ago: float, sdxl_queue_ago: Iterable[float], *, by_cost: bool = True) -> StepView:
+    """SDXL resident at its capacity (one image in progress), its queue waiting, an LLM waiter."""
+    queue = [w(2 + i, "sdxl", ago=a) for i, a in enumerate(sdxl_queue_ago)]
+    v = view(
+        [w(1, "qwen", ago=qwen_ago), *queue],
+        ledger("sdxl"),
+        leases={"sdxl": 1},
+        capacity={"sdxl": 1},
+        costs=CHEAP,
+    )
+    return replace(v, settings=replace(v.settings, fairness_by_cost=by_cost))
+
+
+def test_under_the_cost_rule_a_busy_model_serves_its_older_queue_first() -> None:
+    # The LLM waiter is past the floor (180 s) and the price (16 x 0.15 x 3 = 7.2 waiter-s),
+    # but an SDXL request queued for the one pipeline arrived before it: SDXL keeps serving.
+    older = decide(queued_sdxl_view(200, [250]))
+    assert older.drain == frozenset() and older.action is None
+    assert older.wake_at_s == pytest.approx(NOW + 50)  # the SDXL request's max_wait_s, not infinity
+    # Once the older one is served, or when SDXL's queue is younger, SDXL drains.
+    assert decide(queued_sdxl_view(200, [])).drain == {"sdxl"}
+    assert decide(queued_sdxl_view(200, [150, 10])).drain == {"sdxl"}
+    # One older request among younger ones holds the drain back all the same.
+    assert decide(queued_sdxl_view(200, [10, 201])).drain == frozenset()
+
+
+def test_the_worked_example_of_the_cost_rule_the_other_way_round() -> None:
+    # docs/scheduling.md: host copies of both; SDXL draws one image, four more are queued, two
+    # asked before a chat request that has waited the floor (0.6 x 120 s). The switch costs
+    # SDXL's offload and the LLM's restore, 0.55 s: a price of 16 x 0.55 x 6 = 52.8 waiter-s.
+    led = Ledger(BUDGET, (resident("sdxl"), resident("qwen", tier=Tier.HOST)), host_budget_bytes=GB(24))
+    costs = {"sdxl": SwitchCosts(unload_s=0.05), "qwen": SwitchCosts(restore_s=0.5)}
+
+    def step(queue_ago: list[float]) -> Decision:
+        queue = [w(2 + i, "sdxl", ago=a) for i, a in enumerate(queue_ago)]
+        v = view(
+            [w(1, "qwen", ago=72), *queue],
+            led,
+            leases={"sdxl": 1},
+            capacity={"sdxl": 1},
+            costs=costs,
+            max_wait_s=120,
+        )
+        return decide(replace(v, settings=replace(v.settings, fairness_by_cost=True)))
+
+    assert step([80, 75, 30, 10]).drain == frozenset()  # two images asked before it: SDXL goes on
+    d = step([30, 10])  # those two have started (one drew, one draws now)
+    assert d.drain == {"sdxl"} and d.grants == ()  # the two asked after it wait for the switch back
+    assert step([30, 10]).drain == step([]).drain  # younger requests do not hold it back
+
+
+def test_an_overdue_waiter_drains_past_the_evictees_older_queue() -> None:
+    d = decide(queued_sdxl_view(300, [310]))
+    assert d.drain == {"sdxl"} and d.grants == ()  # max_wait_s is the hard bound
+
+
+def test_the_time_rule_does_not_look_at_the_evictees_queue() -> None:
+    assert decide(queued_sdxl_view(10, [250], by_cost=False)).drain == {"sdxl"}  # fairness_s 5
 
 
 def test_switch_cost_counts_the_evictions_and_the_tier_the_target_comes_from() -> None:
