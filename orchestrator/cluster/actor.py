@@ -48,6 +48,9 @@ EVENTS_KEPT = 100_000  # events the actor keeps for events_after()
 SNAPSHOT_COALESCE_S = 0.01  # after a change, wait this long for more before answering a poll
 SNAPSHOT_INTERVAL_S = 0.05  # and answer polls at most this often (a snapshot costs both sides CPU)
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+# events the router accounts for itself (its own grants and releases): a grant after any other
+# (a load, an eviction) brings the machine's snapshot with it
+QUIET_EVENTS = frozenset({"grant", "release"})
 
 
 class LeaseRequest(NamedTuple):
@@ -98,6 +101,7 @@ class OrchestratorActor:
         self.version = 0
         self._events: deque[tuple[int, Event]] = deque(maxlen=EVENTS_KEPT)  # (seq, event)
         self._snapshot_at = -math.inf  # monotonic time of the last snapshot built
+        self._moved = False  # an event other than a grant or release since that snapshot
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -144,6 +148,8 @@ class OrchestratorActor:
         # (an event is frozen: kept as it is, made a dict only when read)
         self.version += 1
         self._events.append((self.version, e))
+        if e.kind not in QUIET_EVENTS:
+            self._moved = True
         self._wake()
 
     def _wake(self) -> None:
@@ -169,6 +175,7 @@ class OrchestratorActor:
 
     def _snapshot(self, orch: Orchestrator, leases: LeaseManager) -> MachineSnapshot:
         self._snapshot_at = time.monotonic()
+        self._moved = False
         return snapshot_of(
             orch,
             node=self.node,
@@ -229,7 +236,8 @@ class OrchestratorActor:
 
     async def open(self, request: Sequence[Any]) -> dict[str, Any]:
         """Release ``release_first``, then wait for a lease (on ``model``, or a reservation of
-        ``n_bytes``) and answer it: ``{"lease": ...}``, ``{"error": ...}``
+        ``n_bytes``) and answer it: ``{"lease": ...}`` (with ``"snapshot"`` when anything but
+        grants and releases happened since the last snapshot), ``{"error": ...}``
         (``wire.to_wire``) or ``{"cancelled": True}``; each answer with ``"released"``, the
         version after each of ``release_first`` this call released (those already ended
         are not in it).
@@ -272,7 +280,10 @@ class OrchestratorActor:
             return {"cancelled": True, "released": released}
         self._granted[r.request_id] = rl.id
         self._request_of[rl.id] = r.request_id
-        return {"lease": self._lease_dict(rl, r.request_id), "released": released}
+        reply: dict[str, Any] = {"lease": self._lease_dict(rl, r.request_id), "released": released}
+        if self._moved:  # (a load or an eviction: the router routes its next request with it)
+            reply["snapshot"] = self._snapshot(*await self._started())
+        return reply
 
     async def _release_first(self, leases: LeaseManager, lease_ids: Sequence[str]) -> dict[str, int]:
         """Release each lease that is still held; the version after each one released."""

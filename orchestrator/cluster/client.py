@@ -218,7 +218,8 @@ class ClusterOrchestrator:
         return self._machine(node).handle
 
     async def changed(self) -> None:
-        """Return at the next change of any machine (a snapshot, a machine down)."""
+        """Return at the next change of the views: of any machine (a snapshot, a machine
+        down), or of this router's requests (one sent, granted, released)."""
         await self._changed.wait()
 
     async def released(self, node: str | None = None) -> None:
@@ -292,18 +293,26 @@ class ClusterOrchestrator:
             if m.instance is not None and snap.instance != m.instance:
                 m.changes.clear()  # counted against the versions of the orchestrator that is gone
                 self._lose_all(m, f"machine {m.name}'s orchestrator restarted (instance {snap.instance})")
-            m.instance, m.snapshot = snap.instance, snap
+                m.snapshot = None
             if not m.alive:
                 logger.info("machine %s is up (instance %s)", m.name, snap.instance)
             m.alive, m.down_reason = True, ""
-            for held in list(m.leases.values()):
-                if held.lost is None and held.version < snap.version and held.lease.id not in snap.lease_ids:
-                    held.ask_why = True
-                    self._lose(
-                        held, f"machine {m.name} ended the lease on {held.lease.model or 'its reservation'}"
-                    )
+            self._apply(m, snap)
             version, instance = snap.version, snap.instance
-            self._notify()
+
+    def _apply(self, m: MachineLink, snap: MachineSnapshot) -> None:
+        """Take a snapshot of a live machine's present instance (from its poll, or with a
+        grant that loaded or evicted), unless the one taken is as new."""
+        old = m.snapshot
+        if old is not None and old.instance == snap.instance and old.version >= snap.version:
+            return
+        m.instance, m.snapshot = snap.instance, snap
+        for held in list(m.leases.values()):
+            if held.lost is None and held.version < snap.version and held.lease.id not in snap.lease_ids:
+                held.ask_why = True
+                what = held.lease.model or "its reservation"
+                self._lose(held, f"machine {m.name} ended the lease on {what}")
+        self._notify()
 
     def _down(self, m: MachineLink, why: str) -> None:
         if m.alive:
@@ -421,6 +430,7 @@ class ClusterOrchestrator:
         key = lease.model
         m.changes.append((version, key, 1))
         self._note_held(holder, m.name, key, 1)
+        self._notify()
         # The block runs in a cancel scope of its own (a loss cancels it), not in a task
         # group: an error of the block comes out as itself, not in an exception group.
         held.scope = scope = anyio.CancelScope()
@@ -435,7 +445,7 @@ class ClusterOrchestrator:
             if key:
                 self._learn_hold(key, anyio.current_time() - granted_at)
             if held.lost is None:
-                self._release(m, lease)
+                self._release(m, lease, version)
             elif held.ask_why:
                 held.lost = await why_ended_on(m, lease, held.lost)
         if held.lost is not None:
@@ -445,15 +455,16 @@ class ClusterOrchestrator:
         old = self._hold_s.get(model)
         self._hold_s[model] = seconds if old is None else old + HOLD_SMOOTHING * (seconds - old)
 
-    def _release(self, m: MachineLink, lease: ClusterLease) -> None:
+    def _release(self, m: MachineLink, lease: ClusterLease, granted: int) -> None:
         """Release a lease whose block has ended: at the next turn of the event loop, or
         carried by the next request to that machine if one is sent before (a task that
         acquires again at once makes one call, not two). Its answer is not awaited here."""
         if self._tg is None:  # the router has closed: nothing would take the answer
             m.handle.release.remote(lease.id)
             return
-        m.releasing[lease.id] = lease.model
+        m.releasing[lease.id] = (lease.model, granted)
         m.unsent[lease.id] = None
+        self._notify()
         if not m.flush_soon:
             m.flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush, m)
@@ -469,17 +480,22 @@ class ClusterOrchestrator:
             m.carried.clear()
         tg = self._tg
         for lease_id in ids:
-            ref = m.handle.release.remote(lease_id)
-            if tg is None:
+            try:
+                ref = m.handle.release.remote(lease_id)
+            except Exception as exc:  # (Ray shut down under the router): it expires there
+                logger.warning("machine %s: the release of %s was not sent: %s", m.name, lease_id, exc)
+                ref = None
+            if tg is None or ref is None:
                 m.releasing.pop(lease_id, None)
                 continue
-            tg.start_soon(self._release_answer, m, lease_id, m.releasing.get(lease_id, ""), ref)
-        if ids and tg is None:
+            tg.start_soon(self._release_answer, m, lease_id, m.releasing[lease_id][0], ref)
+        if ids:
             self._answer()
 
     def _answer(self) -> None:
         self._answered.set()
         self._answered = anyio.Event()
+        self._notify()
 
     def _carried_answered(self, m: MachineLink, rid: str) -> None:
         """The request ``rid`` has answered (or cannot: its machine is down) for the releases
@@ -488,8 +504,7 @@ class ClusterOrchestrator:
         for lease_id in done:
             del m.carried[lease_id]
             m.releasing.pop(lease_id, None)
-        if done:
-            self._answer()
+        self._answer()
 
     def _carried_unanswered(self, m: MachineLink, rid: str) -> None:
         """The request ``rid`` was cancelled here: its answer will not be read, so the releases
@@ -521,7 +536,8 @@ class ClusterOrchestrator:
         its ttl after its grant or last renewal, every lease that is due in one call."""
         ray = ray_module()
         while True:
-            await anyio.sleep(self.ttl_s * RENEW_FRACTION / 2)
+            ttl_s = min([self.ttl_s] + [h.lease.ttl_s for h in m.leases.values()])
+            await anyio.sleep(ttl_s * RENEW_FRACTION / 2)
             now = anyio.current_time()
             due = [
                 h
@@ -584,6 +600,7 @@ class ClusterOrchestrator:
                 rid, r.model or None, n_bytes, priority, remaining, self.ttl_s, holder, pid, tuple(first)
             )
             count(m.pending, r.model, 1)
+            self._notify()
             try:
                 reply = await m.handle.open.remote(tuple(asked))
             except ray.exceptions.RayActorError as exc:
@@ -598,9 +615,16 @@ class ClusterOrchestrator:
             finally:
                 count(m.pending, r.model, -1)
             for lease_id, after in dict(reply.get("released") or {}).items():
-                m.changes.append((int(after), first[lease_id], -1))  # (its own call hears it gone)
+                m.changes.append((int(after), first[lease_id][0], -1))  # (its own call hears it gone)
+                m.releasing.pop(lease_id, None)
+                m.carried.pop(lease_id, None)
             self._carried_answered(m, rid)
+            if first:
+                self._answer()
             if "lease" in reply:
+                snap = reply.get("snapshot")
+                if snap is not None and m.alive and snap.instance == m.instance:
+                    self._apply(m, snap)
                 d = reply["lease"]
                 return ClusterLease.from_dict(d, r), m, int(d["version"])
             if "cancelled" in reply:  # the machine is stopping

@@ -122,11 +122,12 @@ class MachineLink:
     changes: list[tuple[int, str, int]] = field(default_factory=list)
     leases: dict[str, Held] = field(default_factory=dict)
     # Releases of this router's leases here whose answer is not back yet (lease id -> its
-    # model): each next request here carries them, and the machine does them first. Each is
-    # either ``unsent`` (its block has just ended: its own release call goes out at the next
-    # turn of the event loop, unless a request here carries it before), ``carried`` (by the
-    # request ``carried[id]``, whose answer answers it too), or its own call is out.
-    releasing: dict[str, str] = field(default_factory=dict)
+    # model and the version of its grant): each next request here carries them, and the
+    # machine does them first. Each is either ``unsent`` (its block has just ended: its own
+    # release call goes out at the next turn of the event loop, unless a request here carries
+    # it before), ``carried`` (by the request ``carried[id]``, whose answer answers it too),
+    # or its own call is out.
+    releasing: dict[str, tuple[str, int]] = field(default_factory=dict)
     unsent: dict[str, None] = field(default_factory=dict)
     carried: dict[str, str] = field(default_factory=dict)
     flush_soon: bool = False  # a flush of ``unsent`` is scheduled
@@ -139,6 +140,10 @@ class MachineLink:
         leases: dict[str, int] = {}
         for _, model, by in self.changes:
             leases[model] = leases.get(model, 0) + by
+        for lease_id, (model, granted) in self.releasing.items():
+            # released, its answer not back: counted here unless the snapshot has it ended
+            if since < granted or lease_id in self.snapshot.lease_ids:
+                leases[model] = leases.get(model, 0) - 1
         return self.snapshot.view(alive=self.alive, pending=self.pending, leases=leases)
 
 
