@@ -194,8 +194,10 @@ class OrchestratorActor:
         while leases.instance_id == instance and self.version <= version and not self._stop.is_set():
             self._changed.clear()
             await self._changed.wait()
-            since = time.monotonic() - self._snapshot_at
-            await asyncio.sleep(max(SNAPSHOT_COALESCE_S, SNAPSHOT_INTERVAL_S - since))
+            await asyncio.sleep(SNAPSHOT_COALESCE_S)
+        wait_s = SNAPSHOT_INTERVAL_S - (time.monotonic() - self._snapshot_at)
+        if wait_s > 0 and leases.instance_id == instance and not self._stop.is_set():
+            await asyncio.sleep(wait_s)  # (changes that came while the last one travelled)
         return self._snapshot(orch, leases)
 
     async def events_after(self, seq: int) -> list[dict[str, Any]]:

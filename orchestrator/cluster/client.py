@@ -114,8 +114,9 @@ class ClusterOrchestrator:
         self.stop_machines = stop_machines
         self._machines: dict[str, MachineLink] = {}
         self._tg: TaskGroup | None = None
-        self._changed = anyio.Event()
-        self._answered = anyio.Event()  # set (and replaced) at each release's answer
+        # (made by a waiter, set and dropped at the next change: none made while nobody waits)
+        self._changed: anyio.Event | None = None
+        self._answered: anyio.Event | None = None  # at each release's answer
         self._holders: dict[str, dict[str, dict[str, int]]] = {}  # holder -> node -> model -> leases
         self._hold_s: dict[str, float] = {}  # learned mean hold time per model
         self._holder_prefix = f"{socket.gethostname()}:pid-{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -220,6 +221,8 @@ class ClusterOrchestrator:
     async def changed(self) -> None:
         """Return at the next change of the views: of any machine (a snapshot, a machine
         down), or of this router's requests (one sent, granted, released)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
         await self._changed.wait()
 
     async def released(self, node: str | None = None) -> None:
@@ -231,6 +234,8 @@ class ClusterOrchestrator:
             if m.unsent or m.carried:
                 self._flush(m, carried=True)
         while any(m.releasing for m in machines):
+            if self._answered is None:
+                self._answered = anyio.Event()
             await self._answered.wait()
 
     async def events_of(self, node: str, after: int = 0) -> list[dict[str, Any]]:
@@ -262,8 +267,9 @@ class ClusterOrchestrator:
         return m
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     # -- snapshots and faults ----------------------------------------------------------------
 
@@ -493,8 +499,9 @@ class ClusterOrchestrator:
             self._answer()
 
     def _answer(self) -> None:
-        self._answered.set()
-        self._answered = anyio.Event()
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            answered.set()
         self._notify()
 
     def _carried_answered(self, m: MachineLink, rid: str) -> None:
@@ -504,7 +511,8 @@ class ClusterOrchestrator:
         for lease_id in done:
             del m.carried[lease_id]
             m.releasing.pop(lease_id, None)
-        self._answer()
+        if done:
+            self._answer()
 
     def _carried_unanswered(self, m: MachineLink, rid: str) -> None:
         """The request ``rid`` was cancelled here: its answer will not be read, so the releases
