@@ -300,6 +300,11 @@ class ClusterOrchestrator:
                 m.changes.clear()  # counted against the versions of the orchestrator that is gone
                 self._lose_all(m, f"machine {m.name}'s orchestrator restarted (instance {snap.instance})")
                 m.snapshot = None
+                # (releases of its leases: they ended with it; the answers still coming are moot)
+                m.releasing.clear()
+                m.unsent.clear()
+                m.carried.clear()
+                self._answer()
             if not m.alive:
                 logger.info("machine %s is up (instance %s)", m.name, snap.instance)
             m.alive, m.down_reason = True, ""
@@ -466,7 +471,8 @@ class ClusterOrchestrator:
         carried by the next request to that machine if one is sent before (a task that
         acquires again at once makes one call, not two). Its answer is not awaited here."""
         if self._tg is None:  # the router has closed: nothing would take the answer
-            m.handle.release.remote(lease.id)
+            m.unsent[lease.id] = None
+            self._flush(m)
             return
         m.releasing[lease.id] = (lease.model, granted)
         m.unsent[lease.id] = None
@@ -494,7 +500,7 @@ class ClusterOrchestrator:
             if tg is None or ref is None:
                 m.releasing.pop(lease_id, None)
                 continue
-            tg.start_soon(self._release_answer, m, lease_id, m.releasing[lease_id][0], ref)
+            tg.start_soon(self._release_answer, m, lease_id, m.releasing.get(lease_id, ("", 0))[0], ref)
         if ids:
             self._answer()
 
