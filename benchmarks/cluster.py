@@ -368,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     enters = sorted(o["cluster_enter_p50_ms"] for o in overs)
     spread = (
-        f" (median of {len(overs)} runs; enter p50 cluster from {enters[0]} to {enters[-1]} ms)"
+        f"; each figure the median of {len(overs)} runs, enter p50 cluster from {enters[0]} "
+        f"to {enters[-1]} ms"
         if len(overs) > 1
         else ""
     )
