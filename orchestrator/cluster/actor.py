@@ -102,6 +102,7 @@ class OrchestratorActor:
         self._events: deque[tuple[int, Event]] = deque(maxlen=EVENTS_KEPT)  # (seq, event)
         self._snapshot_at = -math.inf  # monotonic time of the last snapshot built
         self._moved = False  # an event other than a grant or release since that snapshot
+        self._moved_at = 0  # the version of the last such event
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -149,7 +150,7 @@ class OrchestratorActor:
         self.version += 1
         self._events.append((self.version, e))
         if e.kind not in QUIET_EVENTS:
-            self._moved = True
+            self._moved, self._moved_at = True, self.version
         self._wake()
 
     def _wake(self) -> None:
@@ -252,6 +253,7 @@ class OrchestratorActor:
         except RuntimeError as exc:
             return {"error": to_wire(exc), "released": {}}
         released = await self._release_first(leases, r.release_first)
+        asked_at = self.version
         if r.request_id in self._cancelled:
             self._cancelled.discard(r.request_id)
             return {"cancelled": True, "released": released}
@@ -283,7 +285,9 @@ class OrchestratorActor:
         self._granted[r.request_id] = rl.id
         self._request_of[rl.id] = r.request_id
         reply: dict[str, Any] = {"lease": self._lease_dict(rl, r.request_id), "released": released}
-        if self._moved:  # (a load or an eviction: the router routes its next request with it)
+        if self._moved or self._moved_at > asked_at:
+            # a load, an eviction, ... since the last snapshot, or while this one waited (a
+            # snapshot since may still be on its way): the router routes its next request on it
             reply["snapshot"] = self._snapshot(*await self._started())
         return reply
 

@@ -339,6 +339,16 @@ async def test_a_holders_next_request_never_finds_its_last_lease_still_held(c: C
     await until(c, lambda: not c.machines()["m0"].leases, "no lease held on m0")  # type: ignore[union-attr]
 
 
+async def test_a_grant_that_loaded_brings_the_machines_snapshot(c: ClusterOrchestrator) -> None:
+    # nothing is resident after the fixture: this grant loads the LLM on m2, and the router
+    # knows it at the grant (the next request is routed on it, not on the snapshot before)
+    async with c.acquire("llm", node="m2") as llm:
+        snap: Any = c.machines()["m2"]
+        assert snap.ledger.on_gpu("qwen-14b") and llm.id in snap.lease_ids
+        view = next(v for v in c.views() if v.node == "m2")
+        assert view.leases == {"qwen-14b": 1}  # the grant, counted once
+
+
 async def test_a_release_goes_out_without_a_next_request(c: ClusterOrchestrator) -> None:
     # nothing follows the block on m1: its release still goes out (at the next turn of the
     # event loop), and another holder waiting for m1's one SDXL slot gets it
