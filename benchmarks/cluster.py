@@ -20,13 +20,18 @@ grant (p50, p99, in seconds of the trace: real seconds / time scale).
 **Routing overhead**: on a warm cluster (the LLM resident on a machine, nothing else
 running), ``--acquires`` sequential ``acquire()`` of the resident LLM through the cluster, and
 as many through a local ``Orchestrator`` in this process: the latency to enter the block and
-the whole acquire + release cycle, each the median and p99; and the routing decision alone
-(``states.routing.route`` over the four machines' views), per call; and one Ray round trip
-to a machine's actor (``ping``), the floor of any acquire that crosses a process.
+the whole acquire + release cycle (until the block's ``async with`` has returned), each the
+median and p99; and the routing decision alone (``states.routing.route`` over the four
+machines' views), per call; and one Ray round trip to a machine's actor (``ping``), the
+floor of any acquire that crosses a process. Back to back, each acquire carries the release
+of the block before it (the machine does it first: one call per acquire); so the entry (and
+the ping) is measured again with ``--pause-ms`` between blocks, where each release goes out
+in a call of its own, answered during the pause (``*_paused_*``).
 
 Run: ``python -m benchmarks.cluster [--quick] [--machines 1,2,4] [--time-scale S]
-[--acquires N] [--json PATH]``. Exits 1 if a request failed or was lost, or a machine's
-committed bytes went over its budget.
+[--acquires N] [--pause-ms MS] [--overhead-only] [--repeat R] [--json PATH]`` (``--repeat``:
+the overhead measured R times, each figure the median, the spread printed). Exits 1 if a
+request failed or was lost, or a machine's committed bytes went over its budget.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from orchestrator.runtime.stats import percentile
 DEFAULT_TIME_SCALE = 0.02
 GOAL_SCALING = 0.90  # throughput within 10% of linear
 GOAL_OVERHEAD_S = 0.002  # routing overhead per acquire
+DEFAULT_PAUSE_S = 0.005  # between blocks, for the entry measured with its release apart
 
 
 def machine_yaml(time_scale: float) -> str:
@@ -184,18 +190,23 @@ def _ms(values: Sequence[float], q: float) -> float:
     return round(percentile(sorted(values), q) * 1000, 3)
 
 
-async def overhead(names: Sequence[str], n: int, namespace: str) -> dict[str, Any]:
-    """Sequential acquires of a resident LLM: through the cluster and through a local one."""
+async def overhead(
+    names: Sequence[str], n: int, namespace: str, pause_s: float = DEFAULT_PAUSE_S
+) -> dict[str, Any]:
+    """Sequential acquires of a resident LLM: through the cluster and through a local one,
+    back to back and with ``pause_s`` between blocks."""
     from orchestrator.cluster import ClusterOrchestrator, Machine
     from states.routing import RouteRequest, route
 
     text = machine_yaml(DEFAULT_TIME_SCALE)
     now = time.perf_counter
-    out: dict[str, Any] = {"acquires": n}
+    out: dict[str, Any] = {"acquires": n, "pause_ms": round(pause_s * 1000, 3)}
 
-    async def measure(acquire: Any) -> tuple[list[float], list[float]]:
+    async def measure(acquire: Any, pause_s: float = 0.0) -> tuple[list[float], list[float]]:
         enter, cycle = [], []
         for _ in range(n):
+            if pause_s:
+                await anyio.sleep(pause_s)
             t0 = now()
             async with acquire("llm"):
                 t1 = now()
@@ -209,6 +220,7 @@ async def overhead(names: Sequence[str], n: int, namespace: str) -> dict[str, An
         async with orch.acquire("llm"):
             pass
         local_enter, local_cycle = await measure(orch.acquire)
+        local_paused, _ = await measure(orch.acquire, pause_s)
 
     machines = [Machine(x, config_text=text) for x in names]
     async with ClusterOrchestrator(machines, namespace=namespace) as cluster:
@@ -218,13 +230,23 @@ async def overhead(names: Sequence[str], n: int, namespace: str) -> dict[str, An
             async with cluster.acquire("llm"):
                 pass
         cluster_enter, cluster_cycle = await measure(cluster.acquire)
+        cluster_paused, _ = await measure(cluster.acquire, pause_s)
         actor = cluster.actor(names[0])
-        pings = []
-        for _ in range(n):  # Ray's own round trip to the machine's actor, for reference
-            t0 = now()
-            await actor.ping.remote()
-            pings.append(now() - t0)
-        out["ray_round_trip_p50_ms"] = _ms(pings, 0.5)
+
+        async def ping(pause_s: float = 0.0) -> list[float]:
+            pings = []
+            for _ in range(n):  # Ray's own round trip to the machine's actor, for reference
+                if pause_s:
+                    await anyio.sleep(pause_s)
+                t0 = now()
+                await actor.ping.remote()
+                pings.append(now() - t0)
+            return pings
+
+        out["ray_round_trip_p50_ms"] = _ms(await ping(), 0.5)
+        # (after a pause, each process of the call wakes from idle: on a busy machine that
+        # costs more than the call itself)
+        out["ray_round_trip_paused_p50_ms"] = _ms(await ping(pause_s), 0.5)
         views = cluster.views()
         t0 = now()
         k = 2000
@@ -237,13 +259,27 @@ async def overhead(names: Sequence[str], n: int, namespace: str) -> dict[str, An
         ("local_cycle", local_cycle),
         ("cluster_enter", cluster_enter),
         ("cluster_cycle", cluster_cycle),
+        ("local_enter_paused", local_paused),
+        ("cluster_enter_paused", cluster_paused),
     ):
         out[f"{label}_p50_ms"] = _ms(values, 0.5)
         out[f"{label}_p99_ms"] = _ms(values, 0.99)
     out["added_enter_p50_ms"] = round(out["cluster_enter_p50_ms"] - out["local_enter_p50_ms"], 3)
     out["added_cycle_p50_ms"] = round(out["cluster_cycle_p50_ms"] - out["local_cycle_p50_ms"], 3)
+    out["added_enter_paused_p50_ms"] = round(
+        out["cluster_enter_paused_p50_ms"] - out["local_enter_paused_p50_ms"], 3
+    )
     out["route_decision_us"] = round(route_s * 1e6, 1)
     out["machines"] = len(names)
+    return out
+
+
+def _median_of(overs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure of several overhead runs: its median (of an even count, the upper one)."""
+    out = dict(overs[0])
+    for k, v in overs[0].items():
+        if isinstance(v, float):
+            out[k] = sorted(o[k] for o in overs)[len(overs) // 2]
     return out
 
 
@@ -253,6 +289,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--machines", default="1,2,4", help="machine counts to run (default 1,2,4)")
     p.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE, help="default %(default)s")
     p.add_argument("--acquires", type=int, default=300, help="sequential acquires for the overhead")
+    p.add_argument(
+        "--pause-ms",
+        type=float,
+        default=DEFAULT_PAUSE_S * 1000,
+        help="between blocks, for the entry measured with each release apart (default %(default)s)",
+    )
+    p.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="only the routing overhead (no trace), on the largest of --machines",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="measure the overhead this many times (default 1)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
@@ -282,23 +330,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster.wait_for_nodes()
     print(f"a local Ray cluster of {len(names)} machines up in {time.perf_counter() - t_start:.1f} s")
     runs: list[Run] = []
+    overs: list[dict[str, Any]] = []
     try:
-        one = make_trace("mixed", args.quick, args.seed)
-        local = anyio.run(run_local, one, scale)
-        runs.append(local)
-        print(f"local Orchestrator: {json.dumps(local.figures())}", flush=True)
-        for n in counts:
-            trace = combined([make_trace("mixed", args.quick, args.seed + i) for i in range(n)])
-            r = anyio.run(run_cluster, names[:n], trace, scale, f"bench-{n}")
-            runs.append(r)
-            print(f"{n} machine(s): {json.dumps(r.figures())}", flush=True)
-        over = anyio.run(overhead, names, args.acquires, "bench-overhead")
+        if not args.overhead_only:
+            one = make_trace("mixed", args.quick, args.seed)
+            local = anyio.run(run_local, one, scale)
+            runs.append(local)
+            print(f"local Orchestrator: {json.dumps(local.figures())}", flush=True)
+            for n in counts:
+                trace = combined([make_trace("mixed", args.quick, args.seed + i) for i in range(n)])
+                r = anyio.run(run_cluster, names[:n], trace, scale, f"bench-{n}")
+                runs.append(r)
+                print(f"{n} machine(s): {json.dumps(r.figures())}", flush=True)
+        for i in range(max(1, args.repeat)):
+            o = anyio.run(overhead, names, args.acquires, f"bench-overhead-{i}", args.pause_ms / 1000)
+            overs.append(o)
+            print(f"overhead: {json.dumps(o)}", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
+    over = _median_of(overs)
 
     base = next((r for r in runs if r.machines == 1), None)
-    print("\nmachines  requests  served  makespan_s  req/s  vs linear  switches  p50 wait  p99 wait")
+    if runs:
+        print("\nmachines  requests  served  makespan_s  req/s  vs linear  switches  p50 wait  p99 wait")
     for r in runs:
         f = r.figures()
         lin = (
@@ -311,13 +366,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{label:>8}{f['requests']:>10}{f['served']:>8}{f['makespan_s']:>12.1f}{f['throughput_per_s']:>7.1f}"
             f"{lin:>11}{f['switches']:>10}{f['p50_wait_s']:>10.1f}{f['p99_wait_s']:>10.1f}"
         )
+    enters = sorted(o["cluster_enter_p50_ms"] for o in overs)
+    spread = (
+        f"; each figure the median of {len(overs)} runs, enter p50 cluster from {enters[0]} "
+        f"to {enters[-1]} ms"
+        if len(overs) > 1
+        else ""
+    )
     print(
-        f"\nper acquire of a resident model ({over['acquires']} sequential): enter p50 local "
+        f"\nper acquire of a resident model ({over['acquires']} sequential{spread}): enter p50 local "
         f"{over['local_enter_p50_ms']} ms, cluster {over['cluster_enter_p50_ms']} ms (added "
         f"{over['added_enter_p50_ms']} ms); acquire + release p50 local {over['local_cycle_p50_ms']} ms, "
         f"cluster {over['cluster_cycle_p50_ms']} ms (added {over['added_cycle_p50_ms']} ms); p99 enter "
-        f"cluster {over['cluster_enter_p99_ms']} ms; the routing decision {over['route_decision_us']} us; "
-        f"one Ray round trip to a machine's actor (a ping) {over['ray_round_trip_p50_ms']} ms"
+        f"cluster {over['cluster_enter_p99_ms']} ms; with {over['pause_ms']:g} ms between blocks (each "
+        f"release in a call of its own) enter p50 local {over['local_enter_paused_p50_ms']} ms, cluster "
+        f"{over['cluster_enter_paused_p50_ms']} ms (p99 {over['cluster_enter_paused_p99_ms']} ms); the "
+        f"routing decision {over['route_decision_us']} us; one Ray round trip to a machine's actor (a ping) "
+        f"{over['ray_round_trip_p50_ms']} ms, after the same pause {over['ray_round_trip_paused_p50_ms']} ms"
     )
     scaling = {
         str(r.machines): round(r.throughput / (r.machines * base.throughput), 3)
@@ -344,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": [{**r.figures(), "over_budget": r.over_budget} for r in runs],
             "scaling": scaling,
             "overhead": over,
+            "overhead_runs": overs,
             "cpus": os.cpu_count(),
             "waits_s": {str(r.machines): sorted(r.waits_s) for r in runs},
         }

@@ -7,10 +7,17 @@ held in a task of the actor until released, expired (not renewed within its ttl)
 or ended by the machine (its model crashed); the holder named in each request is the owner
 for the deadlock check, so that two leases of one task on one machine are one holder's.
 
-Snapshots go to the routers by long poll: ``snapshot_after(version)`` answers as soon as the
+Snapshots go to the routers by long poll: ``snapshot_after(version)`` answers soon after the
 orchestrator's events have moved past ``version`` (each event is a change: a grant, a
-release, a load, an eviction). The router always has one such call waiting, so a change
-reaches it in one message, and a dead actor is noticed when that call fails.
+release, a load, an eviction), at most one snapshot every ``SNAPSHOT_INTERVAL_S`` while
+changes stream in. The router always has one such call waiting, so a change reaches it in
+one message, and a dead actor is noticed when that call fails.
+
+The lease calls are the hot path: ``open(request)`` takes one tuple (Ray serialises each
+argument of a call on its own, at a cost per argument) and answers once the lease is
+granted; it first releases the leases the router has released but not yet heard back about
+(``LeaseRequest.release_first``), so that a holder's next request never finds its last lease
+still held. Events are kept as they are and turned into dicts only when read.
 
 The class is plain Python; ``orchestrator.cluster.client`` wraps it with ``ray.remote`` and
 the machine's resources. Nothing here moves model weights: each machine loads its own.
@@ -23,8 +30,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from orchestrator.cluster.snapshot import MachineSnapshot, snapshot_of
@@ -39,7 +46,25 @@ logger = logging.getLogger("orchestrator.cluster")
 
 EVENTS_KEPT = 100_000  # events the actor keeps for events_after()
 SNAPSHOT_COALESCE_S = 0.01  # after a change, wait this long for more before answering a poll
+SNAPSHOT_INTERVAL_S = 0.05  # and answer polls at most this often (a snapshot costs both sides CPU)
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+# events the router accounts for itself (its own grants and releases): a grant after any other
+# (a load, an eviction) brings the machine's snapshot with it
+QUIET_EVENTS = frozenset({"grant", "release"})
+
+
+class LeaseRequest(NamedTuple):
+    """What ``OrchestratorActor.open`` is sent, as one plain tuple (``tuple(request)``)."""
+
+    request_id: str
+    model: str | None  # None: a reservation of n_bytes
+    n_bytes: int | None
+    priority: int
+    timeout_s: float | None
+    ttl_s: float
+    holder: str
+    pid: int | None = None
+    release_first: tuple[str, ...] = ()  # leases the router has released, their answer not back yet
 
 
 def machine_resource(node: str) -> str:
@@ -74,14 +99,18 @@ class OrchestratorActor:
         self.orch: Orchestrator | None = None
         self.leases: LeaseManager | None = None
         self.version = 0
-        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self._events: deque[tuple[int, Event]] = deque(maxlen=EVENTS_KEPT)  # (seq, event)
+        self._snapshot_at = -math.inf  # monotonic time of the last snapshot built
+        self._moved = False  # an event other than a grant or release since that snapshot
+        self._moved_at = 0  # the version of the last such event
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._host_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._opening: dict[str, asyncio.Task[Any]] = {}
-        self._granted: dict[str, str] = {}  # request id -> lease id
+        self._granted: dict[str, str] = {}  # request id -> lease id (for cancel())
+        self._request_of: dict[str, str] = {}  # and back
         self._cancelled: set[str] = set()  # request ids cancelled before their open() ran
         self._address, self._ray_node_id = _where()
 
@@ -117,11 +146,11 @@ class OrchestratorActor:
             self._wake()
 
     def _on_event(self, e: Event) -> None:
+        # (an event is frozen: kept as it is, made a dict only when read)
         self.version += 1
-        d = e.to_dict()
-        d["node"] = self.node
-        d["seq"] = self.version
-        self._events.append(d)
+        self._events.append((self.version, e))
+        if e.kind not in QUIET_EVENTS:
+            self._moved, self._moved_at = True, self.version
         self._wake()
 
     def _wake(self) -> None:
@@ -146,6 +175,8 @@ class OrchestratorActor:
         return self._snapshot(orch, leases)
 
     def _snapshot(self, orch: Orchestrator, leases: LeaseManager) -> MachineSnapshot:
+        self._snapshot_at = time.monotonic()
+        self._moved = False
         return snapshot_of(
             orch,
             node=self.node,
@@ -157,18 +188,23 @@ class OrchestratorActor:
         )
 
     async def snapshot_after(self, version: int, instance: str | None) -> MachineSnapshot:
-        """The snapshot, as soon as it differs from ``version`` of ``instance`` (a long poll)."""
+        """The snapshot, soon after it differs from ``version`` of ``instance`` (a long poll):
+        ``SNAPSHOT_COALESCE_S`` after the first change (a burst of events: one snapshot), and
+        ``SNAPSHOT_INTERVAL_S`` after the last snapshot at the soonest."""
         orch, leases = await self._started()
         while leases.instance_id == instance and self.version <= version and not self._stop.is_set():
             self._changed.clear()
             await self._changed.wait()
-            await asyncio.sleep(SNAPSHOT_COALESCE_S)  # a burst of events: one snapshot
+            await asyncio.sleep(SNAPSHOT_COALESCE_S)
+        wait_s = SNAPSHOT_INTERVAL_S - (time.monotonic() - self._snapshot_at)
+        if wait_s > 0 and leases.instance_id == instance and not self._stop.is_set():
+            await asyncio.sleep(wait_s)  # (changes that came while the last one travelled)
         return self._snapshot(orch, leases)
 
     async def events_after(self, seq: int) -> list[dict[str, Any]]:
         """The events after ``seq`` (each event's ``seq`` counts from 1), as dicts."""
         await self._started()
-        return [d for d in self._events if d["seq"] > seq]
+        return [{**e.to_dict(), "node": self.node, "seq": n} for n, e in self._events if n > seq]
 
     async def statistics(self) -> dict[str, Any]:
         orch, _ = await self._started()
@@ -201,53 +237,76 @@ class OrchestratorActor:
 
     # -- leases ------------------------------------------------------------------------------
 
-    async def open(
-        self,
-        request_id: str,
-        model: str | None,
-        n_bytes: int | None,
-        priority: int,
-        timeout_s: float | None,
-        ttl_s: float,
-        holder: str,
-        pid: int | None = None,
-    ) -> dict[str, Any]:
-        """Wait for a lease (on ``model``, or a reservation of ``n_bytes``) and answer it:
-        ``{"lease": ...}``, ``{"error": ...}`` (``wire.to_wire``) or ``{"cancelled": True}``."""
+    async def open(self, request: Sequence[Any]) -> dict[str, Any]:
+        """Release ``release_first``, then wait for a lease (on ``model``, or a reservation of
+        ``n_bytes``) and answer it: ``{"lease": ...}`` (with ``"snapshot"`` when anything but
+        grants and releases happened since the last snapshot), ``{"error": ...}``
+        (``wire.to_wire``) or ``{"cancelled": True}``; each answer with ``"released"``, the
+        version after each of ``release_first`` this call released (those already ended
+        are not in it).
+
+        :param request: a ``LeaseRequest`` as a plain tuple.
+        """
+        r = LeaseRequest(*request)
         try:
             _, leases = await self._started()
         except RuntimeError as exc:
-            return {"error": to_wire(exc)}
-        if request_id in self._cancelled:
-            self._cancelled.discard(request_id)
-            return {"cancelled": True}
+            return {"error": to_wire(exc), "released": {}}
+        released = await self._release_first(leases, r.release_first)
+        asked_at = self.version
+        if r.request_id in self._cancelled:
+            self._cancelled.discard(r.request_id)
+            return {"cancelled": True, "released": released}
         task = asyncio.current_task()
         assert task is not None
-        self._opening[request_id] = task
-        owner: Hashable = ("cluster", holder)
+        self._opening[r.request_id] = task
+        owner: Hashable = ("cluster", r.holder)
         try:
             rl = await leases.open(
-                model=model,
-                n_bytes=n_bytes,
-                priority=priority,
-                timeout_s=timeout_s,
-                ttl_s=ttl_s,
-                pid=pid,
-                holder=holder,
+                model=r.model,
+                n_bytes=r.n_bytes,
+                priority=r.priority,
+                timeout_s=r.timeout_s,
+                ttl_s=r.ttl_s,
+                pid=r.pid,
+                holder=r.holder,
                 owner=owner,
             )
         except asyncio.CancelledError:
-            return {"cancelled": True}
+            return {"cancelled": True, "released": released}
         except Exception as exc:
-            return {"error": to_wire(exc)}
+            return {"error": to_wire(exc), "released": released}
         finally:
-            self._opening.pop(request_id, None)
-        if request_id in self._cancelled:  # cancelled in the instant it was granted
-            self._cancelled.discard(request_id)
+            self._opening.pop(r.request_id, None)
+        if r.request_id in self._cancelled:  # cancelled in the instant it was granted
+            self._cancelled.discard(r.request_id)
             await leases.release(rl.id)
-            return {"cancelled": True}
-        self._granted[request_id] = rl.id
-        return {"lease": self._lease_dict(rl, request_id)}
+            return {"cancelled": True, "released": released}
+        self._granted[r.request_id] = rl.id
+        self._request_of[rl.id] = r.request_id
+        reply: dict[str, Any] = {"lease": self._lease_dict(rl, r.request_id), "released": released}
+        if self._moved or self._moved_at > asked_at:
+            # a load, an eviction, ... since the last snapshot, or while this one waited (a
+            # snapshot since may still be on its way): the router routes its next request on it
+            reply["snapshot"] = self._snapshot(*await self._started())
+        return reply
+
+    async def _release_first(self, leases: LeaseManager, lease_ids: Sequence[str]) -> dict[str, int]:
+        """Release each lease that is still held; the version after each one released."""
+        out: dict[str, int] = {}
+        for lease_id in lease_ids:
+            self._forget(lease_id)
+            try:
+                await leases.release(lease_id)
+            except LeaseGone:
+                continue  # its own release call came first, or it had ended
+            out[lease_id] = self.version
+        return out
+
+    def _forget(self, lease_id: str) -> None:
+        rid = self._request_of.pop(lease_id, None)
+        if rid is not None:
+            self._granted.pop(rid, None)
 
     def _lease_dict(self, rl: RemoteLease, request_id: str) -> dict[str, Any]:
         assert self.orch is not None
@@ -277,6 +336,8 @@ class OrchestratorActor:
         """The router's caller went away: end that request's lease, waiting or granted."""
         task = self._opening.get(request_id)
         lease_id = self._granted.pop(request_id, None)
+        if lease_id is not None:
+            self._request_of.pop(lease_id, None)
         if task is not None:
             task.cancel()
         elif lease_id is not None:
@@ -293,6 +354,17 @@ class OrchestratorActor:
             return self._gone(leases, lease_id, exc)
         return None
 
+    async def renew_all(self, lease_ids: Sequence[str]) -> dict[str, str]:
+        """Renew each lease: why each one that has ended did (those renewed are not in it)."""
+        _, leases = await self._started()
+        ended = {}
+        for lease_id in lease_ids:
+            try:
+                leases.renew(lease_id)
+            except LeaseGone as exc:
+                ended[lease_id] = self._gone(leases, lease_id, exc)
+        return ended
+
     def _gone(self, leases: LeaseManager, lease_id: str, exc: LeaseGone) -> str:
         """Why a lease is gone, in the cluster's words when the actor restarted since."""
         issued = LEASE_ID.fullmatch(lease_id)
@@ -307,9 +379,7 @@ class OrchestratorActor:
         """Release a lease (it is back when this answers): (``None``, or why it had ended;
         the version after the release)."""
         _, leases = await self._started()
-        for rid, lid in list(self._granted.items()):
-            if lid == lease_id:
-                del self._granted[rid]
+        self._forget(lease_id)
         try:
             await leases.release(lease_id)
         except LeaseGone as exc:

@@ -10,11 +10,18 @@ orchestrators of several machines (one ``OrchestratorActor`` per machine, on Ray
 
 Each request is routed by ``states.routing`` over the machines' last snapshots (which each
 machine sends when it changes, ``actor.py``), counting the requests this router has sent
-since; then it waits for its lease on that machine, which holds it as the daemon holds a
-remote lease (renewed here every third of its ttl, released when the block ends, also when
-the block is cancelled). The task's holder identity goes with every request, so the routing
-keeps a task's second lease off a machine where it would evict the task's first, and the
-machine's own deadlock check sees both.
+since; then it waits for its lease on that machine, in one call that answers at the grant.
+The machine holds the lease as the daemon holds a remote lease: renewed from here (all of a
+machine's leases that are due in one call, each within a third of its ttl), released when
+the block ends, also when the block is cancelled. The block's end sends the release and
+does not wait for its answer (a task of the router takes it); the next request to that
+machine carries the releases not yet answered, and the machine does them first, so that a
+holder never finds its last lease still held there. A release that never arrives (the
+router's process ended) is a lease no longer renewed: the machine ends it at its ttl.
+``released()`` waits for the answers; ``statistics()``, ``events_of()`` and ``aclose()`` do.
+The task's holder identity goes with every request, so the routing keeps a task's second
+lease off a machine where it would evict the task's first, and the machine's own deadlock
+check sees both.
 
 Faults: a machine whose actor dies is down at once for routing, and every lease it served
 ends: the block is cancelled and ``LeaseLost`` raised from it. A request still waiting there
@@ -37,8 +44,9 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from orchestrator.cluster.actor import OrchestratorActor, machine_resource
+from orchestrator.cluster.actor import LeaseRequest, OrchestratorActor, machine_resource
 from orchestrator.cluster.machines import (
+    RELEASE_TIMEOUT_S,
     ClusterLease,
     Held,
     Machine,
@@ -47,7 +55,6 @@ from orchestrator.cluster.machines import (
     first_line,
     node_gpus,
     ray_module,
-    release_on,
     why_ended_on,
 )
 from orchestrator.cluster.snapshot import MachineSnapshot
@@ -107,7 +114,9 @@ class ClusterOrchestrator:
         self.stop_machines = stop_machines
         self._machines: dict[str, MachineLink] = {}
         self._tg: TaskGroup | None = None
-        self._changed = anyio.Event()
+        # (made by a waiter, set and dropped at the next change: none made while nobody waits)
+        self._changed: anyio.Event | None = None
+        self._answered: anyio.Event | None = None  # at each release's answer
         self._holders: dict[str, dict[str, dict[str, int]]] = {}  # holder -> node -> model -> leases
         self._hold_s: dict[str, float] = {}  # learned mean hold time per model
         self._holder_prefix = f"{socket.gethostname()}:pid-{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -146,6 +155,7 @@ class ClusterOrchestrator:
         self._tg = tg
         for m in self._machines.values():
             tg.start_soon(self._poll, m, name=f"vram-orchestrator cluster: snapshots of {m.name}")
+            tg.start_soon(self._renewals, m, name=f"vram-orchestrator cluster: renewals on {m.name}")
         with anyio.move_on_after(self.start_timeout_s):
             while any(m.snapshot is None and not m.start_failed for m in self._machines.values()):
                 await self.changed()
@@ -161,6 +171,10 @@ class ClusterOrchestrator:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._tg is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+            await self.released()  # (their answers come in tasks of the group cancelled next)
         tg, self._tg = self._tg, None
         if tg is None:
             return
@@ -205,16 +219,37 @@ class ClusterOrchestrator:
         return self._machine(node).handle
 
     async def changed(self) -> None:
-        """Return at the next change of any machine (a snapshot, a machine down)."""
+        """Return at the next change of the views: of any machine (a snapshot, a machine
+        down), or of this router's requests (one sent, granted, released)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
         await self._changed.wait()
 
+    async def released(self, node: str | None = None) -> None:
+        """Return once each release this router has sent (to machine ``node``, or to any) is
+        answered, or given up on after ``RELEASE_TIMEOUT_S`` (the block that ended it does not
+        wait for that answer)."""
+        machines = [self._machine(node)] if node is not None else list(self._machines.values())
+        for m in machines:
+            if m.unsent or m.carried:
+                self._flush(m, carried=True)
+        while any(m.releasing for m in machines):
+            if self._answered is None:
+                self._answered = anyio.Event()
+            await self._answered.wait()
+
     async def events_of(self, node: str, after: int = 0) -> list[dict[str, Any]]:
-        """Machine ``node``'s events after ``after`` (each has ``seq`` and ``node``)."""
-        return list(await self._machine(node).handle.events_after.remote(after))
+        """Machine ``node``'s events after ``after`` (each has ``seq`` and ``node``), with the
+        releases this router sent there."""
+        m = self._machine(node)
+        await self.released(node)
+        return list(await m.handle.events_after.remote(after))
 
     async def statistics(self) -> dict[str, dict[str, Any]]:
-        """Each live machine's counters (switches, loads, grants, ...)."""
+        """Each live machine's counters (switches, loads, grants, ...), with the releases this
+        router sent."""
         ray = ray_module()
+        await self.released()
         out = {}
         for name, m in self._machines.items():
             try:
@@ -232,8 +267,9 @@ class ClusterOrchestrator:
         return m
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     # -- snapshots and faults ----------------------------------------------------------------
 
@@ -263,18 +299,31 @@ class ClusterOrchestrator:
             if m.instance is not None and snap.instance != m.instance:
                 m.changes.clear()  # counted against the versions of the orchestrator that is gone
                 self._lose_all(m, f"machine {m.name}'s orchestrator restarted (instance {snap.instance})")
-            m.instance, m.snapshot = snap.instance, snap
+                m.snapshot = None
+                # (releases of its leases: they ended with it; the answers still coming are moot)
+                m.releasing.clear()
+                m.unsent.clear()
+                m.carried.clear()
+                self._answer()
             if not m.alive:
                 logger.info("machine %s is up (instance %s)", m.name, snap.instance)
             m.alive, m.down_reason = True, ""
-            for held in list(m.leases.values()):
-                if held.lost is None and held.version < snap.version and held.lease.id not in snap.lease_ids:
-                    held.ask_why = True
-                    self._lose(
-                        held, f"machine {m.name} ended the lease on {held.lease.model or 'its reservation'}"
-                    )
+            self._apply(m, snap)
             version, instance = snap.version, snap.instance
-            self._notify()
+
+    def _apply(self, m: MachineLink, snap: MachineSnapshot) -> None:
+        """Take a snapshot of a live machine's present instance (from its poll, or with a
+        grant that loaded or evicted), unless the one taken is as new."""
+        old = m.snapshot
+        if old is not None and old.instance == snap.instance and old.version >= snap.version:
+            return
+        m.instance, m.snapshot = snap.instance, snap
+        for held in list(m.leases.values()):
+            if held.lost is None and held.version < snap.version and held.lease.id not in snap.lease_ids:
+                held.ask_why = True
+                what = held.lease.model or "its reservation"
+                self._lose(held, f"machine {m.name} ended the lease on {what}")
+        self._notify()
 
     def _down(self, m: MachineLink, why: str) -> None:
         if m.alive:
@@ -386,34 +435,28 @@ class ClusterOrchestrator:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
         holder = self._holder(owner)
         lease, m, version = await self._open(name, n_bytes, timeout, priority, holder, node, pid)
-        held = Held(lease, version)
+        granted_at = anyio.current_time()
+        held = Held(lease, version, renewed_at=granted_at)
         m.leases[lease.id] = held
         key = lease.model
         m.changes.append((version, key, 1))
         self._note_held(holder, m.name, key, 1)
-        granted_at = anyio.current_time()
+        self._notify()
         # The block runs in a cancel scope of its own (a loss cancels it), not in a task
         # group: an error of the block comes out as itself, not in an exception group.
         held.scope = scope = anyio.CancelScope()
-        renewing = anyio.CancelScope()
-        self._tg.start_soon(
-            self._renew, m, held, renewing, name=f"vram-orchestrator cluster: renew {lease.id}"
-        )
         try:
             with scope:
                 if held.lost is not None:
                     scope.cancel()
                 yield lease
         finally:
-            renewing.cancel()
             m.leases.pop(lease.id, None)
             self._note_held(holder, m.name, key, -1)
             if key:
                 self._learn_hold(key, anyio.current_time() - granted_at)
             if held.lost is None:
-                released = await release_on(m, lease)
-                if released is not None:
-                    m.changes.append((released, key, -1))
+                self._release(m, lease, version)
             elif held.ask_why:
                 held.lost = await why_ended_on(m, lease, held.lost)
         if held.lost is not None:
@@ -423,21 +466,113 @@ class ClusterOrchestrator:
         old = self._hold_s.get(model)
         self._hold_s[model] = seconds if old is None else old + HOLD_SMOOTHING * (seconds - old)
 
-    async def _renew(self, m: MachineLink, held: Held, scope: anyio.CancelScope) -> None:
+    def _release(self, m: MachineLink, lease: ClusterLease, granted: int) -> None:
+        """Release a lease whose block has ended: at the next turn of the event loop, or
+        carried by the next request to that machine if one is sent before (a task that
+        acquires again at once makes one call, not two). Its answer is not awaited here."""
+        if self._tg is None:  # the router has closed: nothing would take the answer
+            m.unsent[lease.id] = None
+            self._flush(m)
+            return
+        m.releasing[lease.id] = (lease.model, granted)
+        m.unsent[lease.id] = None
+        self._notify()
+        if not m.flush_soon:
+            m.flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush, m)
+
+    def _flush(self, m: MachineLink, carried: bool = False) -> None:
+        """Send its own release call for each release not sent yet (``carried``: also for
+        those a request carries, whose answer may be long in coming)."""
+        m.flush_soon = False
+        ids = list(m.unsent)
+        m.unsent.clear()
+        if carried:
+            ids += list(m.carried)
+            m.carried.clear()
+        tg = self._tg
+        for lease_id in ids:
+            try:
+                ref = m.handle.release.remote(lease_id)
+            except Exception as exc:  # (Ray shut down under the router): it expires there
+                logger.warning("machine %s: the release of %s was not sent: %s", m.name, lease_id, exc)
+                ref = None
+            if tg is None or ref is None:
+                m.releasing.pop(lease_id, None)
+                continue
+            tg.start_soon(self._release_answer, m, lease_id, m.releasing.get(lease_id, ("", 0))[0], ref)
+        if ids:
+            self._answer()
+
+    def _answer(self) -> None:
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            answered.set()
+        self._notify()
+
+    def _carried_answered(self, m: MachineLink, rid: str) -> None:
+        """The request ``rid`` has answered (or cannot: its machine is down) for the releases
+        it alone carried."""
+        done = [lease_id for lease_id, by in m.carried.items() if by == rid]
+        for lease_id in done:
+            del m.carried[lease_id]
+            m.releasing.pop(lease_id, None)
+        if done:
+            self._answer()
+
+    def _carried_unanswered(self, m: MachineLink, rid: str) -> None:
+        """The request ``rid`` was cancelled here: its answer will not be read, so the releases
+        it alone carried get their own calls (done already there, they answer that)."""
+        for lease_id in [lease_id for lease_id, by in m.carried.items() if by == rid]:
+            del m.carried[lease_id]
+            m.unsent[lease_id] = None
+        if m.unsent and not m.flush_soon:
+            m.flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush, m)
+
+    async def _release_answer(self, m: MachineLink, lease_id: str, key: str, ref: Any) -> None:
         ray = ray_module()
-        with scope:
-            while True:
-                await anyio.sleep(held.lease.ttl_s * RENEW_FRACTION)
-                try:
-                    why = await m.handle.renew.remote(held.lease.id)
-                except ray.exceptions.RayActorError as exc:
-                    self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
-                    return
+        try:
+            with anyio.move_on_after(RELEASE_TIMEOUT_S):
+                why, version = await ref
+                if why is None:
+                    m.changes.append((int(version), key, -1))
+        except ray.exceptions.RayActorError:
+            pass  # the machine went down: its leases ended with it
+        except Exception as exc:  # its orchestrator failed (a RayTaskError): so did the lease
+            logger.warning("machine %s: the release of %s failed: %s", m.name, lease_id, first_line(exc))
+        finally:
+            m.releasing.pop(lease_id, None)
+            self._answer()
+
+    async def _renewals(self, m: MachineLink) -> None:
+        """Renew this router's leases on machine ``m``: each is renewed a sixth to a third of
+        its ttl after its grant or last renewal, every lease that is due in one call."""
+        ray = ray_module()
+        while True:
+            ttl_s = min([self.ttl_s] + [h.lease.ttl_s for h in m.leases.values()])
+            await anyio.sleep(ttl_s * RENEW_FRACTION / 2)
+            now = anyio.current_time()
+            due = [
+                h
+                for h in m.leases.values()
+                if h.lost is None and now - h.renewed_at >= h.lease.ttl_s * RENEW_FRACTION / 2
+            ]
+            if not due:
+                continue
+            try:
+                ended: dict[str, str] = await m.handle.renew_all.remote(tuple(h.lease.id for h in due))
+            except ray.exceptions.RayActorError as exc:
+                self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
+                continue
+            except Exception as exc:  # its orchestrator failed (a RayTaskError)
+                logger.warning("machine %s: renewing its leases failed: %s", m.name, first_line(exc))
+                continue
+            for h in due:
+                h.renewed_at = now
+                why = ended.get(h.lease.id)
                 if why is not None:
-                    self._lose(
-                        held, why if why.startswith(f"machine {m.name}") else f"machine {m.name}: {why}"
-                    )
-                    return
+                    self._lose(h, why if why.startswith(f"machine {m.name}") else f"machine {m.name}: {why}")
 
     async def _open(
         self,
@@ -471,21 +606,39 @@ class ClusterOrchestrator:
             m = self._machines[r.node]
             remaining = None if timeout is None else max(0.0, timeout - (anyio.current_time() - started))
             rid = uuid.uuid4().hex
+            first = dict(m.releasing)  # (all of them: one whose own call is out may come later)
+            for lease_id in m.unsent:
+                m.carried[lease_id] = rid
+            m.unsent.clear()
+            asked = LeaseRequest(
+                rid, r.model or None, n_bytes, priority, remaining, self.ttl_s, holder, pid, tuple(first)
+            )
             count(m.pending, r.model, 1)
+            self._notify()
             try:
-                reply = await m.handle.open.remote(
-                    rid, r.model or None, n_bytes, priority, remaining, self.ttl_s, holder, pid
-                )
+                reply = await m.handle.open.remote(tuple(asked))
             except ray.exceptions.RayActorError as exc:
+                self._carried_answered(m, rid)  # (the machine's leases ended with it)
                 self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
                 skip.add(m.name)
                 continue
             except BaseException:
                 m.handle.cancel.remote(rid)  # cancelled here: end it there (not waited for)
+                self._carried_unanswered(m, rid)
                 raise
             finally:
                 count(m.pending, r.model, -1)
+            for lease_id, after in dict(reply.get("released") or {}).items():
+                m.changes.append((int(after), first[lease_id][0], -1))  # (its own call hears it gone)
+                m.releasing.pop(lease_id, None)
+                m.carried.pop(lease_id, None)
+            self._carried_answered(m, rid)
+            if first:
+                self._answer()
             if "lease" in reply:
+                snap = reply.get("snapshot")
+                if snap is not None and m.alive and snap.instance == m.instance:
+                    self._apply(m, snap)
                 d = reply["lease"]
                 return ClusterLease.from_dict(d, r), m, int(d["version"])
             if "cancelled" in reply:  # the machine is stopping

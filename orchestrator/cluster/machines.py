@@ -14,7 +14,7 @@ from orchestrator.cluster.snapshot import MachineSnapshot
 from orchestrator.cluster.wire import ClusterError
 from states.routing import MachineView, Route
 
-RELEASE_TIMEOUT_S = 5.0
+RELEASE_TIMEOUT_S = 5.0  # a release's answer given up on after this (its lease expires there)
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class ClusterLease:
 class Held:
     lease: ClusterLease
     version: int  # the machine's version at the grant: a later snapshot without it means it ended
+    renewed_at: float  # anyio time of the grant or of the last renewal
     scope: anyio.CancelScope | None = None
     lost: str | None = None
     ask_why: bool = False  # the machine ended it: ask it why
@@ -120,6 +121,16 @@ class MachineLink:
     # it: those past the last snapshot's version are not in it yet
     changes: list[tuple[int, str, int]] = field(default_factory=list)
     leases: dict[str, Held] = field(default_factory=dict)
+    # Releases of this router's leases here whose answer is not back yet (lease id -> its
+    # model and the version of its grant): each next request here carries them, and the
+    # machine does them first. Each is either ``unsent`` (its block has just ended: its own
+    # release call goes out at the next turn of the event loop, unless a request here carries
+    # it before), ``carried`` (by the request ``carried[id]``, whose answer answers it too),
+    # or its own call is out.
+    releasing: dict[str, tuple[str, int]] = field(default_factory=dict)
+    unsent: dict[str, None] = field(default_factory=dict)
+    carried: dict[str, str] = field(default_factory=dict)
+    flush_soon: bool = False  # a flush of ``unsent`` is scheduled
 
     def view(self) -> MachineView | None:
         if self.snapshot is None:
@@ -129,6 +140,10 @@ class MachineLink:
         leases: dict[str, int] = {}
         for _, model, by in self.changes:
             leases[model] = leases.get(model, 0) + by
+        for lease_id, (model, granted) in self.releasing.items():
+            # released, its answer not back: counted here unless the snapshot has it ended
+            if since < granted or lease_id in self.snapshot.lease_ids:
+                leases[model] = leases.get(model, 0) - 1
         return self.snapshot.view(alive=self.alive, pending=self.pending, leases=leases)
 
 
@@ -150,17 +165,6 @@ def ray_module() -> Any:
     return ray
 
 
-async def release_on(m: MachineLink, lease: ClusterLease) -> int | None:
-    """Release the lease; the machine's version after it (``None``: it did not answer)."""
-    ray = ray_module()
-    with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
-        try:
-            why, version = await m.handle.release.remote(lease.id)
-        except ray.exceptions.RayActorError:
-            return None  # the machine went down: its leases ended with it
-        return None if why is not None else int(version)
-    return None
-
 async def why_ended_on(m: MachineLink, lease: ClusterLease, lost: str) -> str:
     ray = ray_module()
     with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
@@ -168,6 +172,8 @@ async def why_ended_on(m: MachineLink, lease: ClusterLease, lost: str) -> str:
             why = await m.handle.ended.remote(lease.id)
         except ray.exceptions.RayActorError:
             return lost
+        except Exception as exc:  # its orchestrator failed (a RayTaskError)
+            return f"{lost} (and the machine could not say why: {first_line(exc)})"
         if why:
             return f"{lost}: {why}"
     return lost
