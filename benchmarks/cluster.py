@@ -392,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     goal_scaling = all(v >= GOAL_SCALING for v in scaling.values())
     goal_overhead = over["added_enter_p50_ms"] / 1000 < GOAL_OVERHEAD_S
     print(
-        f"goals: throughput within 10% of linear: {'met' if goal_scaling else 'NOT met'} ({scaling}); "
+        f"goals: throughput within 10% of linear: "
+        f"{('met' if goal_scaling else 'NOT met') if scaling else 'not measured'} ({scaling}); "
         f"under 2 ms added per acquire (entering the block): {'met' if goal_overhead else 'NOT met'}; "
         f"wall time {time.perf_counter() - t_start:.1f} s"
     )
