@@ -45,6 +45,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from orchestrator.cluster.actor import LeaseRequest, OrchestratorActor, machine_resource
+from orchestrator.cluster.links import Links
 from orchestrator.cluster.machines import (
     RELEASE_TIMEOUT_S,
     ClusterLease,
@@ -52,7 +53,6 @@ from orchestrator.cluster.machines import (
     Machine,
     MachineLink,
     count,
-    first_line,
     node_gpus,
     ray_module,
     why_ended_on,
@@ -65,9 +65,7 @@ from states.routing import Choice, MachineView, RouteRequest, route
 
 logger = logging.getLogger("orchestrator.cluster")
 
-RENEW_FRACTION = 1 / 3  # renew a lease when this much of its ttl has passed
 DEFAULT_TTL_S = 30.0  # a lease the router stops renewing (its process died) ends this late
-DOWN_RETRY_S = 0.5  # how often a machine whose actor is gone for good is looked at again
 HOLD_SMOOTHING = 0.2  # how far one lease moves the learned hold time of its model
 MAX_CONCURRENCY = 10_000  # calls an actor runs at once (each waiting lease is one)
 NAMESPACE = "vram-orchestrator"
@@ -112,11 +110,9 @@ class ClusterOrchestrator:
         self.ttl_s = float(ttl_s)
         self.start_timeout_s = start_timeout_s
         self.stop_machines = stop_machines
-        self._machines: dict[str, MachineLink] = {}
+        self._links = Links(self.ttl_s)
+        self._machines = self._links.machines  # (the same dict)
         self._tg: TaskGroup | None = None
-        # (made by a waiter, set and dropped at the next change: none made while nobody waits)
-        self._changed: anyio.Event | None = None
-        self._answered: anyio.Event | None = None  # at each release's answer
         self._holders: dict[str, dict[str, dict[str, int]]] = {}  # holder -> node -> model -> leases
         self._hold_s: dict[str, float] = {}  # learned mean hold time per model
         self._holder_prefix = f"{socket.gethostname()}:pid-{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -152,10 +148,10 @@ class ClusterOrchestrator:
             self._machines[spec.name] = MachineLink(spec.name, handle)
         tg = anyio.create_task_group()
         await tg.__aenter__()
-        self._tg = tg
+        self._tg = self._links.tg = tg
         for m in self._machines.values():
-            tg.start_soon(self._poll, m, name=f"vram-orchestrator cluster: snapshots of {m.name}")
-            tg.start_soon(self._renewals, m, name=f"vram-orchestrator cluster: renewals on {m.name}")
+            tg.start_soon(self._links.poll, m, name=f"vram-orchestrator cluster: snapshots of {m.name}")
+            tg.start_soon(self._links.renewals, m, name=f"vram-orchestrator cluster: renewals on {m.name}")
         with anyio.move_on_after(self.start_timeout_s):
             while any(m.snapshot is None and not m.start_failed for m in self._machines.values()):
                 await self.changed()
@@ -176,6 +172,7 @@ class ClusterOrchestrator:
         with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
             await self.released()  # (their answers come in tasks of the group cancelled next)
         tg, self._tg = self._tg, None
+        self._links.tg = None
         if tg is None:
             return
         tg.cancel_scope.cancel()
@@ -221,22 +218,13 @@ class ClusterOrchestrator:
     async def changed(self) -> None:
         """Return at the next change of the views: of any machine (a snapshot, a machine
         down), or of this router's requests (one sent, granted, released)."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
+        await self._links.changed()
 
     async def released(self, node: str | None = None) -> None:
         """Return once each release this router has sent (to machine ``node``, or to any) is
         answered, or given up on after ``RELEASE_TIMEOUT_S`` (the block that ended it does not
         wait for that answer)."""
-        machines = [self._machine(node)] if node is not None else list(self._machines.values())
-        for m in machines:
-            if m.unsent or m.carried:
-                self._flush(m, carried=True)
-        while any(m.releasing for m in machines):
-            if self._answered is None:
-                self._answered = anyio.Event()
-            await self._answered.wait()
+        await self._links.released(node)
 
     async def events_of(self, node: str, after: int = 0) -> list[dict[str, Any]]:
         """Machine ``node``'s events after ``after`` (each has ``seq`` and ``node``), with the
@@ -259,89 +247,7 @@ class ClusterOrchestrator:
         return out
 
     def _machine(self, node: str) -> MachineLink:
-        m = self._machines.get(node)
-        if m is None:
-            raise ValueError(
-                f"no machine {node!r} in this cluster; its machines: {', '.join(self._machines)}"
-            )
-        return m
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
-
-    # -- snapshots and faults ----------------------------------------------------------------
-
-    async def _poll(self, m: MachineLink) -> None:
-        ray = ray_module()
-        version, instance = -1, None
-        while True:
-            try:
-                snap: MachineSnapshot = await m.handle.snapshot_after.remote(version, instance)
-            except ray.exceptions.RayActorError as exc:
-                if m.snapshot is None and isinstance(exc, ray.exceptions.ActorDiedError):
-                    m.start_failed = True  # it never started: its config, or its constructor
-                    self._down(m, f"its orchestrator's actor could not start: {first_line(exc)}")
-                else:
-                    self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
-                version, instance = -1, None
-                if isinstance(exc, ray.exceptions.ActorDiedError):
-                    await anyio.sleep(DOWN_RETRY_S)  # gone for good, or not restartable yet
-                continue
-            except Exception as exc:  # its orchestrator failed to start (a RayTaskError), or worse
-                cause = getattr(exc, "cause", None)
-                if m.snapshot is None:
-                    m.start_failed = True
-                self._down(m, str(cause) if cause is not None else first_line(exc))
-                await anyio.sleep(DOWN_RETRY_S)
-                continue
-            if m.instance is not None and snap.instance != m.instance:
-                m.changes.clear()  # counted against the versions of the orchestrator that is gone
-                self._lose_all(m, f"machine {m.name}'s orchestrator restarted (instance {snap.instance})")
-                m.snapshot = None
-                # (releases of its leases: they ended with it; the answers still coming are moot)
-                m.releasing.clear()
-                m.unsent.clear()
-                m.carried.clear()
-                self._answer()
-            if not m.alive:
-                logger.info("machine %s is up (instance %s)", m.name, snap.instance)
-            m.alive, m.down_reason = True, ""
-            self._apply(m, snap)
-            version, instance = snap.version, snap.instance
-
-    def _apply(self, m: MachineLink, snap: MachineSnapshot) -> None:
-        """Take a snapshot of a live machine's present instance (from its poll, or with a
-        grant that loaded or evicted), unless the one taken is as new."""
-        old = m.snapshot
-        if old is not None and old.instance == snap.instance and old.version >= snap.version:
-            return
-        m.instance, m.snapshot = snap.instance, snap
-        for held in list(m.leases.values()):
-            if held.lost is None and held.version < snap.version and held.lease.id not in snap.lease_ids:
-                held.ask_why = True
-                what = held.lease.model or "its reservation"
-                self._lose(held, f"machine {m.name} ended the lease on {what}")
-        self._notify()
-
-    def _down(self, m: MachineLink, why: str) -> None:
-        if m.alive:
-            logger.warning("machine %s is down: %s", m.name, why)
-        m.alive, m.down_reason = False, why
-        m.changes.clear()
-        self._lose_all(m, f"machine {m.name} went down: {why}")
-        self._notify()
-
-    def _lose_all(self, m: MachineLink, why: str) -> None:
-        for held in list(m.leases.values()):
-            self._lose(held, why)
-
-    def _lose(self, held: Held, why: str) -> None:
-        if held.lost is None:
-            held.lost = why
-            if held.scope is not None:
-                held.scope.cancel()
+        return self._links.machine(node)
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -441,7 +347,7 @@ class ClusterOrchestrator:
         key = lease.model
         m.changes.append((version, key, 1))
         self._note_held(holder, m.name, key, 1)
-        self._notify()
+        self._links.notify()
         # The block runs in a cancel scope of its own (a loss cancels it), not in a task
         # group: an error of the block comes out as itself, not in an exception group.
         held.scope = scope = anyio.CancelScope()
@@ -456,7 +362,7 @@ class ClusterOrchestrator:
             if key:
                 self._learn_hold(key, anyio.current_time() - granted_at)
             if held.lost is None:
-                self._release(m, lease, version)
+                self._links.release(m, lease, version)
             elif held.ask_why:
                 held.lost = await why_ended_on(m, lease, held.lost)
         if held.lost is not None:
@@ -465,114 +371,6 @@ class ClusterOrchestrator:
     def _learn_hold(self, model: str, seconds: float) -> None:
         old = self._hold_s.get(model)
         self._hold_s[model] = seconds if old is None else old + HOLD_SMOOTHING * (seconds - old)
-
-    def _release(self, m: MachineLink, lease: ClusterLease, granted: int) -> None:
-        """Release a lease whose block has ended: at the next turn of the event loop, or
-        carried by the next request to that machine if one is sent before (a task that
-        acquires again at once makes one call, not two). Its answer is not awaited here."""
-        if self._tg is None:  # the router has closed: nothing would take the answer
-            m.unsent[lease.id] = None
-            self._flush(m)
-            return
-        m.releasing[lease.id] = (lease.model, granted)
-        m.unsent[lease.id] = None
-        self._notify()
-        if not m.flush_soon:
-            m.flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush, m)
-
-    def _flush(self, m: MachineLink, carried: bool = False) -> None:
-        """Send its own release call for each release not sent yet (``carried``: also for
-        those a request carries, whose answer may be long in coming)."""
-        m.flush_soon = False
-        ids = list(m.unsent)
-        m.unsent.clear()
-        if carried:
-            ids += list(m.carried)
-            m.carried.clear()
-        tg = self._tg
-        for lease_id in ids:
-            try:
-                ref = m.handle.release.remote(lease_id)
-            except Exception as exc:  # (Ray shut down under the router): it expires there
-                logger.warning("machine %s: the release of %s was not sent: %s", m.name, lease_id, exc)
-                ref = None
-            if tg is None or ref is None:
-                m.releasing.pop(lease_id, None)
-                continue
-            tg.start_soon(self._release_answer, m, lease_id, m.releasing.get(lease_id, ("", 0))[0], ref)
-        if ids:
-            self._answer()
-
-    def _answer(self) -> None:
-        answered, self._answered = self._answered, None
-        if answered is not None:
-            answered.set()
-        self._notify()
-
-    def _carried_answered(self, m: MachineLink, rid: str) -> None:
-        """The request ``rid`` has answered (or cannot: its machine is down) for the releases
-        it alone carried."""
-        done = [lease_id for lease_id, by in m.carried.items() if by == rid]
-        for lease_id in done:
-            del m.carried[lease_id]
-            m.releasing.pop(lease_id, None)
-        if done:
-            self._answer()
-
-    def _carried_unanswered(self, m: MachineLink, rid: str) -> None:
-        """The request ``rid`` was cancelled here: its answer will not be read, so the releases
-        it alone carried get their own calls (done already there, they answer that)."""
-        for lease_id in [lease_id for lease_id, by in m.carried.items() if by == rid]:
-            del m.carried[lease_id]
-            m.unsent[lease_id] = None
-        if m.unsent and not m.flush_soon:
-            m.flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush, m)
-
-    async def _release_answer(self, m: MachineLink, lease_id: str, key: str, ref: Any) -> None:
-        ray = ray_module()
-        try:
-            with anyio.move_on_after(RELEASE_TIMEOUT_S):
-                why, version = await ref
-                if why is None:
-                    m.changes.append((int(version), key, -1))
-        except ray.exceptions.RayActorError:
-            pass  # the machine went down: its leases ended with it
-        except Exception as exc:  # its orchestrator failed (a RayTaskError): so did the lease
-            logger.warning("machine %s: the release of %s failed: %s", m.name, lease_id, first_line(exc))
-        finally:
-            m.releasing.pop(lease_id, None)
-            self._answer()
-
-    async def _renewals(self, m: MachineLink) -> None:
-        """Renew this router's leases on machine ``m``: each is renewed a sixth to a third of
-        its ttl after its grant or last renewal, every lease that is due in one call."""
-        ray = ray_module()
-        while True:
-            ttl_s = min([self.ttl_s] + [h.lease.ttl_s for h in m.leases.values()])
-            await anyio.sleep(ttl_s * RENEW_FRACTION / 2)
-            now = anyio.current_time()
-            due = [
-                h
-                for h in m.leases.values()
-                if h.lost is None and now - h.renewed_at >= h.lease.ttl_s * RENEW_FRACTION / 2
-            ]
-            if not due:
-                continue
-            try:
-                ended: dict[str, str] = await m.handle.renew_all.remote(tuple(h.lease.id for h in due))
-            except ray.exceptions.RayActorError as exc:
-                self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
-                continue
-            except Exception as exc:  # its orchestrator failed (a RayTaskError)
-                logger.warning("machine %s: renewing its leases failed: %s", m.name, first_line(exc))
-                continue
-            for h in due:
-                h.renewed_at = now
-                why = ended.get(h.lease.id)
-                if why is not None:
-                    self._lose(h, why if why.startswith(f"machine {m.name}") else f"machine {m.name}: {why}")
 
     async def _open(
         self,
@@ -614,17 +412,17 @@ class ClusterOrchestrator:
                 rid, r.model or None, n_bytes, priority, remaining, self.ttl_s, holder, pid, tuple(first)
             )
             count(m.pending, r.model, 1)
-            self._notify()
+            self._links.notify()
             try:
                 reply = await m.handle.open.remote(tuple(asked))
             except ray.exceptions.RayActorError as exc:
-                self._carried_answered(m, rid)  # (the machine's leases ended with it)
-                self._down(m, f"its orchestrator's actor died ({type(exc).__name__})")
+                self._links.carried_answered(m, rid)  # (the machine's leases ended with it)
+                self._links.down(m, f"its orchestrator's actor died ({type(exc).__name__})")
                 skip.add(m.name)
                 continue
             except BaseException:
                 m.handle.cancel.remote(rid)  # cancelled here: end it there (not waited for)
-                self._carried_unanswered(m, rid)
+                self._links.carried_unanswered(m, rid)
                 raise
             finally:
                 count(m.pending, r.model, -1)
@@ -632,13 +430,13 @@ class ClusterOrchestrator:
                 m.changes.append((int(after), first[lease_id][0], -1))  # (its own call hears it gone)
                 m.releasing.pop(lease_id, None)
                 m.carried.pop(lease_id, None)
-            self._carried_answered(m, rid)
+            self._links.carried_answered(m, rid)
             if first:
-                self._answer()
+                self._links.answer()
             if "lease" in reply:
                 snap = reply.get("snapshot")
                 if snap is not None and m.alive and snap.instance == m.instance:
-                    self._apply(m, snap)
+                    self._links.apply(m, snap)
                 d = reply["lease"]
                 return ClusterLease.from_dict(d, r), m, int(d["version"])
             if "cancelled" in reply:  # the machine is stopping
