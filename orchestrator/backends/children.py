@@ -55,10 +55,18 @@ PROC = Path("/proc")
 
 # The launcher: set the parent-death signal, make sure the parent did not die before that
 # (then the signal would never come), and become the server. Run with ``python -I -S`` so it
-# imports nothing but ctypes; ``exec`` keeps the pid, the session and the process group.
+# imports nothing but ctypes; ``exec`` keeps the pid, the session and the process group. The
+# stop signal gets its default action back first: an ignored signal stays ignored across
+# ``exec``, and a shell ignores SIGINT in the jobs it starts in the background, so a server
+# started under one would never see a ``stop_signal: SIGINT`` (it would wait out its grace
+# period and be killed).
 _LAUNCHER = (
-    "import ctypes, os, sys\n"
+    "import ctypes, os, signal, sys\n"
     "sig, parent = int(sys.argv[1]), int(sys.argv[2])\n"
+    "try:\n"
+    "    signal.signal(sig, signal.SIG_DFL)\n"
+    "except (OSError, ValueError):\n"
+    "    pass  # SIGKILL, SIGSTOP: never ignored\n"
     "try:\n"
     "    ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
     "except (OSError, AttributeError):\n"

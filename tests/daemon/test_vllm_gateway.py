@@ -43,9 +43,10 @@ def test_streaming_and_plain_completions_through_the_gateway(tmp_path: Path, sta
         d.watch_servers()
         chunks: list[dict[str, Any]] = []
         t0 = time.monotonic()
-        # Long enough (200 tokens, no early stop) that the lease is still held when the first
-        # chunk has been read: 8 tokens were all sent, and the lease released, before the
-        # client's status request arrived on a busy machine.
+        # 200 tokens, no early stop: many chunks. That the lease is held while a stream runs
+        # is checked in test_gateway.py against a server that paces its chunks; here a status
+        # request made at the first chunk could lose the race with the whole stream (it did:
+        # with 8 tokens, then with 200 on two busy cores), so the events are checked instead.
         body = {
             "model": "tiny-llm", "prompt": "Once upon", "max_tokens": 200, "ignore_eos": True, "stream": True,
         }  # fmt: skip
@@ -59,13 +60,13 @@ def test_streaming_and_plain_completions_through_the_gateway(tmp_path: Path, sta
                     break
                 if line.startswith("data: "):
                     chunks.append(json.loads(line[6:]))
-                    if len(chunks) == 1:
-                        leases = {m["name"]: m["leases"] for m in d.status()["models"]}
-                        assert leases["tiny-llm"] == 1
         assert done and len(chunks) >= 2, chunks
         assert all(ch["model"] == "tiny" for ch in chunks)  # the served name, rewritten by the gateway
         assert time.monotonic() - t0 < 120
         assert {m["name"]: m["leases"] for m in d.status()["models"]}["tiny-llm"] == 0
         events = read_events(d)
     assert not budget_violations(events)
+    # one lease for the plain completion and one for the stream, each given back once
+    kinds = [e["kind"] for e in events if e.get("model") == "tiny-llm" and e["kind"] in ("grant", "release")]
+    assert kinds == ["grant", "release", "grant", "release"], kinds
     assert d.stop(timeout_s=60) == 0, d.output

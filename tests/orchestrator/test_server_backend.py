@@ -220,6 +220,28 @@ async def test_a_server_that_honours_the_stop_signal_is_not_held_for_the_grace_p
     await assert_all_gone(tmp_path)
 
 
+async def test_a_stop_signal_ignored_where_the_orchestrator_runs_still_reaches_the_server(
+    tmp_path: Path,
+) -> None:
+    # A shell ignores SIGINT in the jobs it starts in the background (``cmd &`` in a script),
+    # and an ignored signal stays ignored in every child: the server would wait out its grace
+    # period and be killed. It is started with the signal's default action back.
+    orch = make_orch(tmp_path, {"command": fake_cmd(), "stop_grace_s": 5, "stop_signal": "SIGINT"})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        async with orch:
+            async with orch.acquire("llm") as lease:
+                pid = lease.handle.pid
+            t0 = time.monotonic()
+            async with orch.acquire("sdxl"):
+                assert gone(pid)
+                assert time.monotonic() - t0 < 2.5
+            assert server_of(orch).exit_code == -signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    await assert_all_gone(tmp_path)
+
+
 # -- failed starts -----------------------------------------------------------------------------
 
 
