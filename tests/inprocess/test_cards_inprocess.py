@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator import Orchestrator, parse_config
 from orchestrator.device.simulated import SimulatedDevice
+from tests.orchestrator.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -52,8 +53,7 @@ models:
                         await release.wait()
 
                 tg.start_soon(hold, "qwen-14b")  # card 0 busy with the LLM
-                while not orch.leases().get("qwen-14b"):  # noqa: ASYNC110 - its grant, in another task
-                    await anyio.sleep(0.001)
+                await wait_until(lambda: bool(orch.leases().get("qwen-14b")), within=60, what="its grant")
                 async with orch.acquire("sdxl-base") as lease:
                     assert lease.device is not None and lease.device.index == 1
                     assert devices[1].held_by("sdxl-base") > 0 and devices[0].held_by("sdxl-base") == 0

@@ -35,7 +35,7 @@ from orchestrator.backends.server import free_port
 from orchestrator.config import Config
 from states.ledger import Tier
 from states.units import GIB
-from tests.fixtures.shared_device import SharedSimulatedDevice, process_alive
+from tests.fixtures.shared_device import SharedSimulatedDevice, alive_after, process_alive
 from tests.orchestrator.conftest import config_yaml, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -133,12 +133,8 @@ def fakes(device: SharedSimulatedDevice, tmp_path: Path) -> Iterator[Fakes]:
     f = Fakes(device, tmp_path)
     yield f
     f.close()
-    # A SIGKILLed process is gone once the kernel has run its exit, which on a busy machine
-    # can come a little after the signal: wait for that, not for a fixed time.
-    deadline = time.monotonic() + 10
-    while leftovers := [p for p in f.pids if process_alive(p)]:
-        assert time.monotonic() < deadline, f"processes of the fakes still alive: {leftovers}"
-        time.sleep(0.02)
+    leftovers = alive_after(f.pids, within_s=10)
+    assert not leftovers, f"processes of the fakes still alive: {leftovers}"
 
 
 def make_config(models: dict[str, dict[str, Any]], **switching: Any) -> Config:

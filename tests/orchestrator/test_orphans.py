@@ -22,6 +22,7 @@ from orchestrator import Orchestrator, parse_config
 from orchestrator.backends import children
 from orchestrator.backends.children import Child, reap_orphans, start_time
 from orchestrator.backends.server import free_port, live_processes, port_taken
+from tests.fixtures.shared_device import alive_after
 from tests.orchestrator.conftest import config_yaml, wait_until
 
 pytestmark = [
@@ -88,10 +89,7 @@ def gone(pid: int) -> bool:
 
 
 def wait_gone(pid: int, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while not gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return gone(pid)
+    return not alive_after([pid], within_s)
 
 
 def engine_pid(log: Path) -> int:
