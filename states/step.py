@@ -524,8 +524,8 @@ def _decide_cards(view: StepView, cards: Cards) -> Decision:
             placed[m] = p0
             continue
         try:
-            p = p0
-            if claimed:
+            p = p0  # claims only make the claimed cards worse: placed again if it chose one
+            if claimed & set(p0.gpus):
                 p = place(view.requests[m], cards, replace(pctx, busy=view.busy | claimed), views)
             placed[m] = p.gpus
             if p.why != "resident":
