@@ -1,7 +1,8 @@
-"""``python -m benchmarks.gateway_overhead`` with its concurrency mode and a ``--peer`` (a
-second daemon in front of the same server), run small as CI runs it (a subprocess): its JSON
-has the shape the report promises, every side answered every request, and the proxies' CPU
-per request was read."""
+"""``python -m benchmarks.gateway_overhead`` with its concurrency mode and two ``--peer``s (a
+second daemon in front of the same server, and the built-in TCP relay), run small as CI runs it
+(a subprocess): its JSON has the shape the report promises, every side answered every request
+(streamed answers included, through a relay that does not read them), and the proxies' CPU per
+request was read."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
     cmd = f"{sys.executable} {peer} {{port}} {{upstream}} {{config_dir}}"
     args = [
         "--requests", "12", "--clients", "4", "--load-requests", "48", "--rounds", "2",
-        "--peer", cmd, "--peer-label", "second daemon", "--json", str(out),
+        "--peer", cmd, "--peer-label", "second daemon", "--peer", "relay", "--peer-label", "TCP relay",
+        "--json", str(out),
     ]  # fmt: skip
     pin = len(os.sched_getaffinity(0)) >= 2
     args += ["--pin"] if pin else []
@@ -58,7 +60,7 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
     result: dict[str, Any] = json.loads(out.read_text())
     assert result["clients"] == 4
     sides = result["sides"]
-    assert list(sides) == ["direct", "gateway", "second daemon"]
+    assert list(sides) == ["direct", "gateway", "second daemon", "TCP relay"]
     for label, side in sides.items():
         for kind in ("completion", "streamed"):
             assert side[kind]["n"] == 12, (label, kind)
@@ -83,5 +85,7 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
     last = max(os.sched_getaffinity(0))
     if not pin:
         return
-    assert result["cpus"]["gateway"] == result["cpus"]["second daemon"] == [last]
+    assert (
+        result["cpus"]["gateway"] == result["cpus"]["second daemon"] == result["cpus"]["TCP relay"] == [last]
+    )
     assert last not in result["cpus"]["load generator"]
