@@ -3,7 +3,8 @@
 - ``orchestrator.py``: the ``Orchestrator`` facade (lifecycle, acquire/reserve/unload, reads);
 - ``queue.py``: the waiter queue and the lease book (``hold()``: the life of one acquire);
 - ``scheduler.py``: the loop that snapshots, calls ``states.step.decide`` and applies it;
-- ``executor.py``: the one unload path and the one load path, and the switch;
+- ``executor.py``: the actions (the switch, evictions, reaping, the shutdown) and the one load
+  path; ``unloading.py``: the one unload path they share;
 - ``accounting.py``: device readings, foreign memory, room checks, learned footprints;
 - ``watch.py``: crash watchers; ``externals.py``: raw-bytes reservations;
 - ``context.py``: the shared books (the ledger, the machine, events); ``stats.py``: counters.

@@ -1,16 +1,16 @@
-"""The one place that does: every unload and every load goes through here.
+"""The one place that does: every action the scheduler starts is carried out here, and every
+unload and every load goes through here.
 
-- ``unload(steps, ...)`` is the one unload path, for a switch's evictions, an eviction that
-  loads nothing (rebalancing, requested unloads), the shutdown and the reaping of leftovers:
-  the backend call under a deadline; if it fails or is cancelled, a second, shielded unload
-  with a deadline (unknown how far the first got; unloading is idempotent), after which the
-  ledger believes the backend; the ledger updated after each success, with one ``evict``
-  event; then the verified release wait (the device must show the memory back).
+- the one unload path (``unloading.Unloader``, which the executor delegates to): for a
+  switch's evictions, an eviction that loads nothing (rebalancing, requested unloads), the
+  shutdown and the reaping of leftovers; the backend call under a deadline and a shielded
+  second try, the ledger updated after each success, then the verified release wait.
 - ``load(plan)`` is the one load path, for cold loads and restores from the host tier: the
   room checked on the device, the bytes committed, the backend capped at its reservation, a
   failure cleaned up (shielded, with a deadline) and translated into the project's errors.
 - ``switch(plan)`` runs a plan (its evictions, then its load) between the machine's
-  ``begin_switch`` and ``finish_switch`` / ``fail_switch``.
+  ``begin_switch`` and ``finish_switch`` / ``fail_switch``; ``evict``, ``reap`` (with
+  ``adopt``) and ``shutdown`` are the other actions, each between the machine's triggers.
 
 One switch at a time on each card: the scheduler is the only caller, and each action holds
 the switch lock of every card it touches (switches on different cards run at the same time).
@@ -25,12 +25,12 @@ from contextlib import contextmanager
 import anyio
 
 from orchestrator.device.base import DeviceOutOfMemory
-from orchestrator.errors import BackendError, BackendOutOfMemory, LoadFailed, UnloadFailed, VRAMNotReleased
-from orchestrator.monitor import wait_released
+from orchestrator.errors import BackendError, BackendOutOfMemory, LoadFailed, VRAMNotReleased
 from orchestrator.runtime.accounting import Accounting, NoRoom
 from orchestrator.runtime.context import Context
 from orchestrator.runtime.outcomes import ShutdownReport, SwitchOutcome
 from orchestrator.runtime.queue import LeaseBook
+from orchestrator.runtime.unloading import RELEASE_POLL_S, Unloader
 from orchestrator.runtime.watch import CrashWatch
 from states.adopt import adoption
 from states.ledger import Resident, Tier
@@ -40,15 +40,17 @@ from states.units import format_gib
 
 logger = logging.getLogger("orchestrator")
 
-RELEASE_POLL_S = 0.002  # how often the release wait reads the device
-
 
 class Executor:
+    """Carries out the scheduler's actions, one at a time on each card, under its switch locks;
+    its unloads go through its ``Unloader``, its loads through ``load``."""
+
     def __init__(self, ctx: Context, book: LeaseBook, accounting: Accounting, watch: CrashWatch) -> None:
         self.ctx = ctx
         self.book = book
         self.accounting = accounting
         self.watch = watch
+        self.unloader = Unloader(ctx, watch)  # the one unload path, for every action here
         self._locks: dict[int, anyio.Lock] = {}  # per card, made where the orchestrator runs (see lock)
         self.rebalance_after_s = 0.0  # a failed eviction is retried after this
         self.reap_after: dict[str, float] = {}  # a leftover whose unload failed: retried then
@@ -82,110 +84,6 @@ class Executor:
             for lock in taken:
                 lock.release()
 
-    # -- the one unload path -----------------------------------------------------------------
-
-    async def unload(
-        self, steps: Sequence[Eviction], *, why: str, during: str, counted: bool, strict: bool = False
-    ) -> None:
-        """Carry out ``steps`` in order, then wait until the device shows the memory of those
-        that left the GPU released.
-
-        ``why`` ends each event's detail ("for sdxl-base", "(shutdown)"); ``during`` ends the
-        error's message ("while evicting it for 'sdxl-base'"); ``counted``: an eviction in the
-        statistics (a shutdown or a reaped leftover is not). ``strict``: a backend call that
-        failed is an error even when the second try freed the model (a switch reports it to
-        the waiters it was for; elsewhere the model is gone, which is all that was asked).
-
-        :raises UnloadFailed: a backend's unload failed (the second try too, or ``strict``).
-        :raises VRAMNotReleased: the memory did not come back within ``unload_timeout_s``.
-        """
-        freed: list[str] = []
-        for step in steps:
-            await self._unload_one(step, why=why, during=during, counted=counted, strict=strict)
-            if step.from_tier is Tier.GPU:
-                freed.append(step.model)
-        await self.wait_released(freed)
-
-    async def _unload_one(
-        self, step: Eviction, *, why: str, during: str, counted: bool, strict: bool
-    ) -> None:
-        ctx = self.ctx
-        backend = ctx.backends[step.model]
-        timeout_s = ctx.config.unload_timeout_s
-        self.watch.stop(step.model)
-        t0 = ctx.now_s()
-        try:
-            with anyio.fail_after(timeout_s):
-                if step.to_tier is Tier.HOST:
-                    await backend.offload(Tier.HOST)
-                else:
-                    await backend.unload()
-        except BaseException as exc:
-            # Unknown how far it got: finish the unload (idempotent), shielded, bounded; then
-            # believe the backend about what is still loaded.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
-                try:
-                    await backend.unload()
-                except Exception as again:
-                    logger.warning("second unload of %s failed too: %s", step.model, again)
-            recovered = not backend.is_loaded() and backend.tier is Tier.DISK
-            if recovered:
-                # (a switch that failed because of it counts no eviction)
-                self._landed(
-                    step, Tier.DISK, f"(after a failed unload) {why}", None, counted=counted and not strict
-                )
-            if not isinstance(exc, Exception):
-                raise
-            detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            if strict or not recovered:
-                if isinstance(exc, VRAMNotReleased):
-                    raise  # the backend's own verified release: it names who holds the memory
-                raise UnloadFailed(step.model, f"{detail} {during}") from exc
-            logger.warning("unloading %s failed (%s) %s; the second try freed it", step.model, detail, during)
-            return
-        # A backend may fall back from keeping a host copy to dropping it (a vLLM server
-        # that cannot sleep): the ledger follows what it really did.
-        landed = backend.tier if backend.tier is not Tier.GPU else step.to_tier
-        if step.from_tier is Tier.GPU:
-            ctx.learn_cost(step.model, "unload_s", ctx.now_s() - t0)
-        self._landed(step, landed, why, ctx.now_s() - t0, counted=counted)
-
-    def _landed(
-        self, step: Eviction, landed: Tier, why: str, duration_s: float | None, *, counted: bool
-    ) -> None:
-        ctx = self.ctx
-        gpu = ctx.gpus_of(step.model)[0]  # before it leaves: the card it leaves
-        if ctx.cards.get(step.model) is not None:
-            ctx.cards = ctx.cards.move(step.model, landed)
-            ctx.settle_cards()  # a spanning model left its other cards too: they land at once
-        if step.from_tier is Tier.GPU:
-            ctx.note_lost(step.model)
-        if counted:
-            ctx.stats.evictions += 1
-        ctx.emit(
-            "evict",
-            gpu=gpu,
-            model=step.model,
-            duration_s=duration_s,
-            detail=f"{step.from_tier.value} -> {landed.value} {why}",
-        )
-
-    async def wait_released(self, models: list[str]) -> None:
-        """Wait until the device shows the models' memory back, with a deadline."""
-        if not models:
-            return
-        backends = self.ctx.backends
-
-        def still_held() -> list[tuple[str, int]]:
-            return [(m, backends[m].measured_bytes(live_only=False) or 0) for m in models]
-
-        await wait_released(
-            still_held,
-            timeout_s=self.ctx.config.unload_timeout_s,
-            poll_s=RELEASE_POLL_S,
-            clock=self.ctx.clock,
-        )
-
     # -- the actions -------------------------------------------------------------------------
 
     async def switch(
@@ -213,7 +111,7 @@ class Executor:
                 ctx.fire("begin_switch", q.after, model=target, gpu=g)
             try:
                 for _, q in plans:
-                    await self.unload(
+                    await self.unloader.unload(
                         q.evictions,
                         why=f"for {target}",
                         during=f"while evicting it for {target!r}",
@@ -265,7 +163,9 @@ class Executor:
             ctx.fire("begin_switch", after, model=None, gpu=gpu, detail=detail)
             try:
                 steps = [Eviction(m, Tier.GPU, Tier.DISK) for m in models]
-                await self.unload(steps, why=f"({why})", during=f"while evicting it ({why})", counted=True)
+                await self.unloader.unload(
+                    steps, why=f"({why})", during=f"while evicting it ({why})", counted=True
+                )
             except Exception as exc:
                 logger.error("evicting %s (%s) failed: %s", ", ".join(models), why, exc)
                 self.rebalance_after_s = ctx.now_s() + max(ctx.config.retry_backoff_s, RELEASE_POLL_S)
@@ -293,7 +193,7 @@ class Executor:
             try:
                 with self.switching(ctx.home(name)[:1]):
                     step = Eviction(name, backend.tier, Tier.DISK)
-                    await self.unload(
+                    await self.unloader.unload(
                         [step],
                         why="(left over by a failed cleanup)",
                         during="while reaping it",
@@ -371,7 +271,7 @@ class Executor:
                 done.add(r.model)
                 try:
                     step = Eviction(r.model, r.tier, Tier.DISK)
-                    await self.unload([step], why="(shutdown)", during="at shutdown", counted=False)
+                    await self.unloader.unload([step], why="(shutdown)", during="at shutdown", counted=False)
                     report.unloaded.append(r.model)
                 except Exception as exc:
                     logger.error("could not unload %s at shutdown: %s", r.model, exc)
@@ -388,7 +288,7 @@ class Executor:
                     logger.error("closing backend %s failed: %s", b.name, exc)
                     report.failed.setdefault(b.name, f"closing it failed: {exc}")
             try:
-                await self.wait_released(list(ctx.backends))
+                await self.unloader.wait_released(list(ctx.backends))
             except VRAMNotReleased as exc:
                 logger.error("at shutdown: %s", exc)
                 report.failed.setdefault(exc.model, str(exc))
@@ -488,4 +388,3 @@ class Executor:
         if isinstance(exc, Exception) and not isinstance(exc, BackendError):
             return LoadFailed(p.load, f"{type(exc).__name__}: {exc}")
         return exc
-

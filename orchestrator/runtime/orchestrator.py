@@ -33,13 +33,14 @@ from orchestrator.footprints import FootprintStore, default_path
 from orchestrator.monitor import ModelEstimate, PeakSampler, VRAMMonitor, open_store
 from orchestrator.runtime.accounting import Accounting
 from orchestrator.runtime.context import Context
-from orchestrator.runtime.executor import RELEASE_POLL_S, Executor
+from orchestrator.runtime.executor import Executor
 from orchestrator.runtime.externals import Externals
 from orchestrator.runtime.lease import EXTERNAL_KIND, ExternalReservation, Lease
 from orchestrator.runtime.outcomes import ShutdownReport
 from orchestrator.runtime.queue import LeaseBook
 from orchestrator.runtime.scheduler import Scheduler
 from orchestrator.runtime.stats import Statistics
+from orchestrator.runtime.unloading import RELEASE_POLL_S
 from orchestrator.runtime.watch import CrashWatch
 from orchestrator.spec import CardSpec
 from states.cards import Cards
