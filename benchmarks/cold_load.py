@@ -271,16 +271,23 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         "raw": lambda temp: one_raw("raw", temp),
         "raw_map": lambda temp: one_raw("raw_map", temp),
     }
-    order = list(runs)
+    others = [w for w in runs if w != "source"]
     # Each way cold (its files' pages dropped) and at once warm (read again), one after the
-    # other; each round starts one way later, so no way always follows the same one (on a busy
-    # VM, cold cache loads right after a warm from_pretrained ran 3-5x slower than the same
-    # loads after another cache load).
+    # other. Each round starts with the source and then the other ways, turned by one each
+    # round, so that over four rounds each of them comes right after the source once: on a VM
+    # that hands memory left free back to its host (virtio-balloon's free page reporting), the
+    # cold read after a from_pretrained runs into such memory and is 1.2-1.9x slower, whatever
+    # reads (the raw map too). Those loads are marked.
+    after_source: list[str] = []
     for round_ in range(repeats):
-        for way in order[round_ % len(order) :] + order[: round_ % len(order)]:
+        turn = round_ % len(others)
+        for i, way in enumerate(["source", *others[turn:], *others[:turn]]):
             for temp in ("cold", "warm"):
                 if temp == "cold":
                     drop()
+                    if i == 1:
+                        after_source.append(way)
+                        print("  (the next load comes right after a from_pretrained)", flush=True)
                 runs[way](temp)
         for temp in ("cold", "warm"):  # the storage's ceiling: the faster raw way, this round
             rows["ceiling"][temp].append(min(rows["raw"][temp][-1], rows["raw_map"][temp][-1]))
@@ -298,6 +305,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         "repeats": repeats,
         "page_cache": "fsync + posix_fadvise(POSIX_FADV_DONTNEED) on the folder's and the cache's files",
         "resident_after_drop_bytes": still_resident,
+        "after_source": after_source,  # per round, the way whose cold load came right after the source's
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "seconds": rows,
         "median_s": med,
