@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import anyio
@@ -44,9 +45,15 @@ class Event:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+_EVENT_FIELDS = operator.attrgetter(*(f.name for f in fields(Event)))  # an event as a tuple
+
+
 class EventHub:
     def __init__(self, history: int = 10_000) -> None:
-        self.history: deque[Event] = deque(maxlen=history)
+        # The latest events, as plain tuples: a tuple of strings and numbers is one the garbage
+        # collector stops tracking, and a daemon keeps 10,000 of them, two per proxied request
+        # (as Event objects they were half of what every full collection had to scan).
+        self._history: deque[tuple[Any, ...]] = deque(maxlen=history)
         self._listeners: list[Callable[[Event], None]] = []
         self._streams: list[MemoryObjectSendStream[Event]] = []
         self.dropped = 0
@@ -55,8 +62,13 @@ class EventHub:
         self._listeners.append(fn)
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None
 
+    @property
+    def history(self) -> list[Event]:
+        """The latest events (at most ``history`` of them), oldest first."""
+        return [Event(*t) for t in self._history]
+
     def emit(self, event: Event) -> None:
-        self.history.append(event)
+        self._history.append(_EVENT_FIELDS(event))
         for fn in list(self._listeners):
             try:
                 fn(event)

@@ -101,7 +101,7 @@ def reading_routes(d: Daemon, metrics: OrchestratorMetrics) -> list[Route]:
         # follow=0: the recent events, then the end of the response (the timeline command)
         follow = request.query_params.get("follow", "1").lower() not in ("0", "false", "no")
         send_events, receive_events = anyio.create_memory_object_stream[Event](10_000)
-        backlog = list(orch.hub.history) if history else []
+        backlog = orch.hub.history if history else []
 
         def listen(e: Event) -> None:
             try:

@@ -8,6 +8,7 @@ that could hang are guarded with ``anyio.fail_after``.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Callable
 from contextlib import aclosing
@@ -1034,6 +1035,24 @@ async def test_the_event_iterator_sees_what_the_listeners_see(orch: Orchestrator
     assert [e.kind for e in streamed].count("grant") == 2
     assert streamed[-1].to_state == "IDLE"
     assert orch.hub.dropped == 0
+
+
+async def test_the_history_keeps_the_events_heard_and_the_collector_does_not_track_them(
+    orch: Orchestrator,
+) -> None:
+    heard: list[Event] = []
+    orch.add_listener(heard.append)
+    async with orch:
+        async with orch.acquire("llm"):
+            pass
+        async with orch.acquire("sdxl"):
+            pass
+    assert orch.hub.history == heard  # every field of every event, in order
+    assert {"grant", "release", "evict", "load"} <= {e.kind for e in heard}
+    # A daemon keeps 10,000 of them: stored as tuples of strings and numbers, which the garbage
+    # collector stops tracking once they have lived through a collection.
+    gc.collect()
+    assert not any(gc.is_tracked(record) for record in orch.hub._history)
 
 
 async def test_the_event_iterator_drops_events_past_its_buffer(orch: Orchestrator) -> None:
