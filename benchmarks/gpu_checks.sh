@@ -11,20 +11,15 @@
 # Everything printed goes to OUTDIR/gpu_checks.log too; each step's exit status is in
 # OUTDIR/status.txt. The script goes on after a failed step and exits 1 if any failed.
 #
-# The GPU machine (no network) has torch, transformers, nvidia-ml-py, pytest, hypothesis, anyio
-# and httpx, but not diffusers, transitions, peft, nor this package. Before calling `run`,
-# put the missing wheels in ./wheels of the working tree (untracked, not ignored: it travels
-# with the tree; about 20 MB), for example:
+# On a GPU machine without network access that has torch, transformers, nvidia-ml-py, pytest,
+# hypothesis, anyio and httpx but not diffusers, transitions, peft or this package, put the
+# missing wheels in ./wheels of the working tree first (about 20 MB), for example:
 #
 #     pip download --no-deps -d wheels diffusers==0.42.1 transitions six peft accelerate psutil \
 #         prometheus-client pytest-timeout importlib-metadata zipp pyyaml "setuptools>=77"
 #     for v in 3.10 3.11 3.12 3.13; do   # Pillow (and pyyaml) are built per Python version
 #         pip download --no-deps --only-binary=:all: --python-version $v \
 #             --platform manylinux2014_x86_64 -d wheels pillow pyyaml; done
-#
-# and then, as one prepared call with time to spare (the machine's start counts too):
-#
-#     run(command="bash benchmarks/gpu_checks.sh $OUT/gpu", timeout_s=540)
 #
 # Expect about 3-5 minutes: tests/gpu, then the benchmark (building and saving 6.46 GiB of
 # random weights, pinning 2 x 8 GiB of host memory, the copies).
