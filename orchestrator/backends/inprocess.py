@@ -19,7 +19,9 @@ A subclass says how to build its model from a local path on the CPU (``_build``)
   in large chunks straight into the buffer the weights live in. A stale or damaged entry
   falls back to the source (one warning) and is rewritten. The tier ladder: GPU -> pinned
   host RAM -> packed disk cache -> the source; ``cached`` says where the next cold load
-  comes from, ``last_load_from`` where the last one came from.
+  comes from, ``last_load_from`` where the last one came from. The entry, the load from it
+  and the write to it are ``inprocess_cache.ModelCache``'s; the memory limit, the stand-in,
+  the timings and the model's state stay here.
 - Where the device is the simulated one (no GPU: tests, CI, the demo), the model runs on the
   CPU for real and its configured size stands for it on the simulated device (the tiny model
   plays the role of the full-size one, whose bytes are what the budget is about).
@@ -40,11 +42,11 @@ from typing import Any
 import anyio
 
 from orchestrator.backends.base import Backend
-from orchestrator.backends.diskcache import CacheEntry, DiskCache, fingerprint
-from orchestrator.backends.diskread import CacheCorrupt
+from orchestrator.backends.diskcache import CacheEntry, fingerprint
+from orchestrator.backends.inprocess_cache import ModelCache
 from orchestrator.backends.inprocess_options import InProcessOptions, import_torch, quiet_imports
 from orchestrator.backends.options import options_of
-from orchestrator.backends.packed import LayoutMismatch, PackedWeights
+from orchestrator.backends.packed import PackedWeights
 from orchestrator.device.base import Device, DeviceOutOfMemory
 from orchestrator.device.simulated import SimulatedDevice
 from orchestrator.spec import CacheSpec, ModelSpec
@@ -82,12 +84,7 @@ class InProcessBackend(Backend):
         self.timings: dict[str, float] = {}
         self.loads = self.restores = self.offloads = 0
         self._unloaded: list[weakref.ref[Any]] = []  # the modules of the last unload, to verify
-        self._cache = (
-            DiskCache(Path(cache.path), cache.budget_bytes, verify=cache.verify)
-            if cache is not None
-            else None
-        )
-        self._cache_entry: CacheEntry | None = None
+        self._cache = ModelCache(spec.name, cache)
         #: where the last cold load came from: "cache" or "source" ("" before the first)
         self.last_load_from = ""
 
@@ -122,11 +119,9 @@ class InProcessBackend(Backend):
     @property
     def cache_entry(self) -> CacheEntry | None:
         """This model's disk cache entry; None without a cache (or a backend that has none)."""
-        if self._cache is None or type(self)._build_skeleton is InProcessBackend._build_skeleton:
+        if type(self)._build_skeleton is InProcessBackend._build_skeleton:
             return None
-        if self._cache_entry is None:
-            self._cache_entry = self._cache.entry(self.name, self.cache_recipe(), self.cache_sources())
-        return self._cache_entry
+        return self._cache.entry(self.cache_recipe, self.cache_sources)
 
     @property
     def cached(self) -> bool:
@@ -233,6 +228,15 @@ class InProcessBackend(Backend):
         if limit_bytes is not None and need_bytes > limit_bytes:
             raise DeviceOutOfMemory(self.owner, need_bytes, limit_bytes, limit=True)
 
+    def _claim(self, torch: Any, need_bytes: int, limit_bytes: int | None) -> None:
+        """Before the weights go to the device: the limit checked, the stand-in's bytes taken,
+        and torch's peak counted from here (what ``peak_bytes`` reports over the baseline)."""
+        self._check_limit(need_bytes, limit_bytes)
+        self._take_stand_in()
+        if self.target != "cpu":
+            self._baseline_reserved = torch.cuda.memory_reserved(self.target)
+            torch.cuda.reset_peak_memory_stats(self.target)
+
     def _take_stand_in(self) -> None:
         if self.stand_in is not None and not self.stand_in.held_by(self.owner):
             self.stand_in.allocate(self.owner, self.stand_in_bytes)
@@ -278,23 +282,27 @@ class InProcessBackend(Backend):
                 for m in modules.values()
                 for t in list(m.parameters()) + list(m.buffers())
             )
-            self._check_limit(weight_bytes, limit_bytes)
-            self._take_stand_in()
-            if self.target != "cpu":
-                self._baseline_reserved = torch.cuda.memory_reserved(self.target)
-                torch.cuda.reset_peak_memory_stats(self.target)
+            self._claim(torch, weight_bytes, limit_bytes)
             if self.spec.offload:
                 pin = self.target != "cpu"
                 t1 = time.perf_counter()
                 self._packed = PackedWeights(modules, pin=pin)
                 self.timings["pack_s"] = time.perf_counter() - t1
                 if entry is not None:
-                    self._write_cache(entry, self._packed, started_s, sources)
+                    self._cache.write(
+                        entry, self._packed, started_s=started_s, sources=sources, timings=self.timings
+                    )
                 self.timings["copy_s"] = self._packed.to_device(self.target)
                 self._weight_bytes = self._packed.total_bytes
             else:
                 if entry is not None:  # packed once on the CPU to be written; then moved as usual
-                    self._write_cache(entry, PackedWeights(modules, pin=False), started_s, sources)
+                    self._cache.write(
+                        entry,
+                        PackedWeights(modules, pin=False),
+                        started_s=started_s,
+                        sources=sources,
+                        timings=self.timings,
+                    )
                 for m in modules.values():
                     m.to(self.target)
                 self._weight_bytes = weight_bytes
@@ -320,74 +328,27 @@ class InProcessBackend(Backend):
     def _load_cached(
         self, torch: Any, dtype: Any, entry: CacheEntry, limit_bytes: int | None, t0: float
     ) -> bool:
-        """Load from the disk cache (in the worker thread); False (one warning when the entry
-        exists but cannot be used) to load from the source instead."""
-        state = entry.state()
-        if state != "fresh":
-            if state != "missing":
-                logger.warning(
-                    "%s: its disk cache entry %s is %s (%s); loading from the source and rewriting it",
-                    self.name,
-                    entry.folder,
-                    state,
-                    "a source file changed since it was written" if state == "stale" else "unreadable",
-                )
+        """Load from the disk cache (in the worker thread); False to load from the source."""
+        loaded = self._cache.load(
+            entry,
+            build=lambda: self._build_skeleton(torch, dtype),
+            device=self.target,
+            keep_host=self.spec.offload,
+            check=lambda total_bytes: self._claim(torch, total_bytes, limit_bytes),
+            fallback=self._drop_stand_in,
+            t0=t0,
+        )
+        if loaded is None:
             return False
-        entry.prefetch(self.target, keep_host=self.spec.offload)  # read while the skeleton is built
-        try:
-            with quiet_imports():
-                model, modules = self._build_skeleton(torch, dtype)
-            built_s = time.perf_counter() - t0
-
-            def check(total_bytes: int) -> None:
-                self._check_limit(total_bytes, limit_bytes)
-                self._take_stand_in()
-                if self.target != "cpu":
-                    self._baseline_reserved = torch.cuda.memory_reserved(self.target)
-                    torch.cuda.reset_peak_memory_stats(self.target)
-
-            packed, timings = entry.load(
-                modules,
-                device=self.target,
-                keep_host=self.spec.offload,
-                pin=self.target != "cpu",
-                check=check,
-            )
-        except DeviceOutOfMemory:
-            raise
-        except Exception as exc:  # CacheCorrupt, LayoutMismatch, or a skeleton the library refused
-            if not isinstance(exc, CacheCorrupt | LayoutMismatch):
-                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-            logger.warning(
-                "%s: its disk cache entry %s cannot be used (%s); loading from the source and rewriting it",
-                self.name,
-                entry.folder,
-                exc,
-            )
-            self._drop_stand_in()
-            return False
-        finally:
-            entry.cancel_prefetch()  # a read the load did not take over (the skeleton failed)
-        self._model, self._modules = model, modules
-        self._packed = packed if self.spec.offload else None  # without a host tier: no host copy
-        self._weight_bytes = packed.total_bytes
+        self._model, self._modules = loaded.model, loaded.modules
+        self._packed = loaded.packed if self.spec.offload else None  # without a host tier: no host copy
+        self._weight_bytes = loaded.packed.total_bytes
         self._after_move(torch)
-        self.timings.update(timings)
-        self.timings["build_s"] = built_s
+        self.timings.update(loaded.timings)
+        self.timings["build_s"] = loaded.built_s
         self.timings["load_s"] = time.perf_counter() - t0
         self.last_load_from = "cache"
         return True
-
-    def _write_cache(
-        self, entry: CacheEntry, packed: PackedWeights, started_s: float, sources: list[list[Any]] | None
-    ) -> None:
-        t0 = time.perf_counter()
-        try:
-            entry.write(packed, unless_written_after_s=started_s, sources=sources)
-        except OSError as exc:  # a full disk or a read-only folder costs the cache, not the load
-            logger.warning("%s: could not write its disk cache entry %s (%s)", self.name, entry.folder, exc)
-            return
-        self.timings["cache_write_s"] = time.perf_counter() - t0
 
     async def restore(self, limit_bytes: int | None = None) -> Any:
         if self._tier is not Tier.HOST or self._packed is None:
