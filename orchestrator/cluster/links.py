@@ -49,9 +49,7 @@ class Links:
     def machine(self, node: str) -> MachineLink:
         m = self.machines.get(node)
         if m is None:
-            raise ValueError(
-                f"no machine {node!r} in this cluster; its machines: {', '.join(self.machines)}"
-            )
+            raise ValueError(f"no machine {node!r} in this cluster; its machines: {', '.join(self.machines)}")
         return m
 
     async def changed(self) -> None:
