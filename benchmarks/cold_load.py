@@ -25,13 +25,22 @@ not used) and warm (read again at once). It prints each time, the packed load's 
 a fraction of the raw read's, and the goals: packed cold load at 80% of the raw read or more,
 and at least 3x faster than the source.
 
-Run: ``python -m benchmarks.cold_load SCRATCH_DIR [--tiny] [--repeats N] [--json FILE]``.
+``--device cuda``: the model loads on GPU 0 (a real device, read by NVML), the source's
+weights moved there after ``from_pretrained``, the packed load's chunks copied to the device as
+they arrive (through a pinned staging ring); the raw ways become the data file read into
+pinned memory and one copy of its bytes from pinned memory to the GPU, and the ceiling is the
+slower of the two (a load can at best overlap them): the whole load against
+``max(read, copy)``.
+
+Run: ``python -m benchmarks.cold_load SCRATCH_DIR [--tiny] [--repeats N] [--device cuda]
+[--json FILE]``.
 The scratch folder keeps the built model between runs (``.complete``); the cache is rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -40,6 +49,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +60,18 @@ from benchmarks.switch_gpu import ARCHITECTURE, build_sdxl_pipeline, drop_page_c
 GIB = 1024**3
 PACKED_OVER_RAW_GOAL = 0.80
 SPEEDUP_GOAL = 3.0
+RAW_LABELS = {"raw": "raw read", "raw_map": "raw map", "copy": "copy to GPU"}
 
 
-def config_text(folder: Path, cache: Path | None, *, verify: bool) -> str:
+SIMULATED = "{device: simulated, total_vram_gb: 80.0, safe_max_vram_gb: 79.0}"
+
+
+def config_text(folder: Path, cache: Path | None, *, verify: bool, hardware: str = SIMULATED) -> str:
     cache_line = (
         f'cache: {{path: "{cache}", budget_gb: 64, verify: {str(verify).lower()}}}\n' if cache else ""
     )
     return f"""\
-hardware: {{device: simulated, total_vram_gb: 80.0, safe_max_vram_gb: 79.0}}
+hardware: {hardware}
 models:
   sdxl:
     kind: sdxl
@@ -66,15 +80,17 @@ models:
 {cache_line}"""
 
 
-def backend_for(text: str, scratch: Path) -> Any:
+def backend_for(text: str, scratch: Path, device: Any = None) -> Any:
+    """The model's backend: on the CPU (the simulated device: the model runs on the CPU for
+    real) unless ``device`` (a real one: the model loads on its GPU)."""
     from orchestrator.backends.registry import create_backend
     from orchestrator.config import parse_config
     from orchestrator.device.simulated import SimulatedDevice
 
     config = parse_config(text)
-    return create_backend(
-        config.models["sdxl"], config=config, device=SimulatedDevice(config.total_bytes), log_dir=scratch
-    )
+    if device is None:
+        device = SimulatedDevice(config.total_bytes)
+    return create_backend(config.models["sdxl"], config=config, device=device, log_dir=scratch)
 
 
 def touch(modules: dict[str, Any]) -> None:
@@ -106,18 +122,20 @@ def timed_load(backend: Any) -> dict[str, float]:
     them had been read once (``read_once_s``: a load that checks checksums has done that)."""
 
     async def go() -> dict[str, float]:
+        import torch
+
         t0 = time.perf_counter()
         await backend.load()
-        wall = time.perf_counter() - t0
-        touch(backend._modules)
-        in_memory = time.perf_counter() - t0
-        read_all(backend._modules)
-        out = {
-            "wall_s": wall,
-            "in_memory_s": in_memory,
-            "read_once_s": time.perf_counter() - t0,
-            **backend.timings,
-        }
+        if backend.target != "cpu":  # on a GPU the weights are in its memory once it is done
+            torch.cuda.synchronize(backend.target)
+            wall = in_memory = read_once = time.perf_counter() - t0
+        else:
+            wall = time.perf_counter() - t0
+            touch(backend._modules)
+            in_memory = time.perf_counter() - t0
+            read_all(backend._modules)
+            read_once = time.perf_counter() - t0
+        out = {"wall_s": wall, "in_memory_s": in_memory, "read_once_s": read_once, **backend.timings}
         await backend.unload()
         return out
 
@@ -155,14 +173,14 @@ def resident_bytes(folder: Path) -> int:
     return total
 
 
-def raw_read(path: Path, chunk: int) -> float:
-    """The file read into one new buffer, ``chunk`` bytes at a time by the cache's reader
-    threads: the bytes copied out of the page cache."""
+def raw_read(path: Path, chunk: int, *, pin: bool = False) -> float:
+    """The file read into one new buffer (pinned, for a GPU), ``chunk`` bytes at a time by the
+    cache's reader threads: the bytes copied out of the page cache."""
     import torch
 
     from orchestrator.backends.diskread import READ_THREADS, read_into
 
-    buf = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    buf = torch.empty(path.stat().st_size, dtype=torch.uint8, pin_memory=pin)
     t0 = time.perf_counter()
     read_into(path, buf, chunk_bytes=chunk, threads=READ_THREADS)
     took = time.perf_counter() - t0
@@ -184,8 +202,40 @@ def raw_map(path: Path, chunk: int) -> float:
     return took
 
 
-def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, Any]:
+def copy_to_gpu(nbytes: int, target: str) -> float:
+    """``nbytes`` copied once from a pinned host buffer to the GPU: the link's ceiling."""
     import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=target)
+    torch.cuda.synchronize(target)
+    t0 = time.perf_counter()
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(target)
+    took = time.perf_counter() - t0
+    del host, dev
+    torch.cuda.empty_cache()
+    return took
+
+
+def gpu_hardware() -> tuple[str, Any]:
+    """The config's hardware line for GPU 0 (its own size) and the device that reads it."""
+    import torch
+
+    from orchestrator.device.nvml import NvmlDevice
+
+    total_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    line = f"{{device: nvml, total_vram_gb: {total_gib:.1f}, safe_max_vram_gb: {total_gib - 1:.1f}}}"
+    return line, NvmlDevice(0)
+
+
+def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool, gpu: bool = False) -> dict[str, Any]:
+    import torch
+
+    hardware, device = gpu_hardware() if gpu else (SIMULATED, None)
+    # On a GPU the ceiling is the slower of the read (into pinned memory) and the copy to the
+    # device (a load can at best overlap them); on the CPU, the faster of the two raw reads.
+    raws = ("raw", "copy") if gpu else ("raw", "raw_map")
 
     scratch.mkdir(parents=True, exist_ok=True)
     if tiny:
@@ -195,16 +245,22 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
     else:
         print("building the SDXL pipeline with random weights (first run only) ...", flush=True)
         folder = build_sdxl_pipeline(
-            torch, ARCHITECTURE, scratch / "sdxl-random-fp16", build_on="cpu", dtype=torch.float16
+            torch,
+            ARCHITECTURE,
+            scratch / "sdxl-random-fp16",
+            build_on="cuda:0" if gpu else "cpu",  # (random weights: the same file either way)
+            dtype=torch.float16,
         )
+        if gpu:
+            torch.cuda.empty_cache()
     cache_dir = scratch / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    source = backend_for(config_text(folder, None, verify=verify), scratch)
+    source = backend_for(config_text(folder, None, verify=verify, hardware=hardware), scratch, device)
     texts = {
-        "packed": config_text(folder, cache_dir, verify=verify),
-        "packed_noverify": config_text(folder, cache_dir, verify=False),
+        "packed": config_text(folder, cache_dir, verify=verify, hardware=hardware),
+        "packed_noverify": config_text(folder, cache_dir, verify=False, hardware=hardware),
     }
-    writer = backend_for(texts["packed"], scratch)
+    writer = backend_for(texts["packed"], scratch, device)
     first = timed_load(writer)  # from the source; writes the entry
     assert writer.last_load_from == "source" and "cache_write_s" in first, first
     entry = writer.cache_entry
@@ -229,7 +285,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
     still_resident: list[int] = []
 
     ways = (
-        *("source", "packed", "packed_read", "packed_noverify", "raw", "raw_map", "ceiling"),
+        *("source", "packed", "packed_read", "packed_noverify", *raws, "ceiling"),
         *("source_read_once", "packed_read_once", "packed_noverify_read_once"),
     )
     rows: dict[str, dict[str, list[float]]] = {w: {"cold": [], "warm": []} for w in ways}
@@ -246,7 +302,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         )
 
     def one_packed(way: str, temp: str) -> None:
-        b = backend_for(texts[way], scratch)
+        b = backend_for(texts[way], scratch, device)
         t = timed_load(b)
         assert b.last_load_from == "cache", b.last_load_from
         rows[way][temp].append(t["in_memory_s"])
@@ -260,16 +316,18 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         )
 
     def one_raw(way: str, temp: str) -> None:
-        r = (raw_read if way == "raw" else raw_map)(data, chunk)
+        if way == "copy":
+            r = copy_to_gpu(nbytes, source.target)
+        else:
+            r = raw_read(data, chunk, pin=gpu) if way == "raw" else raw_map(data, chunk)
         rows[way][temp].append(r)
-        print(f"  {'raw read' if way == 'raw' else 'raw map'} {temp}: {r:.2f} s", flush=True)
+        print(f"  {RAW_LABELS[way]} {temp}: {r:.2f} s", flush=True)
 
-    runs = {
+    runs: dict[str, Callable[[str], None]] = {
         "source": one_source,
         "packed": lambda temp: one_packed("packed", temp),
         "packed_noverify": lambda temp: one_packed("packed_noverify", temp),
-        "raw": lambda temp: one_raw("raw", temp),
-        "raw_map": lambda temp: one_raw("raw_map", temp),
+        **{w: functools.partial(one_raw, w) for w in raws},
     }
     others = [w for w in runs if w != "source"]
     # Each way cold (its files' pages dropped) and at once warm (read again), one after the
@@ -289,8 +347,9 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
                         after_source.append(way)
                         print("  (the next load comes right after a from_pretrained)", flush=True)
                 runs[way](temp)
-        for temp in ("cold", "warm"):  # the storage's ceiling: the faster raw way, this round
-            rows["ceiling"][temp].append(min(rows["raw"][temp][-1], rows["raw_map"][temp][-1]))
+        for temp in ("cold", "warm"):  # the ceiling, this round (see raws)
+            pair = (rows[raws[0]][temp][-1], rows[raws[1]][temp][-1])
+            rows["ceiling"][temp].append(max(pair) if gpu else min(pair))
 
     med = {w: {k: statistics.median(v) for k, v in temps.items()} for w, temps in rows.items()}
 
@@ -309,7 +368,12 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "seconds": rows,
         "median_s": med,
-        "ceiling": "per round, the faster of the raw read and the raw map",
+        "device": source.target,
+        "ceiling": (
+            "per round, the slower of the read into pinned memory and the copy to the GPU"
+            if gpu
+            else "per round, the faster of the raw read and the raw map"
+        ),
         "ratios": {
             temp: {
                 "packed_over_raw_bandwidth": med["ceiling"][temp] / med["packed"][temp],
@@ -330,8 +394,7 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
         ("packed", "packed"),
         ("packed_read", "  its read"),
         ("packed_noverify", "no check"),
-        ("raw", "raw read"),
-        ("raw_map", "raw map"),
+        *((w, RAW_LABELS[w]) for w in raws),
         ("ceiling", "ceiling"),
         ("source_read_once", "source+read"),
         ("packed_read_once", "packed+read"),
@@ -339,8 +402,8 @@ def run(scratch: Path, *, tiny: bool, repeats: int, verify: bool) -> dict[str, A
     )
     for w, label in labels:
         c, h = med[w]["cold"], med[w]["warm"]
-        runs = " ".join(f"{x:.2f}" for x in rows[w]["cold"])
-        print(f"{label:<12} {c:8.3f} {gbps(c):7.2f} {h:8.3f} {gbps(h):7.2f}   {runs}")
+        cold_runs = " ".join(f"{x:.2f}" for x in rows[w]["cold"])
+        print(f"{label:<12} {c:8.3f} {gbps(c):7.2f} {h:8.3f} {gbps(h):7.2f}   {cold_runs}")
     print("(+read: until every byte of the weights had been read once, as by a first inference)")
     for temp in ("cold", "warm"):
         r = report["ratios"][temp]
@@ -376,10 +439,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="cold and warm measurements each (median)")
     p.add_argument("--no-verify", action="store_true", help="the packed load without the checksum check")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the model loads: the CPU (default), or GPU 0 (the copy to it measured too)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    report = run(args.scratch, tiny=args.tiny, repeats=args.repeats, verify=not args.no_verify)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device here")
+    report = run(
+        args.scratch,
+        tiny=args.tiny,
+        repeats=args.repeats,
+        verify=not args.no_verify,
+        gpu=args.device == "cuda",
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -8,6 +8,9 @@
 # 3. python -m benchmarks.switch_gpu --json OUTDIR/switch_gpu.json
 #    (the real SDXL architecture, random weights, fp16: cold load, offload, restore, drop;
 #    restore against the pinned link measured in the same run)
+# 4. python -m benchmarks.cold_load OUTDIR/cold-scratch --device cuda --repeats 2
+#    (the same architecture from the packed disk cache straight to the GPU, against
+#    from_pretrained and max(read, copy) measured in the same run)
 # Everything printed goes to OUTDIR/gpu_checks.log too; each step's exit status is in
 # OUTDIR/status.txt. The script goes on after a failed step and exits 1 if any failed.
 #
@@ -21,8 +24,9 @@
 #         pip download --no-deps --only-binary=:all: --python-version $v \
 #             --platform manylinux2014_x86_64 -d wheels pillow pyyaml; done
 #
-# Expect about 3-5 minutes: tests/gpu, then the benchmark (building and saving 6.46 GiB of
-# random weights, pinning 2 x 8 GiB of host memory, the copies).
+# Expect about 6-8 minutes: tests/gpu, then the switch benchmark (building and saving 6.46 GiB
+# of random weights, pinning 2 x 8 GiB of host memory, the copies), then the cold loads
+# (building and saving the weights again, writing the cache entry, two rounds of loads).
 
 set -uo pipefail
 
@@ -102,6 +106,11 @@ step pytest-gpu $PY -m pytest tests/gpu -v -s -p no:cacheprovider
 
 # -- 3. the switch benchmark on the real SDXL architecture -----------------------------------------
 step switch-gpu $PY -m benchmarks.switch_gpu --json "$OUT/switch_gpu.json"
+
+# -- 4. cold loads from the packed disk cache onto the GPU ---------------------------------------
+step cold-load-gpu $PY -m benchmarks.cold_load "$OUT/cold-scratch" --device cuda --repeats 2 \
+    --json "$OUT/cold_load_gpu.json"
+rm -rf "$OUT/cold-scratch"  # 13 GB of scratch (the model and its cache entry) need not come back
 
 echo
 echo "status:"
