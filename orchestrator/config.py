@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.config_hardware import hardware_cards, hardware_sizes
 from orchestrator.config_sections import (
     BACKENDS,
     DEFAULT_CONFIG_NAME,
@@ -167,13 +168,13 @@ class _Parser(_Sections):
             )
 
         device = self.choice(hw.get("device", "auto"), "hardware.device", DEVICES)
-        cards = self.hardware_cards(hw, device)
+        cards = hardware_cards(self, hw, device)
         if cards is not None:
             budget = sum(c.budget_bytes for c in cards)
             total = sum(c.total_bytes for c in cards)
             index = cards[0].index
         else:
-            budget, total = self.hardware_sizes(hw, "hardware")
+            budget, total = hardware_sizes(self, hw, "hardware")
             index = hw.get("index", 0)
             if isinstance(index, bool) or not isinstance(index, int) or index < 0:
                 raise self.err(

@@ -1,6 +1,8 @@
 """The config sections one model, the daemon and the disk cache are read from: checked and
-parsed into their frozen specs (``orchestrator.spec``). ``orchestrator.config``'s parser
-builds on these and reads the rest (hardware, switching, observability)."""
+parsed into their frozen specs (``orchestrator.spec``), with the checks every section shares
+(each error names the file and the key). ``orchestrator.config_hardware`` reads the hardware's
+cards with these checks; ``orchestrator.config``'s parser builds on both and reads the rest
+(the hardware's device and index, switching, defaults, monitor, observability)."""
 
 from __future__ import annotations
 
@@ -50,13 +52,9 @@ def _typename(v: object) -> str:
     return "nothing" if v is None else type(v).__name__
 
 
-# Discovered cards (hardware.gpus: all) without a safe_max_vram_gb keep this much of each
-# free for the driver and the desktop.
-DISCOVERED_HEADROOM_BYTES = 512 * 2**20
-
-
 class _Sections:
-    """Parsing of a model, the daemon and the cache sections; the checks they share."""
+    """Parsing of a model, the daemon and the cache sections; the checks they share, which
+    ``orchestrator.config_hardware`` reads the hardware's cards with."""
 
     source: str
     _device: str  # what the hardware section said (a model's checks depend on it)
@@ -193,97 +191,8 @@ class _Sections:
         "kind", "vram_gb", "confidence", "backend", "offload", "host_gb", "simulation", "aliases",
         "max_concurrent", "limits", "gpus", "tensor_parallel",
     )  # fmt: skip
-    GPU_KEYS = ("index", "gpu_name", "total_vram_gb", "safe_max_vram_gb")
     LIMIT_KEYS = tuple(f.name for f in fields(RequestLimits))
     SIM_KEYS = ("load_s", "unload_s", "offload_s", "restore_s", "true_vram_gb", "use_peak_gb")
-
-    # -- the hardware's cards --------------------------------------------------------------
-
-    def hardware_sizes(self, hw: Mapping[str, Any], key: str) -> tuple[int, int]:
-        """(budget, total) of one card: ``safe_max_vram_gb`` and ``total_vram_gb`` at ``key``."""
-        if "safe_max_vram_gb" not in hw:
-            raise self.err(
-                f"{key}.safe_max_vram_gb",
-                "missing budget",
-                "set the most VRAM the orchestrator may use, e.g. 15.5 on a 16 GiB card",
-            )
-        budget = gib_to_bytes(self.number(hw["safe_max_vram_gb"], f"{key}.safe_max_vram_gb", strict=True))
-        total = gib_to_bytes(
-            self.number(hw.get("total_vram_gb", hw["safe_max_vram_gb"]), f"{key}.total_vram_gb", strict=True)
-        )
-        if budget > total:
-            raise self.err(
-                f"{key}.safe_max_vram_gb",
-                f"{format_gib(budget)} is more than total_vram_gb ({format_gib(total)})",
-                "keep safe_max_vram_gb at or below total_vram_gb",
-            )
-        return budget, total
-
-    def hardware_cards(self, hw: Mapping[str, Any], device: str) -> tuple[CardSpec, ...] | None:
-        """``hardware.gpus``: a count of cards of the hardware's size, a list (of indexes, or
-        of mappings with each card's index, name and sizes), or ``all`` (every card NVML
-        finds, at its own size). None when absent: the one card of the hardware section."""
-        g = hw.get("gpus")
-        if g is None:
-            return None
-        name = str(hw.get("gpu_name", "GPU"))
-        if g == "all":
-            return self._discovered(hw, device)
-        if isinstance(g, int) and not isinstance(g, bool):
-            if g < 1:
-                raise self.err("hardware.gpus", f"expected at least 1 card, got {g}", "e.g. gpus: 2")
-            budget, total = self.hardware_sizes(hw, "hardware")
-            return tuple(CardSpec(i, name, total, budget) for i in range(g))
-        if not isinstance(g, list) or not g:
-            raise self.err(
-                "hardware.gpus",
-                f"expected a count, a list of cards or `all`, got {g!r}",
-                "e.g. gpus: 2, gpus: [0, 1], or gpus: [{index: 0, safe_max_vram_gb: 23}, ...]",
-            )
-        out: list[CardSpec] = []
-        for pos, item in enumerate(g):
-            key = f"hardware.gpus[{pos}]"
-            if isinstance(item, Mapping):
-                self.no_unknown(item, key, self.GPU_KEYS)
-                sizes = {k: item.get(k, hw.get(k)) for k in ("safe_max_vram_gb", "total_vram_gb")}
-                budget, total = self.hardware_sizes({k: v for k, v in sizes.items() if v is not None}, key)
-                idx = item.get("index", pos)
-                card_name = str(item.get("gpu_name", name))
-            else:
-                idx, card_name = item, name
-                budget, total = self.hardware_sizes(hw, "hardware")
-            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-                where = f"{key}.index" if isinstance(item, Mapping) else key
-                raise self.err(where, f"expected a GPU index >= 0, got {idx!r}", "use 0 for the first GPU")
-            if any(c.index == idx for c in out):
-                raise self.err(
-                    "hardware.gpus",
-                    f"lists card {idx} twice: one card would be counted as two, and its memory twice",
-                    "list each physical card once (`nvidia-smi -L` lists them with their indexes)",
-                )
-            out.append(CardSpec(idx, card_name, total, budget))
-        return tuple(out)
-
-    def _discovered(self, hw: Mapping[str, Any], device: str) -> tuple[CardSpec, ...] | None:
-        from orchestrator.device.nvml import discover_cards
-
-        if device == "simulated":
-            raise self.err(
-                "hardware.gpus",
-                "`all` discovers real cards, and hardware.device is simulated",
-                "give a count (gpus: 2) or a list of cards with their sizes",
-            )
-        found = discover_cards()
-        if not found:
-            if device == "auto":
-                return None  # no GPU: the hardware section's one (simulated) card, as auto does
-            raise self.err("hardware.gpus", "`all` found no card through NVML", "list the cards by hand")
-        cap = hw.get("safe_max_vram_gb")
-        cap_bytes = gib_to_bytes(self.number(cap, "hardware.safe_max_vram_gb", strict=True)) if cap else None
-        return tuple(
-            CardSpec(i, n, t, min(t, cap_bytes) if cap_bytes else max(0, t - DISCOVERED_HEADROOM_BYTES))
-            for i, n, t in found
-        )
 
     # -- one model ---------------------------------------------------------------------------
 
@@ -401,8 +310,10 @@ class _Sections:
         indexes = [c.index for c in cards]
         gpus = m.get("gpus")
         if gpus is not None:
-            if not isinstance(gpus, list) or not gpus or not all(
-                isinstance(g, int) and not isinstance(g, bool) for g in gpus
+            if (
+                not isinstance(gpus, list)
+                or not gpus
+                or not all(isinstance(g, int) and not isinstance(g, bool) for g in gpus)
             ):
                 raise self.err(
                     f"{key}.gpus", f"expected a list of card indexes, got {gpus!r}", "e.g. gpus: [1]"
