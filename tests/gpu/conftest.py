@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -30,3 +32,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.gpu)
             if REASON is not None:
                 item.add_marker(pytest.mark.skip(reason=f"GPU test: {REASON}"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny SDXL and TTS models, built once for the GPU tests."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from orchestrator.tiny_models import build
+
+    return build(tmp_path_factory.mktemp("tiny"), ("tiny-sdxl", "tiny-tts"))

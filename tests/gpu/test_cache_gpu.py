@@ -22,20 +22,6 @@ from orchestrator.media import generate_image
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("diffusers")
-    pytest.importorskip("peft")
-    from orchestrator.tiny_models import build
-
-    return build(tmp_path_factory.mktemp("tiny"), ("tiny-sdxl",))
-
-
 def config(tiny: dict[str, Path], cache: Path, *, offload: bool) -> str:
     host = "offload: true, host_gb: 0.5," if offload else "offload: false,"
     return f"""

@@ -19,20 +19,6 @@ from states.ledger import Tier
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("diffusers")
-    pytest.importorskip("peft")
-    from orchestrator.tiny_models import build
-
-    return build(tmp_path_factory.mktemp("tiny"), ("tiny-sdxl", "tiny-tts"))
-
-
 def config(tiny: dict[str, Path]) -> str:
     return f"""
 hardware: {{device: nvml, total_vram_gb: 16, safe_max_vram_gb: 15.5}}

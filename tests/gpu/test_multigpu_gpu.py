@@ -24,11 +24,6 @@ models:
 """
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def card_gib(index: int) -> float:
     dev = NvmlDevice(index)
     try:

@@ -35,11 +35,6 @@ models:
 """
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def orchestrator(foreign: str = "wait", budget_gb: float = 16.0) -> Orchestrator:
     dev = NvmlDevice(0)
     total_gb = dev.total_bytes / GIB
