@@ -36,7 +36,8 @@ class SwitchCosts:
 
     load_s: float = 10.0  # a cold load from disk
     restore_s: float = 1.0  # from its host copy
-    unload_s: float = 1.0  # unloading or offloading it
+    unload_s: float = 1.0  # unloading it (off the GPU, no host copy kept)
+    offload_s: float = 0.1  # offloading it to its host copy (the device copy freed)
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,14 @@ def _choose_tiers(victims: list[Resident], ledger: Ledger, request: PlanRequest)
 
 
 def plan_cost_s(p: Plan, costs: Mapping[str, SwitchCosts]) -> float:
-    """What carrying out ``p`` costs: its GPU evictions' unloads, then its load or restore
-    (a model without a figure in ``costs``: the defaults of ``SwitchCosts``)."""
+    """What carrying out ``p`` costs: its GPU evictions' unloads (or offloads, for those that
+    keep a host copy), then its load or restore (a model without a figure in ``costs``: the
+    defaults of ``SwitchCosts``)."""
     default = SwitchCosts()
-    out = sum(costs.get(e.model, default).unload_s for e in p.gpu_evictions)
+    out = sum(
+        (c.offload_s if e.to_tier is Tier.HOST else c.unload_s)
+        for e in p.gpu_evictions
+        for c in (costs.get(e.model, default),)
+    )
     target = costs.get(p.load, default)
     return out + (target.restore_s if p.from_tier is Tier.HOST else target.load_s)

@@ -212,7 +212,8 @@ class Context:
         return n, backoff
 
     def learn_cost(self, model: str, what: str, seconds: float, *, origin: str | None = None) -> None:
-        """A load ("load_s"), restore ("restore_s") or unload ("unload_s") of ``model`` took
+        """A load ("load_s"), restore ("restore_s"), unload ("unload_s") or offload to its host
+        copy ("offload_s") of ``model`` took
         ``seconds``: the estimate moves toward it (the decision weighs switches by these).
 
         ``origin`` says where a load came from ("source", "cache": the packed disk cache):
@@ -251,4 +252,5 @@ def _first_costs(spec: ModelSpec, config: Config) -> SwitchCosts:
         load_s=spec.sim.load_s * scale,
         restore_s=(spec.sim.restore_s if spec.offload else spec.sim.load_s) * scale,
         unload_s=spec.sim.unload_s * scale,
+        offload_s=spec.sim.offload_s * scale,
     )

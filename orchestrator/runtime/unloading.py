@@ -102,7 +102,7 @@ class Unloader:
         # that cannot sleep): the ledger follows what it really did.
         landed = backend.tier if backend.tier is not Tier.GPU else step.to_tier
         if step.from_tier is Tier.GPU:
-            ctx.learn_cost(step.model, "unload_s", ctx.now_s() - t0)
+            ctx.learn_cost(step.model, "offload_s" if landed is Tier.HOST else "unload_s", ctx.now_s() - t0)
         self._landed(step, landed, why, ctx.now_s() - t0, counted=counted)
 
     def _landed(

@@ -221,6 +221,22 @@ async def test_an_exclusive_switch_evicts_the_other_heavy_model(orch: Orchestrat
         assert_settled(orch)
 
 
+async def test_an_offload_and_an_unload_are_learned_as_two_costs(orch: Orchestrator) -> None:
+    async with orch:
+        async with orch.acquire("sdxl"):
+            pass
+        async with orch.acquire("llm"):  # sdxl-base offloaded to its host copy
+            pass
+        async with orch.acquire("sdxl"):  # qwen-14b (no host copy) unloaded
+            pass
+        measured = orch._ctx._measured
+        assert measured["offload_s"] == {"sdxl-base"}
+        assert measured["unload_s"] == {"qwen-14b"}
+        # what the next switch is priced at: sdxl-base's offload, not an unload it never did
+        sdxl = orch._ctx.costs["sdxl-base"]
+        assert sdxl.offload_s < sdxl.unload_s
+
+
 async def test_an_evicted_offloadable_model_comes_back_by_restore(orch: Orchestrator) -> None:
     async with orch:
         async with orch.acquire("sdxl"):

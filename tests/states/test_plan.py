@@ -20,6 +20,7 @@ from states import (
     gib_to_bytes,
     plan,
 )
+from states.plan import SwitchCosts, plan_cost_s
 
 BUDGET = gib_to_bytes(15.5)
 POLICY = Policy()
@@ -357,6 +358,22 @@ def test_offloadable_victim_goes_to_disk_without_a_host_tier() -> None:
     p = must_plan(req("qwen-14b"), ledger)
     assert evicted(p) == [("sdxl-base", Tier.GPU, Tier.DISK)]
     assert p.after.get("sdxl-base") is None
+
+
+def test_a_plan_prices_an_offload_as_an_offload_and_an_unload_as_an_unload() -> None:
+    costs = {
+        "sdxl-base": SwitchCosts(load_s=6.0, restore_s=0.13, unload_s=2.5, offload_s=0.05),
+        "qwen-14b": SwitchCosts(load_s=20.0, restore_s=0.5, unload_s=6.0, offload_s=0.05),
+    }
+    kept = must_plan(
+        req("qwen-14b"),
+        loaded(Ledger(BUDGET, host_budget_bytes=gib_to_bytes(32)), res("sdxl-base", host_gib=6.5)),
+    )
+    assert evicted(kept) == [("sdxl-base", Tier.GPU, Tier.HOST)]
+    assert plan_cost_s(kept, costs) == pytest.approx(0.05 + 20.0)  # its offload, then qwen's load
+    dropped = must_plan(req("qwen-14b"), loaded(Ledger(BUDGET), res("sdxl-base", host_gib=6.5)))
+    assert evicted(dropped) == [("sdxl-base", Tier.GPU, Tier.DISK)]
+    assert plan_cost_s(dropped, costs) == pytest.approx(2.5 + 20.0)  # its unload
 
 
 def test_offloadable_victim_goes_to_disk_when_its_copy_is_too_big() -> None:
