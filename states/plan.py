@@ -216,10 +216,11 @@ def plan_cost_s(p: Plan, costs: Mapping[str, SwitchCosts]) -> float:
     keep a host copy), then its load or restore (a model without a figure in ``costs``: the
     defaults of ``SwitchCosts``)."""
     default = SwitchCosts()
-    out = sum(
-        (c.offload_s if e.to_tier is Tier.HOST else c.unload_s)
-        for e in p.gpu_evictions
-        for c in (costs.get(e.model, default),)
-    )
+
+    def out_s(e: Eviction) -> float:
+        c = costs.get(e.model, default)
+        return c.offload_s if e.to_tier is Tier.HOST else c.unload_s
+
     target = costs.get(p.load, default)
+    out = sum(out_s(e) for e in p.gpu_evictions)
     return out + (target.restore_s if p.from_tier is Tier.HOST else target.load_s)

@@ -213,8 +213,8 @@ class Context:
 
     def learn_cost(self, model: str, what: str, seconds: float, *, origin: str | None = None) -> None:
         """A load ("load_s"), restore ("restore_s"), unload ("unload_s") or offload to its host
-        copy ("offload_s") of ``model`` took
-        ``seconds``: the estimate moves toward it (the decision weighs switches by these).
+        copy ("offload_s") of ``model`` took ``seconds``: the estimate moves toward it (the
+        decision weighs switches by these).
 
         ``origin`` says where a load came from ("source", "cache": the packed disk cache):
         a load from elsewhere than the last one replaces the estimate instead of moving it
