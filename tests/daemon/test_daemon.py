@@ -55,7 +55,10 @@ def client_process(
     tmp_path: Path, d: DaemonProcess, what: str, rounds: int, hold_s: float
 ) -> subprocess.Popen[str]:
     script = tmp_path / "client.py"
-    script.write_text(CLIENT)
+    if not script.exists():
+        # Written once: writing it again for every process truncates the file that a process
+        # started just before may not have read yet (it then runs an empty script and exits 0).
+        script.write_text(CLIENT)
     return subprocess.Popen(
         [sys.executable, str(script), d.url, d.token or "", what, str(rounds), str(hold_s)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
