@@ -21,7 +21,12 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
     old waiters would otherwise take the GPU from each other forever.
     Targets are ordered by: overdue (waited ``max_wait_s`` since arrival) first, then priority
     (higher first), then age. A target with a higher priority than every waiter of the models
-    it evicts drains them at once. While the first target waits for leases to drain, a model
+    it evicts drains them at once. The floor and the price give way to a hard bound: the
+    drain begins in time for the switch to end when the oldest has waited ``max_wait_s``.
+    A model that must be evicted but has just become idle stays a moment (``grace_ends_at``:
+    a tenth of the switch's cost after its last lease ended): a user between two requests
+    (an artist between two images) comes back within it, and the switch waits for a reason.
+    While the first target waits for leases to drain, a model
     further down the ranking that fits without evicting anything is loaded meanwhile (the
     orchestrator does this: it needs the plans).
 ``fcfs``
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field
 
 FLOOR_SHARE = 0.6  # the cost rule drains no sooner than this share of max_wait_s
 PRICE_FACTOR = 16.0  # waiter-seconds per second of switch, per user the switch holds up
+GRACE_SHARE = 0.1  # an idle model just released stays this share of the switch's cost
 
 
 class Mode(enum.Enum):
@@ -65,6 +71,7 @@ class SchedulerView:
     on_gpu: frozenset[str]
     leases: Mapping[str, int] = field(default_factory=dict)
     lost_gpu_s: Mapping[str, float] = field(default_factory=dict)
+    last_release: Mapping[str, tuple[float, Hashable]] = field(default_factory=dict)  # grace_for
     blocked: frozenset[str] = frozenset()  # not to be switched to now (back-off after a failure)
     mode: Mode = Mode.FAIR
     fairness_s: float = 5.0
@@ -120,7 +127,10 @@ def drain_due_at(
     docstring). Without ``switch_cost_s`` (the time rule): when the oldest has waited
     ``fairness_s``.
 
-    With it (the cost rule, the default), when all three hold:
+    With it (the cost rule, the default), when all three hold, or at the hard bound of the
+    first two (the oldest waiter has waited ``max_wait_s`` since its arrival less the
+    switch's cost, so that the switch ends by ``max_wait_s``; the time a drain waits for the
+    leases in progress comes on top):
 
     - the oldest has waited ``FLOOR_SHARE`` of ``max_wait_s``: a busy model is not taken away
       sooner however cheap the switch (every switch disrupts the users of the model it
@@ -135,7 +145,7 @@ def drain_due_at(
       drained for requests younger than its own: those were first, and the switch would make
       them wait for it and for the switch back. This one is not a time that comes by itself
       (both sides age alike): it holds until the evictees' older waiters are granted
-      (``math.inf`` when that is what remains).
+      (``math.inf`` when that is what remains; an overdue waiter drains them all the same).
 
     The two constants were chosen on the scheduling benchmark's mixed trace (benchmarks/
     scheduling.py: chat agents, artists and workflows, at switch costs of 12-22 s and under
@@ -146,6 +156,7 @@ def drain_due_at(
     oldest_s = min(view.since_s(w) for w in waiters)
     if switch_cost_s is None:
         return oldest_s + view.fairness_s
+    bound_at = min(w.arrived_s for w in waiters) + view.max_wait_s - switch_cost_s
     held_up = 1 + sum(view.leases.get(m, 0) for m in evictees)
     held_up += sum(1 for w in view.waiters if w.model in evictees)
     price_s = PRICE_FACTOR * switch_cost_s * held_up
@@ -154,7 +165,33 @@ def drain_due_at(
     queued = [w.arrived_s for w in view.waiters if w.model in evictees]
     if queued and min(w.arrived_s for w in waiters) > min(queued):
         return math.inf  # the evictees' own older waiters first
-    return max(oldest_s + FLOOR_SHARE * view.max_wait_s, priced_at)
+    return min(bound_at, max(oldest_s + FLOOR_SHARE * view.max_wait_s, priced_at))
+
+
+def grace_ends_at(view: SchedulerView, evictees: frozenset[str], switch_cost_s: float) -> float | None:
+    """Until when idle ``evictees`` stay for a user who may come back (None: they need not).
+
+    A model whose last lease ended less than ``GRACE_SHARE`` of the switch's cost ago, held
+    by a user who has come back to it before and is not waiting now (for this model or
+    another), is kept that long (fair mode only). Such a user often asks again at once (an
+    artist's next image, an agent's next turn): evicting the model in between costs two
+    switches, and the switch back comes soon. If a lease is taken within the grace, the
+    model is busy again and the drain rules of ``drain_due_at`` decide; if not, the switch
+    goes, late by a tenth of its cost (ski rental: waiting is worth a share of what the
+    switch costs). The runtime names only users who came back before (``last_release``): a
+    request that is its own user (an API call) gets no grace, and a user who released the
+    model and now waits for another one is not coming back to it.
+    """
+    if view.mode is not Mode.FAIR:
+        return None
+    grace_s = GRACE_SHARE * switch_cost_s
+    waiting = {w.holder for w in view.waiters}
+    ends = [
+        when_s + grace_s
+        for m, (when_s, holder) in view.last_release.items()
+        if m in evictees and holder not in waiting and when_s + grace_s > view.now_s
+    ]
+    return max(ends) if ends else None
 
 
 def admission(

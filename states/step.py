@@ -33,7 +33,9 @@ The rules, in the order ``decide`` applies them:
    waits only for the leases in progress.
 8. If the plan evicts a busy model, the switch waits (until the target's waiters have waited
    long enough: ``scheduling.drain_due_at``, by the measured cost of this switch once the
-   busy model's older requests are served, or by ``fairness_s``; or until the leases end);
+   busy model's older requests are served, or by ``fairness_s``; or until the leases end).
+   One whose last lease has just ended holds it back for its grace
+   (``scheduling.grace_ends_at``: a share of the switch's cost), in case its user comes back;
    meanwhile, in fair mode, a model that fits without evicting anything is loaded beside it
    (a side load). Otherwise the switch is the action: ``Switch``.
 9. The wake time is the earliest of: a back-off ending, a reap or rebalance retry, the
@@ -51,7 +53,6 @@ meanwhile); it is one joint switch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -60,7 +61,15 @@ from states.errors import InsufficientVRAM, LeaseDeadlock
 from states.ledger import Ledger, Resident
 from states.placement import PlaceContext, Placement, hide_in_flight, place
 from states.plan import Deferred, Plan, PlanRequest, Policy, SwitchCosts, plan, plan_cost_s, victim_order
-from states.scheduling import Mode, SchedulerView, WaiterView, admission, drain_due_at, rank_targets
+from states.scheduling import (
+    Mode,
+    SchedulerView,
+    WaiterView,
+    admission,
+    drain_due_at,
+    grace_ends_at,
+    rank_targets,
+)
 
 DEFERRED_POLL_S = 0.05  # how often a request blocked by foreign memory looks again
 
@@ -95,6 +104,7 @@ class StepView:
     leases: Mapping[str, int] = field(default_factory=dict)
     holders: Mapping[str, Mapping[Hashable, int]] = field(default_factory=dict)
     lost_gpu_s: Mapping[str, float] = field(default_factory=dict)
+    last_release: Mapping[str, tuple[float, Hashable]] = field(default_factory=dict)  # when, whose
     backoff_until: Mapping[str, float] = field(default_factory=dict)
     to_unload: Mapping[str, str] = field(default_factory=dict)  # model -> why
     leftovers: frozenset[str] = frozenset()  # held by a backend, not in the ledger
@@ -351,14 +361,16 @@ def _decide_card(view: StepView) -> Decision:
             wake_at_s=_wake_at(view, s), drain=drain, deferred=deferred, settled_unloads=settled
         )
 
-    # 8. A busy evictee holds the switch back; a side load may go meanwhile.
+    # 8. A busy evictee, or one just released (its grace), holds the switch back; a side
+    #    load may go meanwhile.
     side = False
-    if any(s.leases.get(m, 0) for m in evictees):
-        # Wake when the waiters have waited long enough; an infinite time is "once the
-        # evictees' older waiters are granted", and the release before it wakes the step.
-        due = drain_due_at(sv, target, evictees, cost_s)
-        if not adm.drain and math.isfinite(due):
-            s.wake_at.append(due)
+    grace = grace_ends_at(sv, evictees, cost_s) if cost_s is not None and not adm.drain else None
+    if any(s.leases.get(m, 0) for m in evictees) or grace is not None:
+        # Wake when the waiters have waited long enough, or when the grace ends.
+        if not adm.drain:
+            s.wake_at.append(drain_due_at(sv, target, evictees, cost_s))
+        if grace is not None:
+            s.wake_at.append(grace)
         beside = _side_load(view, sv, target) if view.settings.mode is Mode.FAIR else None
         if beside is None:
             return s.decision(
@@ -393,6 +405,7 @@ def _scheduler_view(
         on_gpu=on_gpu,
         leases=leases,
         lost_gpu_s=view.lost_gpu_s,
+        last_release=view.last_release,
         blocked=frozenset(blocked),
         mode=st.mode,
         fairness_s=st.fairness_s,

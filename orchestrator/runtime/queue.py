@@ -8,6 +8,7 @@ only records; the scheduler's decision is what grants and fails.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from orchestrator.runtime.context import Context
 from orchestrator.runtime.lease import Lease
 from states.scheduling import WaiterView
 from states.step import grants_at_once
+
+RETURNS_KEPT = 4096  # (model, holder) pairs remembered, for the grace of an idle model
 
 
 @dataclass(eq=False)
@@ -60,6 +63,12 @@ class LeaseBook:
         # model -> the scopes of the blocks holding a lease on it -> the crash that ended them
         self.scopes: dict[str, dict[anyio.CancelScope, BackendCrashed | None]] = {}
         self._seq = 0
+        # Who came back to a model after a lease on it ended (the grace of an idle model is
+        # for them): (model, holder) pairs, the most recent RETURNS_KEPT of each. A holder is
+        # a task's id, which Python may give a new task once the old one has ended: a new
+        # task then passes for a user who came back, and costs at most one grace.
+        self._released: OrderedDict[tuple[str, Hashable], None] = OrderedDict()
+        self._returners: OrderedDict[tuple[str, Hashable], None] = OrderedDict()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -86,6 +95,8 @@ class LeaseBook:
         w.granted = True
         self._remove(w)
         self.leases[w.model] = self.leases.get(w.model, 0) + 1
+        if (w.model, w.holder) in self._released:
+            _remember(self._returners, (w.model, w.holder))
         holders = self.holders.setdefault(w.model, {})
         holders[w.holder] = holders.get(w.holder, 0) + 1
         ctx.cards = ctx.cards.touch(w.model)
@@ -118,6 +129,11 @@ class LeaseBook:
     def _release(self, model: str, holder: Hashable) -> None:
         ctx = self.ctx
         self.leases[model] -= 1
+        _remember(self._released, (model, holder))
+        if (model, holder) in self._returners:  # a user who comes back: the model may wait for it
+            ctx.last_release[model] = (ctx.now_s(), holder)
+        else:
+            ctx.last_release.pop(model, None)
         holders = self.holders[model]
         holders[holder] -= 1
         if not holders[holder]:
@@ -198,3 +214,11 @@ class LeaseBook:
             self._release(model, w.holder)
         if crash is not None and scope.cancelled_caught:
             raise crash
+
+
+def _remember(pairs: OrderedDict[tuple[str, Hashable], None], pair: tuple[str, Hashable]) -> None:
+    """Put ``pair`` last in ``pairs``, dropping the oldest past RETURNS_KEPT."""
+    pairs[pair] = None
+    pairs.move_to_end(pair)
+    if len(pairs) > RETURNS_KEPT:
+        pairs.popitem(last=False)

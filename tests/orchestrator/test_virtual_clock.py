@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 from orchestrator.config import Config, parse_config
@@ -182,3 +183,54 @@ def test_wait_released_times_out_on_the_given_clock() -> None:
     elapsed_s, message = on_mock_clock(main)
     assert elapsed_s == 7.0 and "m still holds" in message and "7 s after unloading" in message
     assert time.perf_counter() - t0 < 2.0
+
+
+async def artist_and_chat(same_artist: bool) -> list[str]:
+    """Three SDXL images 0.3 s apart, by one task (``same_artist``) or by three tasks one
+    after another; a chat request for the LLM comes as the second image ends. Returns the
+    order in which the four requests were served."""
+    served: list[str] = []
+    async with Orchestrator(config(), clock=anyio.current_time, footprints=FootprintStore(None)) as orch:
+        second_done, all_done = anyio.Event(), anyio.Event()
+
+        async def draw(i: int) -> None:
+            async with orch.acquire("sdxl"):
+                served.append(f"image {i}")
+                await anyio.sleep(1.0)
+            if i == 1:
+                second_done.set()
+
+        async def one_user(i: int, drawn: anyio.Event) -> None:
+            await draw(i)
+            drawn.set()
+            await all_done.wait()  # alive to the end: Python may give a new task an ended one's id
+
+        async def artist(tg: anyio.abc.TaskGroup) -> None:
+            for i in range(3):
+                if same_artist:
+                    await draw(i)
+                else:  # a task of its own: a new user
+                    drawn = anyio.Event()
+                    tg.start_soon(one_user, i, drawn)
+                    await drawn.wait()
+                await anyio.sleep(0.3)
+            all_done.set()
+
+        async def chat() -> None:
+            await second_done.wait()
+            async with orch.acquire("llm"):
+                served.append("chat")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(artist, tg)
+            tg.start_soon(chat)
+    return served
+
+
+def test_an_idle_model_waits_a_moment_for_a_user_who_comes_back() -> None:
+    # The artist who drew twice comes back 0.3 s after its second image, within the grace
+    # (a tenth of the switch's cost): SDXL draws its third image before the switch.
+    assert on_mock_clock(artist_and_chat, True) == ["image 0", "image 1", "image 2", "chat"]
+    # Three requests, each its own user, as API calls are: nobody to wait for, the switch
+    # goes as the second image ends, and the third image waits for the switch back.
+    assert on_mock_clock(artist_and_chat, False) == ["image 0", "image 1", "chat", "image 2"]

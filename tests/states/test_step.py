@@ -349,8 +349,9 @@ def test_under_the_cost_rule_a_busier_evictee_holds_out_longer_but_never_past_ma
     quiet = decide(cost_view([w(1, "sdxl", ago=200)], leases=1))  # price 16 x 7 x 2 = 224
     assert quiet.drain == frozenset() and quiet.wake_at_s == pytest.approx(NOW + 24)
     busy = decide(cost_view([w(1, "sdxl", ago=200)], leases=4))  # 16 x 7 x 5 = 560 ...
-    assert busy.drain == frozenset() and busy.wake_at_s == pytest.approx(NOW + 100)  # ... or max_wait_s
-    assert decide(cost_view([w(1, "sdxl", ago=300)], leases=4)).drain == {"qwen"}
+    # ... or the hard bound: the 7 s switch ends when the waiter has waited max_wait_s (300 s).
+    assert busy.drain == frozenset() and busy.wake_at_s == pytest.approx(NOW + 93)
+    assert decide(cost_view([w(1, "sdxl", ago=293)], leases=4)).drain == {"qwen"}
 
 
 CHEAP = {"qwen": SwitchCosts(load_s=0.1, restore_s=0.1), "sdxl": SwitchCosts(unload_s=0.05)}
@@ -405,6 +406,43 @@ def test_the_worked_example_of_the_cost_rule_the_other_way_round() -> None:
     d = step([30, 10])  # those two have started (one drew, one draws now)
     assert d.drain == {"sdxl"} and d.grants == ()  # the two asked after it wait for the switch back
     assert step([30, 10]).drain == step([]).drain  # younger requests do not hold it back
+
+
+def grace_view(waiters: Iterable[WaiterView], released: tuple[float, Hashable], **kw: object) -> StepView:
+    """The LLM resident and idle, its last lease ended ``released`` (seconds ago, by whom)."""
+    ago, holder = released
+    v = view(waiters, ledger("qwen"), costs=COSTS, last_release={"qwen": (NOW - ago, holder)}, **kw)
+    return replace(v, settings=replace(v.settings, fairness_by_cost=True))
+
+
+def test_a_model_just_released_stays_a_tenth_of_the_switch_for_its_user() -> None:
+    # The switch to SDXL costs 7 s (the LLM's unload, SDXL's load): a grace of 0.7 s after
+    # the last lease ended, for its user who is not waiting for anything.
+    waiter = [w(1, "sdxl", ago=30)]
+    held = decide(grace_view(waiter, (0.5, "chat-agent")))
+    assert held.action is None and held.drain == frozenset()
+    assert held.wake_at_s == pytest.approx(NOW + 0.2)
+    after = decide(grace_view(waiter, (0.7, "chat-agent")))
+    assert isinstance(after.action, Switch) and after.action.plan.load == "sdxl"
+
+
+def test_no_grace_for_a_user_who_now_waits_for_another_model() -> None:
+    # The task that released the LLM is the one now waiting for SDXL (a workflow's next
+    # step): it is not coming back to the LLM, and the switch goes at once.
+    d = decide(grace_view([w(1, "sdxl", holder="workflow")], (0.1, "workflow")))
+    assert isinstance(d.action, Switch) and d.action.plan.load == "sdxl"
+
+
+@pytest.mark.parametrize("mode", [Mode.FCFS, Mode.RESIDENT_FIRST])
+def test_the_grace_is_fair_modes_alone(mode: Mode) -> None:
+    d = decide(grace_view([w(1, "sdxl", ago=30)], (0.1, "chat-agent"), mode=mode))
+    assert isinstance(d.action, Switch) and d.action.plan.load == "sdxl"
+
+
+def test_no_grace_once_the_waiter_is_due() -> None:
+    # An overdue waiter (max_wait_s 300) drains the LLM: the grace does not hold it back.
+    d = decide(grace_view([w(1, "sdxl", ago=301)], (0.1, "chat-agent")))
+    assert isinstance(d.action, Switch) and d.action.plan.load == "sdxl"
 
 
 def test_an_overdue_waiter_drains_past_the_evictees_older_queue() -> None:
