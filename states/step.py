@@ -53,6 +53,7 @@ meanwhile); it is one joint switch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -366,9 +367,12 @@ def _decide_card(view: StepView) -> Decision:
     side = False
     grace = grace_ends_at(sv, evictees, cost_s) if cost_s is not None and not adm.drain else None
     if any(s.leases.get(m, 0) for m in evictees) or grace is not None:
-        # Wake when the waiters have waited long enough, or when the grace ends.
-        if not adm.drain:
-            s.wake_at.append(drain_due_at(sv, target, evictees, cost_s))
+        # Wake when the waiters have waited long enough, or when the grace ends; an
+        # infinite time is "once the evictees' older waiters are granted", and the release
+        # before it wakes the step.
+        due = drain_due_at(sv, target, evictees, cost_s)
+        if not adm.drain and math.isfinite(due):
+            s.wake_at.append(due)
         if grace is not None:
             s.wake_at.append(grace)
         beside = _side_load(view, sv, target) if view.settings.mode is Mode.FAIR else None
