@@ -181,8 +181,8 @@ def grace_ends_at(view: SchedulerView, evictees: frozenset[str], switch_cost_s: 
     switch costs). The runtime names only users who came back before (``last_release``): a
     request that is its own user (an API call) gets no grace, and a user who released the
     model and now waits for another one is not coming back to it. ``GRACE_SHARE`` was chosen
-    on the same trace as ``drain_due_at``'s constants (a fifth or more of the cost keeps a
-    busy model from its waiters: docs/measurements.md#scheduling).
+    on the same trace as ``drain_due_at``'s constants (at a fifth of the cost or more, the
+    model's returning users keep it too long from the waiters: docs/measurements.md#scheduling).
     """
     if view.mode is not Mode.FAIR:
         return None
