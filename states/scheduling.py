@@ -24,8 +24,9 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
     it evicts drains them at once. The floor and the price give way to a hard bound: the
     drain begins in time for the switch to end when the oldest has waited ``max_wait_s``.
     A model that must be evicted but has just become idle stays a moment (``grace_ends_at``:
-    a tenth of the switch's cost after its last lease ended): a user between two requests
-    (an artist between two images) comes back within it, and the switch waits for a reason.
+    a tenth of the switch's cost after its last lease ended) when that lease's user has come
+    back to it before and waits for nothing: a user between two requests (an artist between
+    two images) comes back within it.
     While the first target waits for leases to drain, a model
     further down the ranking that fits without evicting anything is loaded meanwhile (the
     orchestrator does this: it needs the plans).
@@ -71,7 +72,7 @@ class SchedulerView:
     on_gpu: frozenset[str]
     leases: Mapping[str, int] = field(default_factory=dict)
     lost_gpu_s: Mapping[str, float] = field(default_factory=dict)
-    last_release: Mapping[str, tuple[float, Hashable]] = field(default_factory=dict)  # grace_for
+    last_release: Mapping[str, tuple[float, Hashable]] = field(default_factory=dict)  # when, whose
     blocked: frozenset[str] = frozenset()  # not to be switched to now (back-off after a failure)
     mode: Mode = Mode.FAIR
     fairness_s: float = 5.0

@@ -9,7 +9,7 @@ it decides nothing and does no IO.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -66,7 +66,6 @@ class Context:
         self.machines: dict[int, ModelMachine] = {c.index: ModelMachine() for c in config.cards}
         self.card_used_s: dict[int, float] = {}  # when each card last granted a lease
         self.lost_gpu_s: dict[str, float] = {}  # when each model last left the GPU
-        self.last_release: dict[str, tuple[float, Hashable]] = {}  # per model: when, and whose
         self.failures: dict[str, int] = {}  # failures in a row
         self.backoff_until: dict[str, float] = {}
         self.last_error: dict[str, BaseException] = {}

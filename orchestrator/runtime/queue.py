@@ -69,6 +69,8 @@ class LeaseBook:
         # task then passes for a user who came back, and costs at most one grace.
         self._released: OrderedDict[tuple[str, Hashable], None] = OrderedDict()
         self._returners: OrderedDict[tuple[str, Hashable], None] = OrderedDict()
+        # model -> when its last lease ended and whose, if that user is one who came back
+        self.last_release: dict[str, tuple[float, Hashable]] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -131,9 +133,9 @@ class LeaseBook:
         self.leases[model] -= 1
         _remember(self._released, (model, holder))
         if (model, holder) in self._returners:  # a user who comes back: the model may wait for it
-            ctx.last_release[model] = (ctx.now_s(), holder)
+            self.last_release[model] = (ctx.now_s(), holder)
         else:
-            ctx.last_release.pop(model, None)
+            self.last_release.pop(model, None)
         holders = self.holders[model]
         holders[holder] -= 1
         if not holders[holder]:

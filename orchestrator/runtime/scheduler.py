@@ -141,7 +141,7 @@ class Scheduler:
             leases=book.leases,
             holders=book.holders,
             lost_gpu_s=ctx.lost_gpu_s,
-            last_release=ctx.last_release,
+            last_release=book.last_release,
             backoff_until=ctx.backoff_until,
             to_unload=ctx.to_unload,
             leftovers=leftovers,
