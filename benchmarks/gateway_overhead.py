@@ -42,8 +42,12 @@ a proxy can do (bytes relayed unread, one server connection per client), whose f
 floor under every proxy's on the machine. Every request carries ``Authorization: Bearer
 sk-bench`` (LiteLLM's master key there; the gateway on loopback needs none).
 
+``--cpu-probe`` runs benchmarks/cpu_probe.py on every CPU while it measures and reports, per
+round, the share of each CPU's samples that ran slow: a saturated proxy's latencies follow its
+CPU's speed, which on a VM moves with the host's other tenants.
+
 Run: ``python -m benchmarks.gateway_overhead [--requests 200] [--clients 16] [--peer CMD]
-[--json PATH]``.
+[--cpu-probe] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from benchmarks import cpu_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = str(ROOT / "tests" / "fixtures" / "fake_openai_server.py")
@@ -249,6 +255,22 @@ def start_peer(cmd: str, upstream: str, config_dir: Path) -> tuple[subprocess.Po
     return proc, url
 
 
+def start_probe(cpu: int, out: Path) -> tuple[int, subprocess.Popen[bytes], Path]:
+    """A ``benchmarks.cpu_probe`` on ``cpu``, writing its samples to ``out`` when stopped."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.cpu_probe", "--cpu", str(cpu), "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    return cpu, proc, out
+
+
+def read_probe(proc: subprocess.Popen[bytes], out: Path) -> list[tuple[float, float]]:
+    stop(proc)
+    if not out.exists():
+        raise SystemExit(f"the CPU probe exited with {proc.returncode} and wrote no samples to {out}")
+    return [(t, s) for t, s in json.loads(out.read_text())]
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -362,6 +384,7 @@ class Run:
     latencies_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     cpu_s: float | None = None
+    span_s: tuple[float, float] = (0.0, 0.0)  # when it ran (time.monotonic(), the probes' clock)
 
     @property
     def rate(self) -> float:
@@ -458,12 +481,13 @@ async def load(target: tuple[str, int, bytes], clients: int, n: int) -> Run:
     gc.collect()
     gc.disable()
     try:
-        t0 = time.perf_counter()
+        t0, start_s = time.perf_counter(), time.monotonic()
         shared.busy.update(c for _, c in conns)
         for _, c in conns:
             c.send()
         await shared.done
         shared.run.wall_s = time.perf_counter() - t0
+        shared.run.span_s = (start_s, time.monotonic())
     finally:
         gc.enable()
         for transport, _ in conns:
@@ -518,9 +542,14 @@ async def measure(sides: list[Side], args: argparse.Namespace) -> None:
             s.conc.append(run)
 
 
-def summary(sides: list[Side], clients: int) -> dict[str, Any]:
+def summary(
+    sides: list[Side], clients: int, probes: dict[int, list[tuple[float, float]]] | None = None
+) -> dict[str, Any]:
     direct = sides[0]
     out: dict[str, Any] = {"clients": clients, "sides": {}}
+    full_s = {cpu: cpu_probe.full_speed_s(samples) for cpu, samples in (probes or {}).items()}
+    if probes:
+        out["cpu_probe_full_speed_us"] = {str(cpu): f * 1e6 for cpu, f in full_s.items()}
     for s in sides:
         entry: dict[str, Any] = {}
         for stream, name in ((False, "completion"), (True, "streamed")):
@@ -550,6 +579,13 @@ def summary(sides: list[Side], clients: int) -> dict[str, Any]:
             conc["p99_over_p50_rounds"] = [
                 pct(r.latencies_ms, 0.99) / statistics.median(r.latencies_ms) for r in s.conc
             ]
+            if probes:
+                # Per round and CPU: the share of the probe's samples that ran slow (the
+                # machine's own speed, which every saturated side's latencies follow).
+                conc["cpu_slow_share_rounds"] = {
+                    str(cpu): [cpu_probe.slow_share(samples, *r.span_s, full_s[cpu]) for r in s.conc]
+                    for cpu, samples in probes.items()
+                }
             if s.pgid:
                 cpu = sum(r.cpu_s or 0.0 for r in s.conc)
                 conc["cpu_per_request_ms"] = cpu / n * 1e3
@@ -592,6 +628,21 @@ def print_table(result: dict[str, Any]) -> None:
             + (f"{cpu:>6.2f} ms" if cpu is not None else f"{'-':>9}")
             + f"   {rounds}"
         )
+    if "cpu_probe_full_speed_us" not in result:
+        return
+    print(
+        f"\nthe machine's own speed (--cpu-probe): per round, the share of each CPU's probe samples "
+        f"that ran at under 1/{cpu_probe.SLOW:g} of full speed"
+    )
+    for label, e in sides.items():
+        c = e.get("concurrent")
+        if c is None:
+            continue
+        per_cpu = "   ".join(
+            f"CPU {cpu}: " + " ".join("-" if x is None else f"{x:.0%}" for x in shares)
+            for cpu, shares in c["cpu_slow_share_rounds"].items()
+        )
+        print(f"  {label:<{w}} {per_cpu}")
 
 
 def versions() -> str:
@@ -630,12 +681,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-label", action="append", default=[], metavar="LABEL", help="a name per --peer")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument(
+        "--cpu-probe",
+        action="store_true",
+        help="watch every CPU's own speed while the load runs (benchmarks/cpu_probe.py): a round "
+        "whose tail comes from the machine slowing down shows it",
+    )
+    p.add_argument(
         "--pin",
         action="store_true",
         help="run the proxies on this process's last CPU and the load generator and the server on "
         "the others (as a load generator is run apart from the system under test)",
     )
     args = p.parse_args(argv)
+    all_cpus = sorted(os.sched_getaffinity(0))
     global PINS
     PINS = pin_cpus() if args.pin else None
     if PINS is not None:
@@ -696,10 +754,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"milliseconds per request; sequential: {args.requests} requests per side and kind, "
                 f"interleaved in {args.rounds} rounds (after a warm-up)\n"
             )
+            probes = [start_probe(c, Path(tmp) / f"cpu{c}.json") for c in all_cpus] if args.cpu_probe else []
+            procs.extend(proc for _, proc, _ in probes)
             runner = asyncio.Runner(loop_factory=loop_factory)
             with runner:
                 runner.run(measure(sides, args))
-            result = summary(sides, args.clients)
+            result = summary(sides, args.clients, {cpu: read_probe(proc, out) for cpu, proc, out in probes})
             result["versions"] = versions()
             # Where each process may run (``--pin``): read back from the processes themselves.
             result["cpus"] = {

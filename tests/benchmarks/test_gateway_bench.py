@@ -42,7 +42,7 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
     args = [
         "--requests", "12", "--clients", "4", "--load-requests", "48", "--rounds", "2",
         "--peer", cmd, "--peer-label", "second daemon", "--peer", "relay", "--peer-label", "TCP relay",
-        "--json", str(out),
+        "--json", str(out), "--cpu-probe",
     ]  # fmt: skip
     pin = len(os.sched_getaffinity(0)) >= 2
     args += ["--pin"] if pin else []
@@ -81,6 +81,16 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
     proxied = sum(sides["gateway"][k]["n"] for k in ("completion", "streamed"))
     assert result["gateway_grants"] >= proxied + sides["gateway"]["concurrent"]["requests"]
     assert result["gateway_switches"] == 1
+    # --cpu-probe: every CPU's speed was sampled, and each round of each side read from it
+    cpus = sorted(os.sched_getaffinity(0))
+    assert sorted(int(c) for c in result["cpu_probe_full_speed_us"]) == cpus
+    assert all(us > 0 for us in result["cpu_probe_full_speed_us"].values())
+    for label, side in sides.items():
+        shares = side["concurrent"]["cpu_slow_share_rounds"]
+        assert sorted(int(c) for c in shares) == cpus, label
+        for per_round in shares.values():
+            assert len(per_round) == 2 and all(x is None or 0 <= x <= 1 for x in per_round), label
+    assert "the machine's own speed (--cpu-probe)" in proc.stdout
     # --pin: the proxies on the last CPU, the load generator apart from them
     last = max(os.sched_getaffinity(0))
     if not pin:
@@ -89,3 +99,16 @@ def test_the_concurrency_mode_and_a_peer_are_measured_side_by_side(tmp_path: Pat
         result["cpus"]["gateway"] == result["cpus"]["second daemon"] == result["cpus"]["TCP relay"] == [last]
     )
     assert last not in result["cpus"]["load generator"]
+
+
+def test_the_cpu_probe_counts_the_samples_that_ran_slow() -> None:
+    from benchmarks.cpu_probe import full_speed_s, slow_share
+
+    # ten samples at full speed (40 us) and, from t=10 on, five at half speed
+    samples = [(float(t), 40e-6) for t in range(10)] + [(float(t), 80e-6) for t in range(10, 15)]
+    full = full_speed_s(samples)
+    assert full == 40e-6
+    assert slow_share(samples, 0, 9, full) == 0
+    assert slow_share(samples, 10, 14, full) == 1
+    assert slow_share(samples, 5, 14, full) == 0.5
+    assert slow_share(samples, 20, 30, full) is None  # no sample in the window
