@@ -106,6 +106,7 @@ class StepView:
     holders: Mapping[str, Mapping[Hashable, int]] = field(default_factory=dict)
     lost_gpu_s: Mapping[str, float] = field(default_factory=dict)
     last_release: Mapping[str, tuple[float, Hashable]] = field(default_factory=dict)  # when, whose
+    hold_s: Mapping[str, float] = field(default_factory=dict)  # a lease's learned time, per model
     backoff_until: Mapping[str, float] = field(default_factory=dict)
     to_unload: Mapping[str, str] = field(default_factory=dict)  # model -> why
     leftovers: frozenset[str] = frozenset()  # held by a backend, not in the ledger
@@ -410,6 +411,8 @@ def _scheduler_view(
         leases=leases,
         lost_gpu_s=view.lost_gpu_s,
         last_release=view.last_release,
+        capacity=view.capacity,
+        hold_s=view.hold_s,
         blocked=frozenset(blocked),
         mode=st.mode,
         fairness_s=st.fairness_s,

@@ -23,6 +23,7 @@ from states.scheduling import WaiterView
 from states.step import grants_at_once
 
 RETURNS_KEPT = 4096  # (model, holder) pairs remembered, for the grace of an idle model
+HOLD_WEIGHT = 0.2  # the weight of the latest lease in a model's learned lease time
 
 
 @dataclass(eq=False)
@@ -71,6 +72,9 @@ class LeaseBook:
         self._returners: OrderedDict[tuple[str, Hashable], None] = OrderedDict()
         # model -> when its last lease ended and whose, if that user is one who came back
         self.last_release: dict[str, tuple[float, Hashable]] = {}
+        # model -> how long a lease on it is held, learned (a moving average of the leases
+        # that ended): how fast a model that serves few at once works through its queue
+        self.hold_s: dict[str, float] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -147,6 +151,10 @@ class LeaseBook:
         if self.waiters or not ctx.cards.fits():  # otherwise a release changes no decision
             ctx.wake()
 
+    def _learn_hold(self, model: str, held_s: float) -> None:
+        old = self.hold_s.get(model)
+        self.hold_s[model] = held_s if old is None else old + HOLD_WEIGHT * (held_s - old)
+
     # -- one acquire -------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -199,7 +207,8 @@ class LeaseBook:
             raise
         if w.error is not None:
             raise w.error
-        waited = ctx.now_s() - w.arrived_s
+        granted_s = ctx.now_s()
+        waited = granted_s - w.arrived_s
         ctx.stats.record_wait(waited)
         devices = tuple(ctx.cards.card(g) for g in ctx.cards.gpus_of(model))
         lease = Lease(model, kind, ctx.backends[model].handle, waited, priority, devices)
@@ -213,6 +222,7 @@ class LeaseBook:
         finally:
             lease._end()
             crash = self.scopes.get(model, {}).pop(scope, None)
+            self._learn_hold(model, ctx.now_s() - granted_s)
             self._release(model, w.holder)
         if crash is not None and scope.cancelled_caught:
             raise crash

@@ -142,6 +142,7 @@ class Scheduler:
             holders=book.holders,
             lost_gpu_s=ctx.lost_gpu_s,
             last_release=book.last_release,
+            hold_s=book.hold_s,
             backoff_until=ctx.backoff_until,
             to_unload=ctx.to_unload,
             leftovers=leftovers,

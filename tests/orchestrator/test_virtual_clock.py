@@ -234,3 +234,54 @@ def test_an_idle_model_waits_a_moment_for_a_user_who_comes_back() -> None:
     # Three requests, each its own user, as API calls are: nobody to wait for, the switch
     # goes as the second image ends, and the third image waits for the switch back.
     assert on_mock_clock(artist_and_chat, False) == ["image 0", "image 1", "chat", "image 2"]
+
+
+async def images_behind_a_busy_llm(learned: bool) -> float:
+    """Sixteen SDXL images asked for at once (SDXL draws one at a time, 8 s each) while a chat
+    user keeps the LLM busy (one turn after another); how long after the images were asked for
+    the switch began. With ``learned``, one image was drawn before, so the orchestrator knows
+    how long an SDXL lease lasts."""
+    text = CONFIG.replace("scheduling: fair", "scheduling: fair\n  max_wait_s: 120.0").replace(
+        "sdxl-base: {kind: sdxl, vram_gb: 10.5}", "sdxl-base: {kind: sdxl, vram_gb: 10.5, max_concurrent: 1}"
+    )
+    cfg = parse_config(text, source="<virtual clock test>")
+    async with Orchestrator(cfg, clock=anyio.current_time, footprints=FootprintStore(None)) as orch:
+        if learned:
+            async with orch.acquire("sdxl") as lease:
+                await lease.handle.run("image", work_s=8.0)
+        chatting, done = anyio.Event(), anyio.Event()
+
+        async def chat() -> None:
+            while not done.is_set():
+                async with orch.acquire("llm") as lease:
+                    chatting.set()
+                    await lease.handle.run("turn", work_s=2.0)
+
+        async def image() -> None:
+            async with orch.acquire("sdxl") as lease:
+                await lease.handle.run("image", work_s=8.0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(chat)
+            await chatting.wait()
+            asked_s = orch.now_s()
+            async with anyio.create_task_group() as images:
+                for _ in range(16):
+                    images.start_soon(image)
+            done.set()
+        starts = [
+            e.time_s
+            for e in orch.hub.history
+            if e.kind == "transition" and e.trigger == "begin_switch" and e.time_s > asked_s
+        ]
+    return starts[0] - asked_s
+
+
+def test_a_queue_for_a_model_that_serves_one_at_a_time_is_counted_in_turns() -> None:
+    # Unknown lease time: the drain waits for the floor, 0.6 x max_wait_s = 72 s (the price,
+    # 16 x the switch's 12 s for each of the two users it holds up, is paid by sixteen
+    # waiters in 24 s).
+    assert on_mock_clock(images_behind_a_busy_llm, False) >= 72.0
+    # Known (8 s): the tenth image would begin 72 s after the switch, so the queue's floor
+    # has come at once and the price decides.
+    assert on_mock_clock(images_behind_a_busy_llm, True) < 30.0

@@ -348,3 +348,30 @@ def test_cost_rule_waits_for_the_evictees_older_waiters() -> None:
     assert drain_due_at(older, "sdxl-base", evict) == pytest.approx(NOW - 100 + 5.0)
     other = view([*target, w(2, "gpt-sovits", ago=500)], ["qwen-14b", "gpt-sovits"])
     assert drain_due_at(other, "sdxl-base", evict, switch_cost_s=0.1) < math.inf
+
+
+def test_a_queue_on_a_model_that_serves_few_at_once_reaches_its_floor_sooner() -> None:
+    import dataclasses
+
+    from states.scheduling import FLOOR_SHARE, drain_due_at
+
+    # Four waiters for sdxl-base (one image at a time, 8 s a lease) behind a busy qwen-14b.
+    target = [w(i, "sdxl-base", ago=10) for i in range(1, 5)]
+    evict = frozenset({"qwen-14b"})
+    base = view([*target], ["qwen-14b"])
+    learned = dataclasses.replace(base, capacity={"sdxl-base": 1}, hold_s={"sdxl-base": 8.0})
+    assert learned.queued_s("sdxl-base", 4) == [0.0, 8.0, 16.0, 24.0]
+    assert dataclasses.replace(learned, capacity={"sdxl-base": 2}).queued_s("sdxl-base", 4) == [0, 0, 8, 8]
+    # No limit, or no lease ended yet: nobody waits for a turn.
+    assert base.queued_s("sdxl-base", 2) == [0.0, 0.0]
+    assert dataclasses.replace(learned, hold_s={}).queued_s("sdxl-base", 2) == [0.0, 0.0]
+    floor = NOW - 10 + FLOOR_SHARE * 300
+    assert drain_due_at(base, "sdxl-base", evict, switch_cost_s=0.1) == pytest.approx(floor)
+    # The fourth waiter's lease begins 24 s after the switch: the floor comes 24 s sooner.
+    assert drain_due_at(learned, "sdxl-base", evict, switch_cost_s=0.1) == pytest.approx(floor - 24)
+    # Turns of 100 s: the last waiter would begin 300 s after the switch, past the floor
+    # already; the price (16 x 0.1 s for the one user held up) is paid, so the drain is due now.
+    slow = dataclasses.replace(learned, hold_s={"sdxl-base": 100.0})
+    assert drain_due_at(slow, "sdxl-base", evict, switch_cost_s=0.1) == pytest.approx(NOW)
+    # The price still holds a drain back: a dear switch (100 s) is paid for later.
+    assert drain_due_at(slow, "sdxl-base", evict, switch_cost_s=100.0) > NOW
