@@ -24,7 +24,7 @@ Three modes, so that the benchmark can compare them on the same orchestrator:
     it evicts drains them at once. The floor and the price give way to a hard bound: the
     drain begins in time for the switch to end when the oldest has waited ``max_wait_s``.
     A model that must be evicted but has just become idle stays a moment (``grace_ends_at``:
-    a tenth of the switch's cost after its last lease ended) when that lease's user has come
+    an eighth of the switch's cost after its last lease ended) when that lease's user has come
     back to it before and waits for nothing: a user between two requests (an artist between
     two images) comes back within it.
     While the first target waits for leases to drain, a model
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 FLOOR_SHARE = 0.6  # the cost rule drains no sooner than this share of max_wait_s
 PRICE_FACTOR = 16.0  # waiter-seconds per second of switch, per user the switch holds up
-GRACE_SHARE = 0.1  # an idle model just released stays this share of the switch's cost
+GRACE_SHARE = 0.125  # an idle model just released stays this share of the switch's cost
 
 
 class Mode(enum.Enum):
@@ -196,12 +196,13 @@ def grace_ends_at(view: SchedulerView, evictees: frozenset[str], switch_cost_s: 
     artist's next image, an agent's next turn): evicting the model in between costs two
     switches, and the switch back comes soon. If a lease is taken within the grace, the
     model is busy again and the drain rules of ``drain_due_at`` decide; if not, the switch
-    goes, late by a tenth of its cost (ski rental: waiting is worth a share of what the
+    goes, late by an eighth of its cost (ski rental: waiting is worth a share of what the
     switch costs). The runtime names only users who came back before (``last_release``): a
     request that is its own user (an API call) gets no grace, and a user who released the
     model and now waits for another one is not coming back to it. ``GRACE_SHARE`` was chosen
-    on the same trace as ``drain_due_at``'s constants (at a fifth of the cost or more, the
-    model's returning users keep it too long from the waiters: docs/measurements.md#scheduling).
+    on the same trace as ``drain_due_at``'s constants (a tenth before the queue was counted
+    in turns; at a fifth of the cost or more, the model's returning users keep it too long
+    from the waiters: docs/measurements.md#scheduling).
     """
     if view.mode is not Mode.FAIR:
         return None

@@ -229,7 +229,7 @@ async def artist_and_chat(same_artist: bool) -> list[str]:
 
 def test_an_idle_model_waits_a_moment_for_a_user_who_comes_back() -> None:
     # The artist who drew twice comes back 0.3 s after its second image, within the grace
-    # (a tenth of the switch's cost): SDXL draws its third image before the switch.
+    # (an eighth of the switch's cost): SDXL draws its third image before the switch.
     assert on_mock_clock(artist_and_chat, True) == ["image 0", "image 1", "image 2", "chat"]
     # Three requests, each its own user, as API calls are: nobody to wait for, the switch
     # goes as the second image ends, and the third image waits for the switch back.

@@ -415,14 +415,17 @@ def grace_view(waiters: Iterable[WaiterView], released: tuple[float, Hashable], 
     return replace(v, settings=replace(v.settings, fairness_by_cost=True))
 
 
-def test_a_model_just_released_stays_a_tenth_of_the_switch_for_its_user() -> None:
-    # The switch to SDXL costs 7 s (the LLM's unload, SDXL's load): a grace of 0.7 s after
+def test_a_model_just_released_stays_an_eighth_of_the_switch_for_its_user() -> None:
+    from states.scheduling import GRACE_SHARE
+
+    # The switch to SDXL costs 7 s (the LLM's unload, SDXL's load): a grace of 0.875 s after
     # the last lease ended, for its user who is not waiting for anything.
+    assert GRACE_SHARE == 0.125
     waiter = [w(1, "sdxl", ago=30)]
     held = decide(grace_view(waiter, (0.5, "chat-agent")))
     assert held.action is None and held.drain == frozenset()
-    assert held.wake_at_s == pytest.approx(NOW + 0.2)
-    after = decide(grace_view(waiter, (0.7, "chat-agent")))
+    assert held.wake_at_s == pytest.approx(NOW - 0.5 + 0.875)
+    after = decide(grace_view(waiter, (0.9, "chat-agent")))
     assert isinstance(after.action, Switch) and after.action.plan.load == "sdxl"
 
 
