@@ -7,8 +7,8 @@ saturated proxy's latencies follow that speed one for one, so a benchmark's tail
 machine's rather than the program's. This probe shows which: pinned to one CPU, every
 ``--period-s`` (10 ms) it times a short busy loop (about 30 us at full speed; the least of
 three runs back to back, so it takes about 1% of the CPU it watches) and records
-``(time.monotonic(), seconds)``. On SIGTERM
-it writes the records as JSON to ``--out`` and exits.
+``(time.monotonic(), seconds)``. On SIGTERM it writes the records as JSON to ``--out`` and
+exits.
 
 ``slow_share`` reads them: the share of a window's samples that took at least 1.5x the
 probe's full-speed time (its 10th percentile over the whole run).
