@@ -74,7 +74,7 @@ class SchedulerView:
     lost_gpu_s: Mapping[str, float] = field(default_factory=dict)
     last_release: Mapping[str, tuple[float, Hashable]] = field(default_factory=dict)  # when, whose
     capacity: Mapping[str, int] = field(default_factory=dict)  # leases at once, per limited model
-    hold_s: Mapping[str, float] = field(default_factory=dict)  # a lease's learned time, per model
+    hold_s: Mapping[str, float] = field(default_factory=dict)  # a lease's time, per limited model
     blocked: frozenset[str] = frozenset()  # not to be switched to now (back-off after a failure)
     mode: Mode = Mode.FAIR
     fairness_s: float = 5.0
@@ -89,8 +89,9 @@ class SchedulerView:
 
     def queued_s(self, model: str, n: int) -> list[float]:
         """For ``n`` waiters of ``model`` in their order, how long after the model comes in each
-        one's lease begins: the model serves ``capacity`` at once, each for its learned lease
-        time (``hold_s``). All zero for a model without a limit, or before a lease on it ended."""
+        one's lease begins: the model serves ``capacity`` at once, each for its lease time
+        (``hold_s``: learned from the leases that ended; before one has, the decision gives the
+        model's load time, ``states.step``). All zero for a model without a limit or a time."""
         c, h = self.capacity.get(model), self.hold_s.get(model, 0.0)
         if not c or h <= 0:
             return [0.0] * n
@@ -148,10 +149,12 @@ def drain_due_at(
       lease begins: a busy model is not taken away sooner however cheap the switch (every switch
       disrupts the users of the model it evicts), and ``max_wait_s`` stays the hard bound.
       A model that serves few at once (``max_concurrent``) serves its queue in turns of its
-      learned lease time (``SchedulerView.queued_s``): the tenth waiter for an image model
-      that draws one image in 8 s begins 72 s after the switch, so its floor comes 72 s
-      sooner. Without it a queue that had built up behind a busy model waited for the floor
-      and then for its own turns, and its last waiter past ``max_wait_s``;
+      lease time (``SchedulerView.queued_s``): the tenth waiter for an image model that
+      draws one image in 8 s begins 72 s after the switch, so its floor comes 72 s sooner.
+      Without it a queue that had built up behind a busy model waited for the floor and then
+      for its own turns, and its last waiter past ``max_wait_s``. Before any lease on the
+      model has ended, a turn is taken to last as long as the model's load: the first queue
+      of the day builds up before anything is known of its leases;
     - the waiters' accumulated wait (the sum of their waits) has reached the price of the
       switch: ``PRICE_FACTOR`` times its cost (``switch_cost_s``: the evictees' unloads and
       the target's load or restore, as measured) for each user it holds up (the evictees'

@@ -412,12 +412,20 @@ def _scheduler_view(
         lost_gpu_s=view.lost_gpu_s,
         last_release=view.last_release,
         capacity=view.capacity,
-        hold_s=view.hold_s,
+        hold_s=_hold_s(view),
         blocked=frozenset(blocked),
         mode=st.mode,
         fairness_s=st.fairness_s,
         max_wait_s=st.max_wait_s,
     )
+
+
+def _hold_s(view: StepView) -> dict[str, float]:
+    """How long a lease is held, per model that serves few at once: learned from the leases
+    that ended; before one has, the model's load time (``SchedulerView.hold_s``)."""
+    default = SwitchCosts()
+    prior = {m: view.costs.get(m, default).load_s for m in view.capacity}
+    return {**prior, **view.hold_s}
 
 
 def _kind_bytes(view: StepView, model: str) -> tuple[str, int]:

@@ -408,6 +408,29 @@ def test_the_worked_example_of_the_cost_rule_the_other_way_round() -> None:
     assert step([30, 10]).drain == step([]).drain  # younger requests do not hold it back
 
 
+def test_a_queue_on_a_model_no_lease_has_ended_on_is_counted_in_turns_of_its_load_time() -> None:
+    # Four requests for the one SDXL pipeline, 10 s old, behind an LLM with three leases. No
+    # SDXL lease has ended, so the turns are counted in its load time (8 s): the fourth begins
+    # 24 s after the switch, and the floor (0.6 x 300 s) comes 24 s sooner than without turns.
+    def due(**kw: object) -> float:
+        v = view(
+            [w(i, "sdxl", ago=10) for i in range(1, 5)],
+            ledger("qwen"),
+            leases={"qwen": 3},
+            costs={"sdxl": SwitchCosts(load_s=8.0)},
+            **kw,
+        )
+        d = decide(replace(v, settings=replace(v.settings, fairness_by_cost=True)))
+        assert d.drain == frozenset() and d.action is None
+        return d.wake_at_s
+
+    floor = NOW - 10 + 0.6 * 300
+    assert due() == pytest.approx(floor)  # no limit: every waiter's lease begins at the switch
+    assert due(capacity={"sdxl": 1}) == pytest.approx(floor - 24)
+    # Once a lease has ended, its learned time counts instead (2 s: the fourth begins at 6 s).
+    assert due(capacity={"sdxl": 1}, hold_s={"sdxl": 2.0}) == pytest.approx(floor - 6)
+
+
 def grace_view(waiters: Iterable[WaiterView], released: tuple[float, Hashable], **kw: object) -> StepView:
     """The LLM resident and idle, its last lease ended ``released`` (seconds ago, by whom)."""
     ago, holder = released
