@@ -6,6 +6,10 @@ each load, and after the first use (to catch peaks such as SDXL's VAE decode), t
 orchestrator records what the model really held. The estimate it plans with is then the
 larger of the configured figure and the learned high-water mark plus a margin.
 
+The same file keeps what the scheduler learned of each model's times (``times``: how long a
+load, a restore, an unload and an offload took, and how long a lease is held), so that a
+restarted orchestrator weighs its first switches by them instead of by estimates.
+
 The store is a small JSON file in the user's cache directory. It is safe against concurrent
 writers (an exclusive ``fcntl`` lock on a side file around read-modify-write, then an atomic
 replace) and against a corrupt file (it is set aside as ``*.corrupt`` with a warning, and
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -33,6 +38,8 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
+# The times a store keeps per model (seconds; ``orchestrator.runtime``: what they mean).
+TIMES = ("load_s", "restore_s", "unload_s", "offload_s", "hold_s")
 
 
 def default_path() -> Path:
@@ -65,16 +72,35 @@ class FootprintStore:
         self.path = Path(path).expanduser() if path is not None else None
         self._cache: dict[str, Footprint] = {}
         self._pending: list[tuple[str, int, str]] = []  # noted, not yet flushed
+        self._times: dict[str, dict[str, float]] = {}  # model -> what -> seconds
+        self._pending_times: dict[tuple[str, str], float] = {}  # the latest of each, not flushed
         self._mutex = threading.Lock()  # note() on the event loop, flush() in a worker thread
         self._flushing = threading.Lock()  # one flush at a time within this process
         if self.path is not None:
-            self._cache = self._read()
+            self._cache, self._times = self._read()
 
     def get(self, model: str) -> Footprint | None:
         return self._cache.get(model)
 
     def all(self) -> Mapping[str, Footprint]:
         return dict(self._cache)
+
+    def times(self, model: str) -> Mapping[str, float]:
+        """What was learned of ``model``'s times (seconds, by name: ``TIMES``), maybe none."""
+        return dict(self._times.get(model, {}))
+
+    def note_time(self, model: str, what: str, seconds: float) -> None:
+        """Keep the latest figure of one of ``model``'s times in memory (``times`` sees it);
+        it is persisted with the next ``flush``. A time is a running estimate, not a
+        high-water mark: the latest figure replaces the one before."""
+        if what not in TIMES:
+            raise ValueError(f"unknown time {what!r}; one of {', '.join(TIMES)}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"a time must be a finite number of seconds, not {seconds!r}")
+        with self._mutex:
+            self._times = {**self._times, model: {**self._times.get(model, {}), what: float(seconds)}}
+            if self.path is not None:
+                self._pending_times[(model, what)] = float(seconds)
 
     def record(self, model: str, measured_bytes: int, *, kind: str = "load") -> Footprint:
         """Merge one measurement (``kind``: "load" or "peak") and persist it now."""
@@ -103,31 +129,40 @@ class FootprintStore:
         with self._flushing, self._locked():
             with self._mutex:
                 pending, self._pending = self._pending, []
-            if not pending or self.path is None:
+                times, self._pending_times = self._pending_times, {}
+            if (not pending and not times) or self.path is None:
                 return  # in memory only: the cache already holds every measurement
-            latest = self._read()
+            latest, latest_times = self._read()
             for model, measured, kind in pending:
                 latest[model] = _merge(latest.get(model), model, measured, kind)
-            self._write(latest)
+            for (model, what), seconds in times.items():
+                latest_times.setdefault(model, {})[what] = seconds
+            self._write(latest, latest_times)
             with self._mutex:
                 # What was noted while this ran goes on top again (it is flushed next time).
                 for model, measured, kind in self._pending:
                     latest[model] = _merge(latest.get(model), model, measured, kind)
-                self._cache = latest
+                for (model, what), seconds in self._pending_times.items():
+                    latest_times.setdefault(model, {})[what] = seconds
+                self._cache, self._times = latest, latest_times
 
     @property
     def pending(self) -> int:
-        """Measurements noted and not yet flushed."""
-        return len(self._pending)
+        """Measurements and times noted and not yet flushed."""
+        return len(self._pending) + len(self._pending_times)
 
     def forget(self, model: str) -> None:
         self.flush()
         with self._flushing, self._locked():
-            latest = self._read() if self.path is not None else dict(self._cache)
-            latest.pop(model, None)
             if self.path is not None:
-                self._write(latest)
-            self._cache = latest
+                latest, latest_times = self._read()
+            else:
+                latest, latest_times = dict(self._cache), dict(self._times)
+            latest.pop(model, None)
+            latest_times.pop(model, None)
+            if self.path is not None:
+                self._write(latest, latest_times)
+            self._cache, self._times = latest, latest_times
 
     # -- file handling -----------------------------------------------------------------------
 
@@ -144,17 +179,19 @@ class FootprintStore:
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _read(self) -> dict[str, Footprint]:
+    def _read(self) -> tuple[dict[str, Footprint], dict[str, dict[str, float]]]:
+        """The file's footprints and times (a file without times, as older versions wrote:
+        none)."""
         assert self.path is not None
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except OSError as exc:
             logger.warning(
                 "cannot read learned footprints %s (%s); using the config's estimates", self.path, exc
             )
-            return {}
+            return {}, {}
         try:
             raw = json.loads(text)
             if raw.get("version") != FORMAT_VERSION:
@@ -171,7 +208,14 @@ class FootprintStore:
                 if fp.load_bytes < 0 or fp.peak_bytes < 0:
                     raise ValueError(f"negative bytes for {name!r}")
                 out[fp.model] = fp
-            return out
+            times: dict[str, dict[str, float]] = {}
+            for name, v in raw.get("times", {}).items():
+                times[str(name)] = {}
+                for what, seconds in v.items():
+                    if what not in TIMES or not math.isfinite(float(seconds)) or float(seconds) < 0:
+                        raise ValueError(f"{name!r}: bad time {what}={seconds!r}")
+                    times[str(name)][what] = float(seconds)
+            return out, times
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             aside = self.path.with_suffix(self.path.suffix + ".corrupt")
             with contextlib.suppress(OSError):
@@ -182,9 +226,9 @@ class FootprintStore:
                 exc,
                 aside,
             )
-            return {}
+            return {}, {}
 
-    def _write(self, data: Mapping[str, Footprint]) -> None:
+    def _write(self, data: Mapping[str, Footprint], times: Mapping[str, Mapping[str, float]]) -> None:
         assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -192,6 +236,7 @@ class FootprintStore:
             "models": {
                 k: {f: v for f, v in asdict(fp).items() if f != "model"} for k, fp in sorted(data.items())
             },
+            "times": {k: dict(sorted(v.items())) for k, v in sorted(times.items()) if v},
         }
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
         try:

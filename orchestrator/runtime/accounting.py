@@ -46,6 +46,11 @@ class Accounting:
         self.device = self.devices[ctx.first_gpu()]
         self.footprints = footprints
         self._dirty: anyio.Event | None = None  # made by run_writer, in the orchestrator's loop
+        ctx.on_learned = self._wake_writer  # a learned switch cost is persisted as a footprint is
+
+    def _wake_writer(self) -> None:
+        if self._dirty is not None:
+            self._dirty.set()
 
     # -- what the device holds ---------------------------------------------------------------
 
@@ -154,8 +159,7 @@ class Accounting:
         if old is not None and measured_bytes <= (old.load_bytes if kind == "load" else old.high_water_bytes):
             return
         fp = self.footprints.note(model, measured_bytes, kind=kind)
-        if self._dirty is not None:
-            self._dirty.set()
+        self._wake_writer()
         configured = ctx.config.models[model].vram_bytes
         ctx.emit(
             "learn",
@@ -181,7 +185,7 @@ class Accounting:
             ctx.wake()
 
     async def run_writer(self) -> None:
-        """Persist learned footprints from a worker thread whenever some were noted."""
+        """Persist learned footprints (and times) from a worker thread whenever some were noted."""
         while True:
             self._dirty = anyio.Event()
             await self.flush()  # what was noted before this loop ran, or since the last flush

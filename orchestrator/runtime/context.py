@@ -9,8 +9,9 @@ it decides nothing and does no IO.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import replace
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
 from typing import Any
 
 import anyio
@@ -18,6 +19,7 @@ import anyio
 from orchestrator.backends.base import Backend
 from orchestrator.config import Config, ModelSpec
 from orchestrator.events import Event, EventHub
+from orchestrator.footprints import FootprintStore
 from orchestrator.runtime.lease import ExternalReservation
 from orchestrator.runtime.stats import Counters
 from states.cards import Card, Cards
@@ -29,6 +31,7 @@ from states.step import backoff_s
 logger = logging.getLogger("orchestrator")
 
 COST_SMOOTHING = 0.3  # how far one new measurement moves a learned switch cost
+COST_NAMES = tuple(f.name for f in fields(SwitchCosts))
 
 
 class Context:
@@ -40,6 +43,7 @@ class Context:
         backends: dict[str, Backend],
         hub: EventHub,
         clock: Callable[[], float],
+        store: FootprintStore | None = None,
     ) -> None:
         self.config = config
         self.backends = backends
@@ -73,8 +77,13 @@ class Context:
         # learned size, unload() asked for it, a reservation that ended during a switch
         self.to_unload: dict[str, str] = {}
         self.externals: dict[str, ExternalReservation] = {}  # held or waited for
+        # What the scheduler learns of each model's times is kept in the footprint store
+        # (``store``), so that a restarted orchestrator starts from it; ``on_learned`` is
+        # called when a switch cost was learned (the store's writer persists it).
+        self.store = store
+        self.on_learned: Callable[[], None] = lambda: None
         self.costs: dict[str, SwitchCosts] = {
-            name: _first_costs(spec, config) for name, spec in config.models.items()
+            name: _first_costs(spec, config, self.stored_times(name)) for name, spec in config.models.items()
         }
         self._wake: anyio.Event | None = None  # made by the scheduler's loop (next_wake)
         self._measured: dict[str, set[str]] = {}  # which costs are measured, not estimated
@@ -234,6 +243,32 @@ class Context:
         )
         self._measured.setdefault(what, set()).add(model)
         self.costs[model] = replace(old, **{what: blended})
+        self.keep_time(model, what, blended)
+        self.on_learned()
+
+    def stored_times(self, model: str) -> dict[str, float]:
+        """What an earlier run learned of ``model``'s times, in this run's seconds."""
+        if not self._keeps_times(model):
+            return {}
+        assert self.store is not None
+        scale = self._scale(model)
+        return {what: seconds * scale for what, seconds in self.store.times(model).items()}
+
+    def keep_time(self, model: str, what: str, seconds: float) -> None:
+        """Note a learned time of ``model`` in the store (persisted with its next write). A
+        simulated model's times are kept at time scale 1, so that a run at another scale
+        reads them right."""
+        if not self._keeps_times(model) or not math.isfinite(seconds):
+            return
+        assert self.store is not None
+        self.store.note_time(model, what, max(0.0, seconds) / self._scale(model))
+
+    def _keeps_times(self, model: str) -> bool:
+        """Times are kept with the footprints, and like them only when the config learns."""
+        return self.store is not None and self.config.learn_footprints and model in self.config.models
+
+    def _scale(self, model: str) -> float:
+        return self.config.time_scale if self.config.models[model].backend == "simulated" else 1.0
 
     def succeeded(self, model: str) -> None:
         """A switch to ``model`` worked: its failures in a row and its back-off are over."""
@@ -242,15 +277,18 @@ class Context:
         self.backoff_until.pop(model, None)
 
 
-def _first_costs(spec: ModelSpec, config: Config) -> SwitchCosts:
-    """A model's switch costs before any is measured: a simulated model's configured
-    latencies, else the defaults (``SwitchCosts``); each is replaced by the first measurement."""
+def _first_costs(spec: ModelSpec, config: Config, stored: Mapping[str, float]) -> SwitchCosts:
+    """A model's switch costs before any is measured in this run: what an earlier run learned
+    (``stored``), else a simulated model's configured latencies, else the defaults
+    (``SwitchCosts``); each is replaced by the first measurement."""
     if spec.sim is None:
-        return SwitchCosts()
-    scale = config.time_scale
-    return SwitchCosts(
-        load_s=spec.sim.load_s * scale,
-        restore_s=(spec.sim.restore_s if spec.offload else spec.sim.load_s) * scale,
-        unload_s=spec.sim.unload_s * scale,
-        offload_s=spec.sim.offload_s * scale,
-    )
+        first = SwitchCosts()
+    else:
+        scale = config.time_scale
+        first = SwitchCosts(
+            load_s=spec.sim.load_s * scale,
+            restore_s=(spec.sim.restore_s if spec.offload else spec.sim.load_s) * scale,
+            unload_s=spec.sim.unload_s * scale,
+            offload_s=spec.sim.offload_s * scale,
+        )
+    return replace(first, **{k: v for k, v in stored.items() if k in COST_NAMES})

@@ -95,7 +95,7 @@ class Orchestrator:
         self.monitor = VRAMMonitor(self.device, config, footprints=self.footprints, clock=clock)
         self.sampler = PeakSampler(self.device, config.sample_hz, clock=clock)
 
-        ctx = self._ctx = Context(config, self.backends, self.hub, clock)
+        ctx = self._ctx = Context(config, self.backends, self.hub, clock, self.footprints)
         self._accounting = Accounting(ctx, self.devices, self.footprints)
         self._book = LeaseBook(
             ctx, on_release=self._accounting.note_use_peak, holding_text=self._holding_text

@@ -74,7 +74,10 @@ class LeaseBook:
         self.last_release: dict[str, tuple[float, Hashable]] = {}
         # model -> how long a lease on it is held, learned (a moving average of the leases
         # that ended): how fast a model that serves few at once works through its queue
-        self.hold_s: dict[str, float] = {}
+        # (an earlier run's figure, from the footprint store, is where each average starts)
+        self.hold_s: dict[str, float] = {
+            m: t["hold_s"] for m in ctx.config.models if "hold_s" in (t := ctx.stored_times(m))
+        }
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -153,7 +156,8 @@ class LeaseBook:
 
     def _learn_hold(self, model: str, held_s: float) -> None:
         old = self.hold_s.get(model)
-        self.hold_s[model] = held_s if old is None else old + HOLD_WEIGHT * (held_s - old)
+        self.hold_s[model] = new = held_s if old is None else old + HOLD_WEIGHT * (held_s - old)
+        self.ctx.keep_time(model, "hold_s", new)  # persisted with the store's next write
 
     # -- one acquire -------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """The learned-footprint store: high-water semantics, persistence, concurrent writers, corrupt
-files; and the unit conversions between bytes (inside) and GiB (messages, ``*_gb``)."""
+files, the learned times kept beside the footprints; and the unit conversions between bytes
+(inside) and GiB (messages, ``*_gb``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -161,6 +163,61 @@ def test_a_store_merges_what_another_instance_wrote_meanwhile(path: Path) -> Non
     assert sorted(read_json(path)["models"]) == ["a", "b"]
 
 
+def test_times_persist_beside_the_footprints(path: Path) -> None:
+    store = FootprintStore(path)
+    store.note_time("qwen-14b", "load_s", 31.5)
+    store.note_time("qwen-14b", "hold_s", 2.0)
+    store.note_time("qwen-14b", "hold_s", 2.5)  # a running estimate: the latest stands
+    assert store.times("qwen-14b") == {"load_s": 31.5, "hold_s": 2.5}  # before any flush
+    assert store.pending == 2 and not path.exists()
+    store.record("qwen-14b", 12 * GIB)  # one write takes both
+    assert read_json(path)["times"] == {"qwen-14b": {"hold_s": 2.5, "load_s": 31.5}}
+    again = FootprintStore(path)
+    assert again.times("qwen-14b") == {"load_s": 31.5, "hold_s": 2.5}
+    assert again.times("sdxl-base") == {}
+    assert again.get("qwen-14b") is not None
+
+
+def test_a_file_without_times_is_read_as_before_and_gains_them(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"version": FORMAT_VERSION, "models": {"m": GOOD_ENTRY}}))
+    store = FootprintStore(path)
+    assert store.get("m") is not None and store.times("m") == {}
+    store.note_time("m", "unload_s", 4.0)
+    store.flush()
+    raw = read_json(path)
+    assert raw["models"]["m"]["peak_bytes"] == 2 and raw["times"] == {"m": {"unload_s": 4.0}}
+
+
+@pytest.mark.parametrize(("what", "seconds"), [("warmup_s", 1.0), ("load_s", -0.5), ("hold_s", math.nan)])
+def test_a_time_is_one_the_store_knows_in_finite_seconds(path: Path, what: str, seconds: float) -> None:
+    store = FootprintStore(path)
+    with pytest.raises(ValueError, match="time"):
+        store.note_time("m", what, seconds)
+    assert store.times("m") == {} and store.pending == 0
+
+
+def test_times_merge_with_what_another_instance_wrote_meanwhile(path: Path) -> None:
+    first, second = FootprintStore(path), FootprintStore(path)
+    first.note_time("a", "load_s", 10.0)
+    first.flush()
+    second.note_time("a", "hold_s", 3.0)
+    second.note_time("b", "load_s", 1.0)
+    second.flush()  # reads the file again under the lock: keeps the first's load_s
+    assert read_json(path)["times"] == {"a": {"hold_s": 3.0, "load_s": 10.0}, "b": {"load_s": 1.0}}
+    assert second.times("a") == {"load_s": 10.0, "hold_s": 3.0}
+
+
+def test_forget_removes_a_models_times(path: Path) -> None:
+    store = FootprintStore(path)
+    store.note_time("a", "load_s", 10.0)
+    store.note_time("b", "load_s", 5.0)
+    store.flush()
+    store.forget("a")
+    assert store.times("a") == {} and FootprintStore(path).times("a") == {}
+    assert FootprintStore(path).times("b") == {"load_s": 5.0}
+
+
 def test_no_temporary_files_are_left_behind(path: Path) -> None:
     store = FootprintStore(path)
     for i in range(5):
@@ -178,8 +235,10 @@ def test_an_in_memory_store_writes_no_file(tmp_path: Path, monkeypatch: pytest.M
     store.record("m", 4 * GIB, kind="peak")
     fp = store.get("m")
     assert fp is not None and (fp.load_bytes, fp.peak_bytes, fp.samples) == (3 * GIB, 4 * GIB, 2)
+    store.note_time("m", "hold_s", 2.0)
+    assert store.times("m") == {"hold_s": 2.0} and store.pending == 0  # nothing to persist
     store.forget("m")
-    assert store.get("m") is None
+    assert store.get("m") is None and store.times("m") == {}
     assert list(tmp_path.rglob("*")) == []
     assert FootprintStore(None).get("m") is None  # nothing shared between instances
 
@@ -248,6 +307,11 @@ CORRUPT = {
     "entry a number": json.dumps({"version": 1, "models": {"m": 12}}),
     "missing key": json.dumps({"version": 1, "models": {"m": {"load_bytes": 1}}}),
     "no models": json.dumps({"version": 1}),
+    "negative time": json.dumps({"version": 1, "models": {}, "times": {"m": {"load_s": -1.0}}}),
+    "unknown time": json.dumps({"version": 1, "models": {}, "times": {"m": {"warmup_s": 1.0}}}),
+    "string time": json.dumps({"version": 1, "models": {}, "times": {"m": {"hold_s": "long"}}}),
+    "infinite time": json.dumps({"version": 1, "models": {}, "times": {"m": {"hold_s": math.inf}}}),
+    "times a list": json.dumps({"version": 1, "models": {}, "times": [1.0]}),
 }
 
 

@@ -1,5 +1,5 @@
 """The orchestrator measures: models larger than their estimate are learned, use peaks are
-learned, learned footprints persist, foreign memory shrinks the room, and a resident that holds
+learned, learned footprints and times persist, foreign memory shrinks the room, and a resident that holds
 more than planned is resized and evicted when idle."""
 
 from __future__ import annotations
@@ -212,6 +212,37 @@ async def test_learned_footprints_persist_and_a_new_orchestrator_plans_with_them
         assert second.backend("big").loads == 1  # type: ignore[attr-defined]
     assert not of(events, "fail")
     assert device_of(second).peak_owned_bytes <= BUDGET
+
+
+async def test_a_restarted_orchestrator_starts_from_the_times_the_last_run_learned(tmp_path: Path) -> None:
+    # The first run learns the LLM's load and unload, and how long a lease on it is held; the
+    # store keeps them at time scale 1. A second run at twice the scale starts from them (its
+    # seconds: twice as long) before it has loaded anything.
+    path = tmp_path / "footprints.json"
+    monitor = f"{{footprints_path: {json.dumps(str(path))}}}"
+    first = Orchestrator(make_config(monitor))
+    async with first:
+        async with first.acquire("qwen-14b", timeout=2.0):
+            await anyio.sleep(0.05)
+        await use(first, "mid")  # the LLM is unloaded for it
+        learned = first.costs()["qwen-14b"]
+        held_s = first._book.hold_s["qwen-14b"]
+    scale = 0.001  # the test config's time scale
+    saved = json.loads(path.read_text())["times"]["qwen-14b"]
+    assert saved["load_s"] == pytest.approx(learned.load_s / scale)
+    assert saved["unload_s"] == pytest.approx(learned.unload_s / scale)
+    assert saved["hold_s"] == pytest.approx(held_s / scale)
+    assert held_s >= 0.05
+
+    text = config_yaml(MODELS, None).replace(f"time_scale: {scale}", "time_scale: 0.002")
+    second = Orchestrator(parse_config(text + f"monitor: {monitor}\n", source="<at time scale 0.002>"))
+    assert second.costs()["qwen-14b"].load_s == pytest.approx(2 * learned.load_s)
+    assert second.costs()["qwen-14b"].unload_s == pytest.approx(2 * learned.unload_s)
+    assert second._book.hold_s["qwen-14b"] == pytest.approx(2 * held_s)
+    # A model the first run never used starts from its configured latencies, as before.
+    configured = Orchestrator(make_config()).costs()["vae"]
+    assert second.costs()["vae"].load_s == pytest.approx(2 * configured.load_s)
+    assert "vae" not in second._book.hold_s
 
 
 async def test_a_footprint_learned_too_large_refuses_the_first_acquire(tmp_path: Path) -> None:
