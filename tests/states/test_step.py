@@ -385,6 +385,26 @@ def test_under_the_cost_rule_a_busy_model_serves_its_older_queue_first() -> None
     assert decide(queued_sdxl_view(200, [10, 201])).drain == frozenset()
 
 
+def test_the_worked_example_of_the_cost_rule() -> None:
+    # docs/scheduling.md: the LLM serves two chat requests; artists ask for SDXL. The switch
+    # costs the LLM's unload and SDXL's cold load, 6 + 6 s, and holds up three users: a price
+    # of 16 x 12 x 3 = 576 waiter-s, past the hard bound, 120 - 12 / 2 = 114 s.
+    costs = {"qwen": SwitchCosts(unload_s=6.0), "sdxl": SwitchCosts(load_s=6.0, restore_s=0.13)}
+
+    def due(artists: int, led: Ledger) -> float:
+        artists_waiting = [w(i, "sdxl") for i in range(1, artists + 1)]
+        v = view(artists_waiting, led, leases={"qwen": 2}, costs=costs, max_wait_s=120)
+        d = decide(replace(v, settings=replace(v.settings, fairness_by_cost=True)))
+        assert d.drain == frozenset() and d.action is None
+        return d.wake_at_s - NOW
+
+    assert due(1, ledger("qwen")) == pytest.approx(114.0)
+    assert due(4, ledger("qwen")) == pytest.approx(114.0)  # the price at 144 s: the bound again
+    # A pinned host copy of SDXL: 6.13 s, a price of 294 waiter-s, paid by four at 73.5 s.
+    host = Ledger(BUDGET, (resident("qwen"), resident("sdxl", tier=Tier.HOST)), host_budget_bytes=GB(24))
+    assert due(4, host) == pytest.approx(16 * 6.13 * 3 / 4)
+
+
 def test_the_worked_example_of_the_cost_rule_the_other_way_round() -> None:
     # docs/scheduling.md: host copies of both; SDXL draws one image, four more are queued, two
     # asked before a chat request that has waited the floor (0.6 x 120 s). The switch costs
