@@ -212,9 +212,10 @@ class FootprintStore:
             for name, v in raw.get("times", {}).items():
                 times[str(name)] = {}
                 for what, seconds in v.items():
-                    if what not in TIMES or not math.isfinite(float(seconds)) or float(seconds) < 0:
+                    t = float(seconds)
+                    if what not in TIMES or not math.isfinite(t) or t < 0:
                         raise ValueError(f"{name!r}: bad time {what}={seconds!r}")
-                    times[str(name)][what] = float(seconds)
+                    times[str(name)][what] = t
             return out, times
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             aside = self.path.with_suffix(self.path.suffix + ".corrupt")

@@ -1,6 +1,6 @@
 """The orchestrator measures: models larger than their estimate are learned, use peaks are
-learned, learned footprints and times persist, foreign memory shrinks the room, and a resident that holds
-more than planned is resized and evicted when idle."""
+learned, learned footprints and times persist, foreign memory shrinks the room, and a resident
+that holds more than planned is resized and evicted when idle."""
 
 from __future__ import annotations
 
@@ -222,8 +222,8 @@ async def test_a_restarted_orchestrator_starts_from_the_times_the_last_run_learn
     monitor = f"{{footprints_path: {json.dumps(str(path))}}}"
     first = Orchestrator(make_config(monitor))
     async with first:
-        async with first.acquire("qwen-14b", timeout=2.0):
-            await anyio.sleep(0.05)
+        async with first.acquire("qwen-14b", timeout=2.0) as lease:
+            await lease.handle.run("a turn", work_s=50.0)  # 50 ms at the test's time scale
         await use(first, "mid")  # the LLM is unloaded for it
         learned = first.costs()["qwen-14b"]
         held_s = first._book.hold_s["qwen-14b"]
