@@ -101,6 +101,7 @@ class OrchestratorActor:
         self.version = 0
         self._events: deque[tuple[int, Event]] = deque(maxlen=EVENTS_KEPT)  # (seq, event)
         self._snapshot_at = -math.inf  # monotonic time of the last snapshot built
+        self._serial = 0  # snapshots built
         self._moved = False  # an event other than a grant or release since that snapshot
         self._moved_at = 0  # the version of the last such event
         self._changed = asyncio.Event()
@@ -177,11 +178,13 @@ class OrchestratorActor:
     def _snapshot(self, orch: Orchestrator, leases: LeaseManager) -> MachineSnapshot:
         self._snapshot_at = time.monotonic()
         self._moved = False
+        self._serial += 1
         return snapshot_of(
             orch,
             node=self.node,
             instance=leases.instance_id,
             version=self.version,
+            serial=self._serial,
             lease_ids=frozenset(rl.id for rl in leases.leases() if rl.granted.is_set() and rl.error is None),
             address=self._address,
             ray_node_id=self._ray_node_id,
@@ -240,7 +243,8 @@ class OrchestratorActor:
     async def open(self, request: Sequence[Any]) -> dict[str, Any]:
         """Release ``release_first``, then wait for a lease (on ``model``, or a reservation of
         ``n_bytes``) and answer it: ``{"lease": ...}`` (with ``"snapshot"`` when anything but
-        grants and releases happened since the last snapshot), ``{"error": ...}``
+        grants and releases happened since the last snapshot, or a snapshot was built while
+        it waited), ``{"error": ...}``
         (``wire.to_wire``) or ``{"cancelled": True}``; each answer with ``"released"``, the
         version after each of ``release_first`` this call released (those already ended
         are not in it).
@@ -253,7 +257,7 @@ class OrchestratorActor:
         except RuntimeError as exc:
             return {"error": to_wire(exc), "released": {}}
         released = await self._release_first(leases, r.release_first)
-        asked_at = self.version
+        asked_at, asked_serial = self.version, self._serial
         if r.request_id in self._cancelled:
             self._cancelled.discard(r.request_id)
             return {"cancelled": True, "released": released}
@@ -285,9 +289,13 @@ class OrchestratorActor:
         self._granted[r.request_id] = rl.id
         self._request_of[rl.id] = r.request_id
         reply: dict[str, Any] = {"lease": self._lease_dict(rl, r.request_id), "released": released}
-        if self._moved or self._moved_at > asked_at:
+        if self._moved or self._moved_at > asked_at or self._serial > asked_serial:
             # a load, an eviction, ... since the last snapshot, or while this one waited (a
-            # snapshot since may still be on its way): the router routes its next request on it
+            # snapshot since may still be on its way): the router routes its next request on it.
+            # Also after any snapshot built while it waited: that one counts this request as a
+            # waiter, or (built in the turn between the grant and this call resuming) as a lease
+            # without its id, and the router, which has released the lease before that
+            # snapshot's successor comes, would go on counting it.
             reply["snapshot"] = self._snapshot(*await self._started())
         return reply
 

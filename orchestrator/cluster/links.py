@@ -119,9 +119,9 @@ class Links:
 
     def apply(self, m: MachineLink, snap: MachineSnapshot) -> None:
         """Take a snapshot of a live machine's present instance (from its poll, or with a
-        grant that loaded or evicted), unless the one taken is as new."""
+        grant), unless the one taken is as new (``MachineSnapshot.newer_than``)."""
         old = m.snapshot
-        if old is not None and old.instance == snap.instance and old.version >= snap.version:
+        if old is not None and old.instance == snap.instance and not snap.newer_than(old):
             return
         m.instance, m.snapshot = snap.instance, snap
         for held in list(m.leases.values()):

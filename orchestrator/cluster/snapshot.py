@@ -23,7 +23,11 @@ from states.routing import MachineView, names_of
 
 @dataclass(frozen=True)
 class MachineSnapshot:
-    """One machine's orchestrator, as it is at ``version`` (its count of events so far)."""
+    """One machine's orchestrator, as it is at ``version`` (its count of events so far).
+
+    ``serial`` counts the snapshots that instance has built: of two at one version, the later
+    is the newer. (Two can differ at one version: a grant is an event, but its lease's id
+    joins ``lease_ids`` a turn of the event loop later, when the lease's task resumes.)"""
 
     node: str  # the machine's name in the cluster
     instance: str  # this run of the machine's orchestrator (a restart gets a new one)
@@ -44,6 +48,11 @@ class MachineSnapshot:
     address: str = ""  # the machine's IP address, as the cluster knows it
     ray_node_id: str = ""
     states: Mapping[int, str] = field(default_factory=dict)  # each card's state (IDLE, ...)
+    serial: int = 0
+
+    def newer_than(self, other: MachineSnapshot) -> bool:
+        """Whether this one was built after ``other``, by the same instance."""
+        return self.instance == other.instance and (self.version, self.serial) > (other.version, other.serial)
 
     @property
     def ledger(self) -> Ledger:
@@ -103,6 +112,7 @@ def snapshot_of(
     node: str,
     instance: str,
     version: int,
+    serial: int = 0,
     lease_ids: frozenset[str] = frozenset(),
     address: str = "",
     ray_node_id: str = "",
@@ -135,6 +145,7 @@ def snapshot_of(
         node=node,
         instance=instance,
         version=version,
+        serial=serial,
         cards=orch.cards(),
         requests=requests,
         names=names_of(

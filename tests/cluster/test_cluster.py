@@ -71,7 +71,8 @@ llm: qwen-14b
 sdxl: sdxl-base
 tts: gpt-sovits-small
 """
-MACHINE_CONFIG = config_yaml(MODELS, DEFAULTS) + textwrap.dedent(
+# (the load and unload timeouts of a process: chat's server starts and stops as a program does)
+MACHINE_CONFIG = config_yaml(MODELS, DEFAULTS, load_timeout_s=20.0, unload_timeout_s=5.0) + textwrap.dedent(
     """\
     monitor:
       footprints_path: null
