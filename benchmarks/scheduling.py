@@ -44,10 +44,12 @@ Figures per run: switches (exchanges of the GPU, counted from the events: a fini
 that took a model off the GPU and loaded or restored another; the first loads onto an empty
 GPU and the shutdown's unloads are not switches), makespan, and the waits from calling
 ``acquire()`` to the start of the work (its turn at the model's capacity included). The
-tables give the mean over the seeds; p99 and max are each run's, averaged.
+tables give the mean over the seeds; p99 and max are each run's, averaged. ``--phases`` also
+prints each run's stays on the GPU: for each model, when it was loaded or restored and for how
+long it stayed (until it was evicted, or until the shutdown), which is where the switches went.
 
 Run: ``python -m benchmarks.scheduling [--quick] [--seeds N] [--seed FIRST] [--trace NAME]
-[--json PATH]``.
+[--phases] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -288,6 +290,8 @@ class Result:
     lease_waits_s: list[float] = field(default_factory=list)  # lease.waited_s, the same requests
     waits_by_kind: dict[str, list[float]] = field(default_factory=dict)
     max_leases: dict[str, int] = field(default_factory=dict)  # most leases held at once, per kind
+    # each stay of a model on the GPU: (model, loaded at, seconds until evicted or the shutdown)
+    stays: list[tuple[str, float, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     unfinished: int = 0  # requests not served when a stalled run was stopped
     stalled: bool = False
@@ -329,7 +333,7 @@ class SwitchCounter:
 
     A switch (``begin_switch`` to ``finish_switch``) is an exchange when it took a model off
     the GPU (not at shutdown) and loaded or restored one. Grants and releases give the leases
-    held per model at each moment.
+    held per model at each moment; loads and evictions, each model's stays on the GPU.
     """
 
     def __init__(self, kind_of: dict[str, str]) -> None:
@@ -339,6 +343,8 @@ class SwitchCounter:
         self._evicted = self._loaded = False
         self.held: dict[str, int] = {}
         self.max_held: dict[str, int] = {}
+        self.stays: list[tuple[str, float, float]] = []
+        self._on_gpu_since: dict[str, float] = {}
 
     def __call__(self, e: Event) -> None:
         if e.kind == "transition":
@@ -352,8 +358,13 @@ class SwitchCounter:
             detail = e.detail or ""
             if detail.startswith("gpu ->") and "(shutdown)" not in detail:
                 self._evicted = True
+            since = self._on_gpu_since.pop(e.model, None) if detail.startswith("gpu ->") else None
+            if e.model is not None and since is not None:
+                self.stays.append((e.model, since, e.time_s - since))
         elif e.kind == "load":
             self._loaded = True
+            if e.model is not None:
+                self._on_gpu_since[e.model] = e.time_s
             if (e.detail or "") == "from host":
                 self.restores += 1
             else:
@@ -404,9 +415,10 @@ async def _run(trace: Trace, mode: str, costs: str, seed: int) -> Result:
         res.stalled = scope.cancelled_caught
         res.unfinished = trace.requests - served - len(res.errors)
         stats = orch.statistics()
-        remove()
+    remove()  # (after the shutdown, whose unloads end the last stays)
     res.switches, res.loads, res.restores = counter.switches, counter.loads, counter.restores
     res.max_leases = dict(counter.max_held)
+    res.stays = sorted(counter.stays, key=lambda stay: stay[1])
     # Leases granted in the same instant start their work in an order that no figure depends on
     # and that differs from process to process (the grant wakes them together): keep the waits
     # sorted, so that one seed gives one JSON.
@@ -539,6 +551,15 @@ def print_group(entry: dict[str, Any], description: str, requests: int) -> None:
         )
 
 
+def print_stays(results: Sequence[Result]) -> None:
+    """Each run's stays on the GPU, per model: ``loaded at+seconds there``."""
+    for r in results:
+        print(f"  stays on the GPU, {r.mode}, seed {r.seed} ({r.switches} switches):")
+        for model in sorted({m for m, _, _ in r.stays}):
+            stays = [f"{at:.0f}+{s:.0f}" for m, at, s in r.stays if m == model]
+            print(f"    {model:<18} {len(stays):>3}: {' '.join(stays)}")
+
+
 def print_problems(results: Sequence[Result]) -> None:
     for r in results:
         who = f"{r.trace}/{r.costs}/{r.mode}/seed {r.seed}"
@@ -585,6 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=1, help="the first seed (default 1)")
     p.add_argument("--trace", action="append", choices=TRACES, help="run only this trace (repeatable)")
+    p.add_argument(
+        "--phases", action="store_true", help="also print each run's stays on the GPU (when, how long)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write every run's figures and the summary as JSON")
     args = p.parse_args(argv)
     n_seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
@@ -617,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             group = run_group(name, costs, seeds, args.quick)
             (entry,) = summarize(group)
             print_group(entry, first.description, first.requests)
+            if args.phases:
+                print_stays(group)
             sys.stdout.flush()
             results += group
     summary = summarize(results)

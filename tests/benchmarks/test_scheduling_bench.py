@@ -4,6 +4,7 @@ virtual clock makes a run exact: two processes, two hash seeds, one result)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ FIGURES = {"switches", "makespan_s", "mean_wait_s", "p99_wait_s", "max_wait_s"}
 
 
 def run_bench(out: Path) -> tuple[str, dict[str, Any]]:
-    args = ["--quick", "--trace", "mixed", "--seeds", "1", "--json", str(out)]
+    args = ["--quick", "--trace", "mixed", "--seeds", "1", "--phases", "--json", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.scheduling", *args],
         cwd=ROOT,
@@ -70,6 +71,20 @@ def test_every_run_is_there_and_served(two_runs: tuple[tuple[str, dict[str, Any]
         assert set(r["max_leases"]) == {"llm", "sdxl", "tts"} and all(
             n >= 1 for n in r["max_leases"].values()
         )
+
+
+def test_the_stays_on_the_gpu_account_for_each_load(two_runs: tuple[tuple[str, dict[str, Any]], ...]) -> None:
+    (stdout, data), _ = two_runs
+    for r in data["runs"]:
+        stays = r["stays"]
+        # each load or restore begins a stay; an eviction, at the latest the shutdown's, ends it
+        assert len(stays) == r["loads"] + r["restores"], r["mode"]
+        assert all(length > 0 and at >= 0 for _, at, length in stays)
+        assert [at for _, at, _ in stays] == sorted(at for _, at, _ in stays)
+        # the LLM and SDXL do not fit the card together: their stays never overlap
+        heavy = [(at, at + length) for model, at, length in stays if model in ("qwen-14b", "sdxl-base")]
+        assert all(end <= nxt + 1e-9 for (_, end), (nxt, _) in itertools.pairwise(heavy)), r["mode"]
+        assert f"stays on the GPU, {r['mode']}, seed 1 ({r['switches']} switches)" in stdout
 
 
 def test_the_summary_gives_means_and_ratios(two_runs: tuple[tuple[str, dict[str, Any]], ...]) -> None:
