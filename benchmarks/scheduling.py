@@ -44,12 +44,12 @@ Figures per run: switches (exchanges of the GPU, counted from the events: a fini
 that took a model off the GPU and loaded or restored another; the first loads onto an empty
 GPU and the shutdown's unloads are not switches), makespan, and the waits from calling
 ``acquire()`` to the start of the work (its turn at the model's capacity included). The
-tables give the mean over the seeds; p99 and max are each run's, averaged. ``--phases`` also
+tables give the mean over the seeds; p99 and max are each run's, averaged. ``--stays`` also
 prints each run's stays on the GPU: for each model, when it was loaded or restored and for how
 long it stayed (until it was evicted, or until the shutdown), which is where the switches went.
 
 Run: ``python -m benchmarks.scheduling [--quick] [--seeds N] [--seed FIRST] [--trace NAME]
-[--phases] [--json PATH]``.
+[--stays] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -607,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="the first seed (default 1)")
     p.add_argument("--trace", action="append", choices=TRACES, help="run only this trace (repeatable)")
     p.add_argument(
-        "--phases", action="store_true", help="also print each run's stays on the GPU (when, how long)"
+        "--stays", action="store_true", help="also print each run's stays on the GPU (when, how long)"
     )
     p.add_argument("--json", metavar="PATH", help="also write every run's figures and the summary as JSON")
     args = p.parse_args(argv)
@@ -641,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             group = run_group(name, costs, seeds, args.quick)
             (entry,) = summarize(group)
             print_group(entry, first.description, first.requests)
-            if args.phases:
+            if args.stays:
                 print_stays(group)
             sys.stdout.flush()
             results += group

@@ -25,7 +25,7 @@ FIGURES = {"switches", "makespan_s", "mean_wait_s", "p99_wait_s", "max_wait_s"}
 
 
 def run_bench(out: Path) -> tuple[str, dict[str, Any]]:
-    args = ["--quick", "--trace", "mixed", "--seeds", "1", "--phases", "--json", str(out)]
+    args = ["--quick", "--trace", "mixed", "--seeds", "1", "--stays", "--json", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.scheduling", *args],
         cwd=ROOT,
