@@ -103,7 +103,6 @@ class OrchestratorActor:
         self._snapshot_at = -math.inf  # monotonic time of the last snapshot built
         self._serial = 0  # snapshots built
         self._moved = False  # an event other than a grant or release since that snapshot
-        self._moved_at = 0  # the version of the last such event
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -151,7 +150,7 @@ class OrchestratorActor:
         self.version += 1
         self._events.append((self.version, e))
         if e.kind not in QUIET_EVENTS:
-            self._moved, self._moved_at = True, self.version
+            self._moved = True
         self._wake()
 
     def _wake(self) -> None:
@@ -257,7 +256,7 @@ class OrchestratorActor:
         except RuntimeError as exc:
             return {"error": to_wire(exc), "released": {}}
         released = await self._release_first(leases, r.release_first)
-        asked_at, asked_serial = self.version, self._serial
+        asked_serial = self._serial
         if r.request_id in self._cancelled:
             self._cancelled.discard(r.request_id)
             return {"cancelled": True, "released": released}
@@ -289,12 +288,12 @@ class OrchestratorActor:
         self._granted[r.request_id] = rl.id
         self._request_of[rl.id] = r.request_id
         reply: dict[str, Any] = {"lease": self._lease_dict(rl, r.request_id), "released": released}
-        if self._moved or self._moved_at > asked_at or self._serial > asked_serial:
-            # a load, an eviction, ... since the last snapshot, or while this one waited (a
-            # snapshot since may still be on its way): the router routes its next request on it.
-            # Also after any snapshot built while it waited: that one counts this request as a
-            # waiter, or (built in the turn between the grant and this call resuming) as a lease
-            # without its id, and the router, which has released the lease before that
+        if self._moved or self._serial > asked_serial:
+            # A load, an eviction, ... since the last snapshot: the router routes its next
+            # request on what this grant did. Or a snapshot was built while this one waited (a
+            # move then, or only grants and releases): that snapshot counts this request as a
+            # waiter, or (built in the turn between the grant and this call resuming) as a
+            # lease without its id, and the router, which may release the lease before that
             # snapshot's successor comes, would go on counting it.
             reply["snapshot"] = self._snapshot(*await self._started())
         return reply
