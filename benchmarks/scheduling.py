@@ -356,11 +356,12 @@ class SwitchCounter:
                 self._in_switch = False
         elif e.kind == "evict":
             detail = e.detail or ""
-            if detail.startswith("gpu ->") and "(shutdown)" not in detail:
-                self._evicted = True
-            since = self._on_gpu_since.pop(e.model, None) if detail.startswith("gpu ->") else None
-            if e.model is not None and since is not None:
-                self.stays.append((e.model, since, e.time_s - since))
+            if detail.startswith("gpu ->"):  # (a host copy dropped is not a stay's end)
+                if "(shutdown)" not in detail:
+                    self._evicted = True
+                since = self._on_gpu_since.pop(e.model, None) if e.model is not None else None
+                if since is not None:
+                    self.stays.append((e.model, since, e.time_s - since))
         elif e.kind == "load":
             self._loaded = True
             if e.model is not None:
